@@ -1,0 +1,537 @@
+"""Block-sparse attention forward in Triton, driven by a compressed row mask.
+
+Laid out like Triton's fused-attention tutorial: the mask decoder, the inner loop, the autotune
+configs with their pruning filter, the kernel, then the launcher.
+
+Mask format (see ``bitmask.py``): for each (head, query block of 128 tokens) a bitmask over key
+blocks of 128 tokens, packed in int32 words. A tiny decode kernel turns each mask row into a
+compact ascending list of kept key-block indices plus a count (one program per row, a prefix sum
+over the row's bits). The attention kernel's key loop then walks that list with a
+``tl.range(..., num_stages=...)`` loop: no data-dependent branch per candidate block, so Triton
+software-pipelines the K/V loads (walking the bits with a scalar ``if`` per block defeats that).
+
+Semantics (the contract the rest of the project codes against):
+
+- q ``(B, H, Sq, D)``, k and v ``(B, H, Sk, D)``, any strides (e.g. transposed views of
+  ``(B, S, H, D)``, taken without a copy); Sq != Sk allowed; any lengths.
+- mask_words int32 ``(H, Nq, W)`` shared over the batch or ``(B, H, Nq, W)``;
+  ``Nq = ceil(Sq / 128)``, ``W = ceil(ceil(Sk / 128) / 32)``.
+- Returns ``out`` (q's dtype, contiguous ``(B, H, Sq, D)``) and ``lse`` (float32 ``(B, H, Sq)``,
+  natural-log log-sum-exp of ``scale * q.k`` over the kept keys). Key tokens ``>= Sk`` never
+  contribute. A query row whose mask row is all zero gets ``out = 0`` and ``lse = -inf``.
+- Softmax statistics are kept in float32; exponentials use exp2 with ``scale * log2(e)`` folded
+  into the scores, as in the tutorial. fp32 inputs use IEEE fp32 dots (no tf32).
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .bitmask import BLOCK_SIZE, num_blocks, num_words
+
+try:  # host-side TMA descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MIN_HEAD_DIM = 16
+MAX_HEAD_DIM = 128
+MASK_BLOCK: tl.constexpr = tl.constexpr(BLOCK_SIZE)
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _patch_interpreter_scalar_index():
+    """Let Triton 3.6's interpreter use run-time scalars as loop bounds under NumPy >= 2.4.
+
+    The interpreter holds scalars as 1-element arrays and converts loop bounds with
+    ``int(array)``, which NumPy 2.4 rejects for arrays with ndim > 0 ("only 0-dimensional
+    arrays can be converted to Python scalars"), so any ``range(0, n)`` over a loaded count
+    fails. We re-register the tensor's ``__index__`` to read the single element instead.
+    Only applied when TRITON_INTERPRET=1; compiled kernels are unaffected.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_scalar_index_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._scalar_index_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+if _interpreting():
+    _patch_interpreter_scalar_index()
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask decoding: one program per mask row turns its words into an ascending list of kept blocks.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_mask_rows(Words, KvIdx, KvCnt,  #
+                      N_K_BLOCKS, N_WORDS, IDX_STRIDE,  #
+                      NK_PAD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, NK_PAD)
+    in_row = offs < N_K_BLOCKS
+    words = tl.load(Words + row * N_WORDS + offs // 32, mask=in_row, other=0)
+    bits = (words >> (offs % 32)) & 1  # '& 1' also drops the sign extension of bit 31
+    bits = tl.where(in_row, bits, 0)
+    pos = tl.cumsum(bits, 0) - bits  # slot of each kept block in the compact list
+    tl.store(KvIdx + row * IDX_STRIDE + pos, offs, mask=bits != 0)
+    tl.store(KvCnt + row, tl.sum(bits, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inner loop: tiles lo..hi of the kept-block list (each kept 128-key block = SPLIT tiles).
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_start(kv_idx_ptr, i, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+    i = tl.cast(i, tl.int32)  # a no-op when compiled; a Python int in the interpreter
+    kb = tl.load(kv_idx_ptr + i // SPLIT)
+    return kb * MASK_BLOCK + (i % SPLIT) * BLOCK_N
+
+
+@triton.jit
+def _load_kv_tile(ptrs, desc, row0, col0, stride_n, start_n, offs_n, offs_d, N_K,  #
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, USE_TMA: tl.constexpr,  #
+                  MASK_K: tl.constexpr):
+    if USE_TMA:
+        t = desc.load([row0 + start_n, col0])
+        if MASK_K:  # rows past Sk may hold another head's data (or NaN): zero them
+            t = tl.where((start_n + offs_n)[:, None] < N_K, t, 0.0)
+    else:
+        ptrs = ptrs + start_n.to(tl.int64) * stride_n
+        if HEAD_DIM == HEAD_DIM_PAD and not MASK_K:
+            t = tl.load(ptrs)
+        else:
+            mask = offs_d[None, :] < HEAD_DIM
+            if MASK_K:
+                mask = mask & ((start_n + offs_n)[:, None] < N_K)
+            t = tl.load(ptrs, mask=mask, other=0.0)
+    return t
+
+
+@triton.jit
+def _softmax_step(qk, m_i, l_i, qk_scale):
+    # online softmax in the exp2 domain: scores are scaled by sm_scale * log2(e)
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    qk = qk * qk_scale - m_ij[:, None]
+    p = tl.math.exp2(qk)
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_ij, l_i
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q,  #
+                    k_ptrs, v_ptrs, desc_k, desc_v,  #
+                    k_row0, k_col0, v_row0, v_col0,  #
+                    stride_kn, stride_vn,  #
+                    kv_idx_ptr, lo, hi, N_K, qk_scale,  #
+                    offs_n, offs_d,  #
+                    dtype: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,  #
+                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, USE_TMA: tl.constexpr,  #
+                    MASK_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for i in tl.range(lo, hi, num_stages=NUM_STAGES):
+        start_n = _tile_start(kv_idx_ptr, i, BLOCK_N, SPLIT)
+        k = _load_kv_tile(k_ptrs, desc_k, k_row0, k_col0, stride_kn, start_n, offs_n, offs_d, N_K,  #
+                          HEAD_DIM, HEAD_DIM_PAD, USE_TMA, MASK_K)
+        v = _load_kv_tile(v_ptrs, desc_v, v_row0, v_col0, stride_vn, start_n, offs_n, offs_d, N_K,  #
+                          HEAD_DIM, HEAD_DIM_PAD, USE_TMA, MASK_K)
+        # -- compute qk ----
+        qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
+        if MASK_K:
+            qk = tl.where((start_n + offs_n)[None, :] < N_K, qk, float("-inf"))
+        p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, qk_scale)
+        # -- update output accumulator --
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_inner_overlap(acc, l_i, m_i, q,  #
+                            k_ptrs, v_ptrs, desc_k, desc_v,  #
+                            k_row0, k_col0, v_row0, v_col0,  #
+                            stride_kn, stride_vn,  #
+                            kv_idx_ptr, lo, hi, N_K, qk_scale,  #
+                            offs_n, offs_d,  #
+                            dtype: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,  #
+                            BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, USE_TMA: tl.constexpr,  #
+                            NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Same as _attn_fwd_inner without masking (needs hi > lo), but the QK^T of tile i + 1 is
+    # issued before the softmax of tile i, so the tensor cores can run it while the exponentials
+    # of tile i are computed (FlashAttention-3's intra-warpgroup overlap, written by hand).
+    start_n = _tile_start(kv_idx_ptr, lo, BLOCK_N, SPLIT)
+    k = _load_kv_tile(k_ptrs, desc_k, k_row0, k_col0, stride_kn, start_n, offs_n, offs_d, N_K,  #
+                      HEAD_DIM, HEAD_DIM_PAD, USE_TMA, False)
+    qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
+    for i in tl.range(lo + 1, hi, num_stages=NUM_STAGES):
+        start_next = _tile_start(kv_idx_ptr, i, BLOCK_N, SPLIT)
+        k = _load_kv_tile(k_ptrs, desc_k, k_row0, k_col0, stride_kn, start_next, offs_n, offs_d, N_K,  #
+                          HEAD_DIM, HEAD_DIM_PAD, USE_TMA, False)
+        qk_next = tl.dot(q, k.T, input_precision=DOT_PRECISION)
+        p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, qk_scale)
+        v = _load_kv_tile(v_ptrs, desc_v, v_row0, v_col0, stride_vn, start_n, offs_n, offs_d, N_K,  #
+                          HEAD_DIM, HEAD_DIM_PAD, USE_TMA, False)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(dtype), v, acc, input_precision=DOT_PRECISION)
+        qk = qk_next
+        start_n = start_next
+    p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, qk_scale)
+    v = _load_kv_tile(v_ptrs, desc_v, v_row0, v_col0, stride_vn, start_n, offs_n, offs_d, N_K,  #
+                      HEAD_DIM, HEAD_DIM_PAD, USE_TMA, False)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs. BLOCK_M must divide the 128-row mask block and BLOCK_N the 128-key mask block.
+# ----------------------------------------------------------------------------------------------
+def _host_descriptor_pre_hook(nargs):
+    if nargs["USE_TMA"]:
+        nargs["desc_k"].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM_PAD"]]
+        nargs["desc_v"].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM_PAD"]]
+
+
+def _config(block_m, block_n, num_warps, num_stages, overlap=False):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": num_stages, "OVERLAP": overlap},
+                         num_warps=num_warps, num_stages=num_stages, pre_hook=_host_descriptor_pre_hook)
+
+
+configs = [
+    _config(BM, BN, w, s)  #
+    for BM in [64, 128]  #
+    for BN in [64, 128]  #
+    for s in [2, 3, 4]  #
+    for w in [4, 8]
+]
+
+SMEM_BYTES = 227 * 1024  # Hopper's per-block shared-memory limit
+
+
+def _smem_estimate(block_m, block_n, head_dim_pad, elem_bytes, num_stages):
+    # q tile + num_stages (k, v) tile pairs; the compiler adds a little for barriers/scratch
+    return (block_m + 2 * num_stages * block_n) * head_dim_pad * elem_bytes
+
+
+def keep(conf):
+    BLOCK_M, BLOCK_N = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
+    # 8 warps = 2 warpgroups of 64 query rows each; 4 warps with 128x128 tiles spill registers
+    if BLOCK_M == 64 and conf.num_warps == 8:
+        return False
+    if BLOCK_M * BLOCK_N >= 128 * 128 and conf.num_warps == 4:
+        return False
+    return True
+
+
+def prune_invalid_configs(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    head_dim_pad, elem_bytes = args["HEAD_DIM_PAD"], args["Out"].element_size()
+    return [
+        conf for conf in configs if _smem_estimate(conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], head_dim_pad,
+                                                   elem_bytes, conf.num_stages) <= SMEM_BYTES - 8 * 1024
+    ]
+
+
+def default_config(dtype: torch.dtype, head_dim: int) -> dict:
+    """A config that fits shared memory for ``dtype``; used in the interpreter and when autotune is off."""
+    if dtype == torch.float32 and triton.next_power_of_2(head_dim) > 64:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel: one program per (batch, head, query tile). Programs of one head are adjacent in
+# the grid so that the head's K/V stay in L2; within a head, ORDER lists the mask rows
+# heaviest first (longest-processing-time order) to shorten the last wave.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd(Q, K, V, desc_k, desc_v, Out, LSE,  #
+              KvIdx, KvCnt, Order, sm_scale,  #
+              stride_qz, stride_qh, stride_qm, stride_qk,  #
+              stride_kz, stride_kh, stride_kn, stride_kk,  #
+              stride_vz, stride_vh, stride_vn, stride_vk,  #
+              stride_oz, stride_oh, stride_om, stride_ok,  #
+              stride_rz, stride_rh,  # (batch, head) -> mask (batch, head) index: (H, 1) or (0, 1)
+              H, N_Q, N_K, N_Q_BLOCKS, IDX_STRIDE, k_ld, v_ld,  #
+              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,  #
+              K_TAIL_TILES: tl.constexpr,  # tiles of the last key block holding keys < Sk; 0 if Sk % 128 == 0
+              USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,  #
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+              OVERLAP: tl.constexpr):
+    tl.static_assert(MASK_BLOCK % BLOCK_M == 0)
+    tl.static_assert(MASK_BLOCK % BLOCK_N == 0)
+    SPLIT: tl.constexpr = MASK_BLOCK // BLOCK_N  # key tiles per kept mask block
+    ROWS_PER_MASK: tl.constexpr = MASK_BLOCK // BLOCK_M  # query tiles per mask row
+    dtype = Out.dtype.element_ty
+
+    n_q_tiles = N_Q_BLOCKS * ROWS_PER_MASK
+    pid = tl.program_id(0)
+    off_hz = pid // n_q_tiles
+    off_z = off_hz // H
+    off_h = off_hz % H
+    slot = pid % n_q_tiles
+    mask_hz = off_z * stride_rz + off_h * stride_rh
+    mask_row = mask_hz * N_Q_BLOCKS + tl.load(Order + mask_hz * N_Q_BLOCKS + slot // ROWS_PER_MASK)
+    start_m = slot
+    kv_idx_ptr = KvIdx + mask_row.to(tl.int64) * IDX_STRIDE
+    n_kept = tl.load(KvCnt + mask_row)
+
+    q_off = off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+    k_off = off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
+    v_off = off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+
+    # initialize pointer to m and l
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    qk_scale = sm_scale * 1.44269504  # 1/log(2)
+
+    # load q: it will stay in SRAM throughout
+    q_ptrs = Q + q_off + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qk
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+    # TMA views k and v as 2-D (rows, k_ld) matrices; this head's rows start at (row0, col0)
+    k_row0 = (k_off // k_ld).to(tl.int32)
+    k_col0 = (k_off % k_ld).to(tl.int32)
+    v_row0 = (v_off // v_ld).to(tl.int32)
+    v_col0 = (v_off % v_ld).to(tl.int32)
+    k_ptrs = K + k_off + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kk
+    v_ptrs = V + v_off + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vk
+
+    # the list is ascending, so only its last block can be the partial key block: it gets a
+    # separate masked loop and the main loop runs without masks
+    n_tiles = n_kept * SPLIT
+    n_main = n_tiles
+    if K_TAIL_TILES > 0:
+        last = tl.load(kv_idx_ptr + tl.maximum(n_kept - 1, 0))
+        has_tail = (n_kept > 0) & (last == N_K // MASK_BLOCK)
+        n_main = n_tiles - has_tail.to(tl.int32) * SPLIT
+    if OVERLAP:
+        if n_main > 0:
+            acc, l_i, m_i = _attn_fwd_inner_overlap(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v,  #
+                                                    k_row0, k_col0, v_row0, v_col0, stride_kn, stride_vn,  #
+                                                    kv_idx_ptr, 0, n_main, N_K, qk_scale, offs_n, offs_d,  #
+                                                    dtype, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, SPLIT, USE_TMA,  #
+                                                    NUM_STAGES, DOT_PRECISION)
+    else:
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v,  #
+                                        k_row0, k_col0, v_row0, v_col0, stride_kn, stride_vn,  #
+                                        kv_idx_ptr, 0, n_main, N_K, qk_scale, offs_n, offs_d,  #
+                                        dtype, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, SPLIT, USE_TMA,  #
+                                        False, NUM_STAGES, DOT_PRECISION)
+    if K_TAIL_TILES > 0:
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v,  #
+                                        k_row0, k_col0, v_row0, v_col0, stride_kn, stride_vn,  #
+                                        kv_idx_ptr, n_main, tl.minimum(n_tiles, n_main + K_TAIL_TILES),  #
+                                        N_K, qk_scale, offs_n, offs_d,  #
+                                        dtype, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, SPLIT, USE_TMA,  #
+                                        True, 1, DOT_PRECISION)
+
+    # epilogue: an empty mask row (l_i == 0) gives out = 0 and lse = -inf
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # log2 -> ln
+    row_ok = offs_m < N_Q
+    tl.store(LSE + off_hz.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
+    o_ptrs = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh \
+        + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_ok
+    tl.store(o_ptrs, acc.to(dtype), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+_attn_fwd_tuned = triton.autotune(configs=list(filter(keep, configs)),
+                                  key=["N_Q", "N_K", "HEAD_DIM_PAD", "USE_TMA", "K_TAIL_TILES"],
+                                  prune_configs_by={"early_config_prune": prune_invalid_configs})(_attn_fwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why :func:`block_sparse_attention` cannot take these inputs (None if it can).
+
+    The compiler pass keeps a site dense when this returns a reason.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            return f"{name} is not a tensor"
+        if t.dim() != 4:
+            return f"{name} has {t.dim()} dims, expected 4 (B, H, S, D)"
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"{name} dtype {t.dtype} not in {[str(d) for d in SUPPORTED_DTYPES]}"
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"mixed dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}"
+    if not (q.device == k.device == v.device):
+        return f"tensors on different devices {q.device}, {k.device}, {v.device}"
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
+        return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match in (B, H) / Sk"
+    D = q.shape[3]
+    if k.shape[3] != D or v.shape[3] != D:
+        return f"head dims differ: q {D}, k {k.shape[3]}, v {v.shape[3]}"
+    if D > MAX_HEAD_DIM:
+        return f"head_dim {D} > {MAX_HEAD_DIM}"
+    if D < MIN_HEAD_DIM:
+        return f"head_dim {D} < {MIN_HEAD_DIM}"
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        return "empty sequence"
+    return None
+
+
+def decode_mask(mask_words: torch.Tensor, num_k_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact kept-block lists of a packed mask.
+
+    ``mask_words`` int32 ``(..., Nq, W)`` -> ``kv_idx`` int32 ``(..., Nq, Nk)`` whose first
+    ``kv_cnt[..., r]`` entries of row r are its kept key blocks in increasing order (the rest is
+    unspecified) and ``kv_cnt`` int32 ``(..., Nq)``. One tiny Triton launch, no host sync.
+    """
+    words = mask_words.reshape(-1, mask_words.shape[-1]).contiguous()
+    rows = words.shape[0]
+    kv_idx = torch.empty((rows, num_k_blocks), dtype=torch.int32, device=words.device)
+    kv_cnt = torch.empty((rows,), dtype=torch.int32, device=words.device)
+    if rows > 0:
+        _decode_mask_rows[(rows,)](words, kv_idx, kv_cnt, num_k_blocks, words.shape[1], num_k_blocks,
+                                   NK_PAD=max(16, triton.next_power_of_2(num_k_blocks)), num_warps=4)
+    return kv_idx.reshape(*mask_words.shape[:-1], num_k_blocks), kv_cnt.reshape(mask_words.shape[:-1])
+
+
+def _tma_2d_view(t: torch.Tensor, head_dim: int):
+    """View k or v ``(B, H, S, D)`` as a 2-D ``(rows, ld)`` matrix for a TMA descriptor, or None.
+
+    Works when the last dim is contiguous and every (b, h) slice starts at a column c of a row
+    with ``c + D <= ld``, where ld is the sequence stride: true for contiguous (B, H, S, D) and
+    for transposed views of (B, S, H, D) (ld = H * D, head h at column h * D). Key rows past
+    Sk then read the next rows of the matrix (another head's data, or TMA's zero fill past the
+    end); the kernel masks them.
+    """
+    B, H, S, D = t.shape
+    sb, sh, ss, sd = t.stride()
+    elem = t.element_size()
+    if sd != 1 or ss < D or (ss * elem) % 16 or t.data_ptr() % 16 or (D * elem) < 16:
+        return None
+    offs = [b * sb + h * sh for b in range(B) for h in range(H)]
+    if any(o % ss + D > ss for o in offs):
+        return None
+    rows = max(offs) // ss + S
+    width = max(o % ss for o in offs) + D
+    try:
+        base = torch.as_strided(t, (rows, width), (ss, 1))
+    except RuntimeError:  # the 2-D view would reach past the storage
+        return None
+    return base, ss
+
+
+def block_sparse_attention(
+    q: torch.Tensor,  # (B, H, Sq, D)
+    k: torch.Tensor,  # (B, H, Sk, D)
+    v: torch.Tensor,  # (B, H, Sk, D)
+    mask_words: torch.Tensor,  # int32 (H, Nq, W) or (B, H, Nq, W)
+    scale: float | None = None,
+    config: dict | None = None,
+    *,
+    use_tma: bool | None = None,
+    lpt_order: bool = True,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention forward. Returns ``out (B, H, Sq, D)`` (q's dtype, contiguous) and
+    float32 ``lse (B, H, Sq)`` (natural log); empty mask rows give ``out = 0``, ``lse = -inf``.
+
+    ``scale``: None means ``1 / sqrt(D)``, as in SDPA.
+    ``config``: ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"[, "overlap"]}`` to launch one fixed config
+    (tests, the interpreter, benchmarks); None autotunes on a GPU (``default_config`` in the
+    interpreter). ``use_tma``: None picks TMA descriptors for K/V when the layout and GPU allow.
+    ``lpt_order``: run each head's heaviest query blocks first. ``out``/``lse``: optional
+    preallocated outputs (``out`` like q, any strides; ``lse`` contiguous float32).
+    """
+    reason = unsupported_reason(q, k, v)
+    if reason is not None:
+        raise ValueError(f"block_sparse_attention cannot take these inputs: {reason}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"block_sparse_attention runs on CUDA (or with TRITON_INTERPRET=1), got {q.device}; "
+                         "use reference.blockwise_attention on the CPU")
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    nq, nk, nw = num_blocks(Sq), num_blocks(Sk), num_words(num_blocks(Sk))
+    if mask_words.dtype != torch.int32 or mask_words.device != q.device:
+        raise ValueError(f"mask_words must be int32 on {q.device}, got {mask_words.dtype} on {mask_words.device}")
+    if mask_words.dim() == 3 and tuple(mask_words.shape) == (H, nq, nw):
+        stride_rz = 0
+    elif mask_words.dim() == 4 and tuple(mask_words.shape) == (B, H, nq, nw):
+        stride_rz = H
+    else:
+        raise ValueError(f"mask_words {tuple(mask_words.shape)} is neither (H, Nq, W) = {(H, nq, nw)} "
+                         f"nor (B, H, Nq, W) = {(B, H, nq, nw)}")
+    head_dim_pad = max(MIN_HEAD_DIM, triton.next_power_of_2(D))
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+    if out is None:
+        out = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    if out.shape != q.shape or out.dtype != q.dtype or lse.shape != q.shape[:3] or lse.dtype != torch.float32 \
+            or not lse.is_contiguous():
+        raise ValueError("out must be like q and lse a contiguous float32 (B, H, Sq) tensor")
+    kv_idx, kv_cnt = decode_mask(mask_words, nk)
+    if lpt_order:
+        order = torch.argsort(kv_cnt.reshape(-1, nq), dim=-1, descending=True, stable=True).to(torch.int32)
+    else:
+        order = torch.arange(nq, dtype=torch.int32, device=q.device).expand(kv_cnt.numel() // nq, nq)
+    order = order.contiguous()
+
+    k_tma = v_tma = None
+    if use_tma is None:
+        use_tma = TensorDescriptor is not None and (_interpreting() or torch.cuda.get_device_capability(q.device)[0] >= 9)
+    if use_tma and D == head_dim_pad:
+        k_tma, v_tma = _tma_2d_view(k, D), _tma_2d_view(v, D)
+    use_tma = k_tma is not None and v_tma is not None
+    desc_k = desc_v = None
+    k_ld = v_ld = 1
+    if use_tma:  # block_shape is set per config (pre-hook)
+        (k_base, k_ld), (v_base, v_ld) = k_tma, v_tma
+        desc_k = TensorDescriptor(k_base, list(k_base.shape), [k_ld, 1], [64, head_dim_pad])
+        desc_v = TensorDescriptor(v_base, list(v_base.shape), [v_ld, 1], [64, head_dim_pad])
+
+    def k_tail_tiles(block_n):
+        rem = Sk % BLOCK_SIZE
+        return 0 if rem == 0 else triton.cdiv(rem, block_n)
+
+    grid = lambda META: (B * H * nq * (BLOCK_SIZE // META["BLOCK_M"]), )
+    args = (q, k, v, desc_k, desc_v, out, lse, kv_idx, kv_cnt, order, scale,  #
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
+            stride_rz, 1, H, Sq, Sk, nq, nk, k_ld, v_ld)
+    const = dict(HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, USE_TMA=use_tma,
+                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    if config is None and not _interpreting():
+        # K_TAIL_TILES depends on BLOCK_N; the autotuned configs share one BLOCK_N-independent
+        # bound (a tail of r keys needs at most ceil(r / 64) tiles), masked by the loop bound.
+        _attn_fwd_tuned[grid](*args, K_TAIL_TILES=k_tail_tiles(64), **const)
+        return out, lse
+    if config is None:
+        config = default_config(q.dtype, D)
+    config = {**default_config(q.dtype, D), **config}
+    BM, BN = config["BLOCK_M"], config["BLOCK_N"]
+    if use_tma:
+        desc_k.block_shape = [BN, head_dim_pad]
+        desc_v.block_shape = [BN, head_dim_pad]
+    _attn_fwd[grid](*args, K_TAIL_TILES=k_tail_tiles(BN), BLOCK_M=BM, BLOCK_N=BN, NUM_STAGES=config["num_stages"],
+                    OVERLAP=bool(config.get("overlap", False)), num_warps=config["num_warps"],
+                    num_stages=config["num_stages"], **const)
+    return out, lse

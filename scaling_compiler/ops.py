@@ -1,0 +1,42 @@
+"""The custom op that rewritten graphs call: `torch.ops.scaling_compiler.block_sparse_attention`.
+
+A `torch.library.custom_op` with a fake implementation, so dynamo/AOT/inductor treat it as
+one opaque node and compile everything around it (fullgraph=True holds). It dispatches on
+the device: the Triton kernel for CUDA tensors it supports, otherwise a block-wise PyTorch
+implementation that never materialises an Sq x Sk matrix.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .kernels.block_sparse_attention import block_sparse_attention, unsupported_reason
+from .kernels.reference import blockwise_attention
+
+log = logging.getLogger(__name__)
+
+
+@torch.library.custom_op("scaling_compiler::block_sparse_attention", mutates_args=())
+def block_sparse_attention_op(
+    q: torch.Tensor,  # (B, H, Sq, D), any strides
+    k: torch.Tensor,  # (B, H, Sk, D)
+    v: torch.Tensor,  # (B, H, Sk, D)
+    mask_words: torch.Tensor,  # int32 (H, Nq, W) or (B, H, Nq, W): bit-packed 128x128 block mask
+    scale: float,
+    key_padding: torch.Tensor | None = None,  # bool (B or 1, Sk): False marks keys to ignore
+) -> torch.Tensor:  # (B, H, Sq, D), contiguous
+    """Attention of q over the kept 128x128 key blocks (softmax renormalised over them).
+
+    A query row with no kept key returns zeros.
+    """
+    if q.is_cuda and key_padding is None and unsupported_reason(q, k, v) is None:
+        out, _ = block_sparse_attention(q, k, v, mask_words, scale)
+    else:
+        out, _ = blockwise_attention(q, k, v, mask_words, scale, key_padding=key_padding)
+    return out.contiguous()
+
+
+@block_sparse_attention_op.register_fake
+def _(q, k, v, mask_words, scale, key_padding=None):
+    return q.new_empty(q.shape)

@@ -1,0 +1,131 @@
+"""PassReport: what the backend did to one compiled graph, as a table and as JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import torch
+from tabulate import tabulate
+
+from .kernels.bitmask import BLOCK_SIZE
+from .sites import AttentionSite
+
+
+@dataclasses.dataclass
+class SiteReport:
+    name: str
+    kind: str  # self | joint | cross
+    pattern: str  # sdpa | softmax
+    shape: tuple[int, int, int, int]  # (B, H, Sq, D)
+    kv_len: int
+    dtype: str
+    scale: float | None
+    attn_mask: str | None
+    token_grid: tuple[int, int, int] | None
+    grid_source: str
+    text_spans: tuple[tuple[int, int], ...]
+    status: str  # "sparse" | "dense"
+    reason: str  # why dense, or which mask rule made it sparse
+    head_densities: list[float]  # kept fraction of token pairs per head (1.0 for dense sites)
+    dense_flops: int
+    flops_saved: int
+
+    @property
+    def density(self) -> float:
+        return sum(self.head_densities) / len(self.head_densities) if self.head_densities else 1.0
+
+
+@dataclasses.dataclass
+class PassReport:
+    graph_index: int  # 0 for the first graph this backend compiled, 1 for the next...
+    config: dict[str, Any]
+    sites: list[SiteReport]
+    # packed masks by site name, as passed to the op (not part of the JSON)
+    masks: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def sparse_sites(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.status == "sparse"]
+
+    @property
+    def dense_sites(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.status == "dense"]
+
+    @property
+    def attention_flops(self) -> int:
+        return sum(s.dense_flops for s in self.sites)
+
+    @property
+    def flops_saved(self) -> int:
+        return sum(s.flops_saved for s in self.sites)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "graph_index": self.graph_index,
+            "config": self.config,
+            "attention_flops": self.attention_flops,
+            "flops_saved": self.flops_saved,
+            "sites": [dataclasses.asdict(s) | {"density": s.density} for s in self.sites],
+        }
+
+    def to_json(self, path: str | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    def __str__(self) -> str:
+        rows = [
+            [
+                s.name, s.kind, "x".join(map(str, s.shape)) + ("" if s.kv_len == s.shape[2] else f" kv{s.kv_len}"),
+                "x".join(map(str, s.token_grid)) if s.token_grid else "-",
+                s.status, f"{s.density:.3f}", _heads(s.head_densities), f"{s.flops_saved / 1e9:.3g}", s.reason,
+            ]
+            for s in self.sites
+        ]
+        table = tabulate(
+            rows, headers=["site", "kind", "B x H x S x D", "grid", "status", "density", "per-head", "GFLOP saved", "reason"]
+        )
+        saved = self.flops_saved / self.attention_flops if self.attention_flops else 0.0
+        summary = (
+            f"scalingattn graph {self.graph_index}: {len(self.sparse_sites)} sparse, {len(self.dense_sites)} dense "
+            f"sites; attention FLOPs {self.attention_flops / 1e9:.3g} G, predicted saved {saved:.1%}"
+        )
+        return f"{summary}\n{table}"
+
+
+def site_report(site: AttentionSite, block_mask: torch.Tensor | None, reason: str) -> SiteReport:
+    """Report one site; `block_mask` is its bool (H, Nq, Nk) mask, None for a dense site."""
+    shape = (site.batch, site.heads, site.q_len, site.head_dim)
+    if block_mask is None:
+        densities = [1.0] * max(site.heads, 1)
+        saved = 0
+    else:
+        densities = kept_pair_fraction(block_mask, site.q_len, site.kv_len).tolist()
+        saved = round(site.dense_flops * (1.0 - sum(densities) / len(densities)))
+    return SiteReport(
+        name=site.name, kind=site.kind.value, pattern=site.pattern.value, shape=shape, kv_len=site.kv_len,
+        dtype=str(site.dtype).removeprefix("torch."), scale=site.scale, attn_mask=site.attn_mask,
+        token_grid=site.token_grid, grid_source=site.grid_source, text_spans=site.text_spans,
+        status="dense" if block_mask is None else "sparse", reason=reason, head_densities=densities,
+        dense_flops=site.dense_flops, flops_saved=saved,
+    )
+
+
+def kept_pair_fraction(block_mask: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
+    """Per head, the fraction of (query, key) token pairs inside kept blocks (tails counted exactly)."""
+
+    def block_sizes(n: int) -> torch.Tensor:
+        sizes = torch.full((-(-n // BLOCK_SIZE),), BLOCK_SIZE, dtype=torch.float64)
+        sizes[-1] = n - BLOCK_SIZE * (len(sizes) - 1)
+        return sizes
+
+    pairs = block_sizes(q_len)[:, None] * block_sizes(kv_len)[None, :]
+    return (block_mask.to(torch.float64) * pairs).sum(dim=(-2, -1)) / (q_len * kv_len)
+
+
+def _heads(densities: list[float]) -> str:
+    shown = " ".join(f"{d:.2f}" for d in densities[:8])
+    return shown + (" ..." if len(densities) > 8 else "")

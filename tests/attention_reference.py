@@ -1,0 +1,53 @@
+"""Eager reference for a compiled model: the same forward with each sparse site's mask applied.
+
+`masked_sites(report)` is a TorchFunctionMode that walks the model's attention calls in
+execution order (the order of `report.sites`) and, for sites the backend made sparse, runs
+float64 attention restricted to the site's kept blocks (and its key-padding mask) instead.
+"""
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from scaling_compiler.kernels.bitmask import BLOCK_SIZE, unpack_block_mask
+
+
+def token_mask(words: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
+    """bool (H, Sq, Sk) from packed words (H, Nq, W)."""
+    blocks = unpack_block_mask(words.cpu(), -(-kv_len // BLOCK_SIZE))
+    return blocks.repeat_interleave(BLOCK_SIZE, 1).repeat_interleave(BLOCK_SIZE, 2)[:, :q_len, :kv_len]
+
+
+class masked_sites(TorchFunctionMode):
+    def __init__(self, report):
+        super().__init__()
+        self.sites, self.masks, self.calls = report.sites, report.masks, 0
+
+    def _next_site(self):
+        site = self.sites[self.calls]
+        self.calls += 1
+        return site
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            site = self._next_site()
+            if site.status == "sparse":
+                bound = dict(zip(("query", "key", "value", "attn_mask"), args)) | kwargs
+                return self._sparse(site, bound["query"], bound["key"], bound["value"],
+                                    bound.get("attn_mask"), bound.get("scale"))
+        if func in (torch.softmax, F.softmax, torch.Tensor.softmax):
+            site = self._next_site()
+            if site.status == "sparse":
+                scores = args[0]
+                allowed = token_mask(self.masks[site.name], scores.shape[-2], scores.shape[-1])
+                return func(scores.masked_fill(~allowed, float("-inf")), *args[1:], **kwargs)
+        return func(*args, **kwargs)
+
+    def _sparse(self, site, q, k, v, attn_mask, scale):
+        allowed = token_mask(self.masks[site.name], q.shape[-2], k.shape[-2])[None]
+        if attn_mask is not None:  # the key-padding mask the backend honours
+            allowed = allowed & attn_mask.bool().cpu()
+        out = F.scaled_dot_product_attention(
+            q.double(), k.double(), v.double(), attn_mask=allowed.to(q.device), scale=scale
+        )
+        return out.to(q.dtype)
