@@ -1,0 +1,1 @@
+"""The tiny video DiT trained on procedural videos, its data and its sampler."""
