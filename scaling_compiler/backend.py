@@ -1,4 +1,4 @@
-"""The `scalingattn` dynamo backend: detect -> masks -> rewrite -> inner compiler.
+"""The `scalingattn` dynamo backend: detect -> calibrate (WEST) -> masks -> rewrite -> inner compiler.
 
 `torch.compile(model, backend="scalingattn", options={...})` reaches
 `scalingattn_backend` through the `torch_dynamo_backends` entry point (no import needed).
@@ -11,6 +11,7 @@ concrete input shape at call time, so every shape runs with masks made for it.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 from typing import Any, Callable, Sequence
 
@@ -18,12 +19,15 @@ import torch
 import torch.fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from .config import Config, InnerCompiler
-from .kernels.bitmask import pack_block_mask
-from .masks import local_band_mask
+from .config import Config, InnerCompiler, MaskRule
+from .kernels.bitmask import num_blocks, pack_block_mask
+from .masks import local_band_mask, window_3d_mask, with_text_dense
+from .passes.calibrate import west_topology
 from .passes.detect import detect_sites
 from .passes.rewrite import rewrite_graph
 from .report import PassReport, site_report
+from .sites import AttentionSite
+from .topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -50,28 +54,54 @@ class ScalingAttnBackend:
 
     def compile_static(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> CompiledFn:
         """Run the passes on a graph whose example inputs have concrete shapes."""
-        sites = detect_sites(gm, self.config.token_grid)
-        report = PassReport(graph_index=len(self.reports), config=_config_dict(self.config), sites=[])
+        config = self.config
+        sites = detect_sites(gm, config.token_grid)
+        rewritable = [site for site in sites if site.rewritable]
+        topology, origin = None, "no masks needed"
+        if rewritable and config.density < 1.0:
+            if config.masks is MaskRule.WEST:
+                topology, origin = west_topology(gm, example_inputs, rewritable, config)
+            else:
+                origin = f"{config.masks.value} rule"
+        report = PassReport(graph_index=len(self.reports), config=_config_dict(config), sites=[],
+                            topology_origin=origin, topology=topology)
         mask_names, mask_tensors = [], []
         for site in sites:
             if not site.rewritable:
                 report.sites.append(site_report(site, None, site.dense_reason))
                 continue
-            block_mask = local_band_mask(site, self.config.density)
+            block_mask, recall, reason = self._site_mask(site, topology)
             words = pack_block_mask(block_mask).to(site.device)
             mask_names.append(site.name)
             mask_tensors.append(words)
             report.masks[site.name] = words
-            report.sites.append(site_report(site, block_mask, f"local band at density {self.config.density:g}"))
+            report.sites.append(site_report(site, block_mask, reason, recall))
         self.reports.append(report)
-        if self.config.report:
+        if config.report:
             log.warning("%s", report)  # asked for explicitly: shown at the default log level
         else:
             log.info("%s", report)
 
         rewritten = rewrite_graph(gm, sites, mask_names)
-        compiled = _inner_compile(self.config.compiler, rewritten, example_inputs + mask_tensors)
+        compiled = _inner_compile(config.compiler, rewritten, example_inputs + mask_tensors)
         return lambda *args: compiled(*args, *mask_tensors)
+
+    def _site_mask(self, site: AttentionSite, topology: Topology | None):
+        """(bool block mask (H, Nq, Nk), per-head calibration recall or None, reason) of a site."""
+        density = self.config.density
+        if density == 1.0:
+            shape = (site.heads, num_blocks(site.q_len), num_blocks(site.kv_len))
+            return torch.ones(shape, dtype=torch.bool), None, "density 1: every block"
+        if self.config.masks is MaskRule.LOCAL_BAND:
+            return local_band_mask(site, density), None, f"local band at density {density:g}"
+        if self.config.masks is MaskRule.WINDOW_3D:
+            grid = "3-D window" if site.token_grid else "no grid: 1-D band"
+            return window_3d_mask(site, density), None, f"{grid} at density {density:g}"
+        site_map = topology.sites[site.name]
+        block_mask, levels = site_map.mask_for_density(density)
+        block_mask = with_text_dense(block_mask, site.text_spans)
+        reason = f"WEST ({site_map.source}) p {min(levels):.3f}..{max(levels):.3f}"
+        return block_mask, site_map.recall(block_mask), reason
 
 
 class _PerShapeCompiled:
@@ -124,4 +154,11 @@ def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
 
 
 def _config_dict(config: Config) -> dict[str, Any]:
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(config).items()}
+    """The config as JSON values (user calibration inputs are summarised by their count)."""
+    result = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name == "calibration_inputs" and value is not None:
+            value = f"{len(value)} user inputs"
+        result[field.name] = value.value if isinstance(value, enum.Enum) else value
+    return result

@@ -3,6 +3,7 @@
     scalingattn demo                         # compile the default DiT, report, compare with dense
     scalingattn inspect WanTransformer3DModel --config '{"num_layers": 4}' --grid 5,32,32
     scalingattn inspect mypkg.models:make_model --options '{"density": 0.25}'
+    scalingattn calibrate WanTransformer3DModel --grid 5,32,32 --out wan_topology.safetensors
 
 A `module:factory` path names a function returning `(model, forward_kwargs)`.
 """
@@ -53,9 +54,31 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--options", default="{}", help="JSON backend options, e.g. '{\"density\": 0.25}'")
     inspect.add_argument("--json", metavar="PATH", help="also write the report as JSON")
 
+    calibrate = commands.add_parser("calibrate", help="write a WEST topology file for a model")
+    calibrate.add_argument("model", help="a diffusers class or module:factory, as for inspect")
+    calibrate.add_argument("--out", required=True, help="topology file to write (.safetensors)")
+    calibrate.add_argument("--samples", type=int, default=8, help="calibration samples")
+    calibrate.add_argument("--config", default="{}", help="JSON overrides of the model's small config")
+    calibrate.add_argument("--grid", default="3,32,32", help="latent frames,height,width (diffusers classes)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    return {"demo": _demo, "inspect": _inspect}[args.command](args)
+    logging.getLogger("scaling_compiler").setLevel(logging.INFO)  # progress of long steps
+    return {"demo": _demo, "inspect": _inspect, "calibrate": _calibrate}[args.command](args)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    # any density below 1 triggers calibration; the file stores T, which is independent of it
+    backend = ScalingAttnBackend(density=0.5, compiler="eager", cache=False, calibration_samples=args.samples)
+    model, inputs = _load_model(args.model, json.loads(args.config), _parse_grid(args.grid), 1)
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(**inputs)
+    topologies = [r.topology for r in backend.reports if r.topology is not None]
+    if len(topologies) != 1:
+        raise SystemExit(f"expected one calibrated graph, got {len(topologies)} (graph breaks split the model?)")
+    topologies[0].save(args.out)
+    print(f"wrote {args.out}: {len(topologies[0].sites)} sites ({backend.report.topology_origin})")
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -11,7 +11,10 @@ import enum
 import os
 from typing import Any, Mapping
 
+import torch
+
 DEFAULT_DENSITY = 1.0
+DEFAULT_CALIBRATION_SAMPLES = 8
 REPORT_ENV_VAR = "SCALINGATTN_REPORT"
 
 
@@ -21,6 +24,14 @@ class InnerCompiler(str, enum.Enum):
     INDUCTOR = "inductor"  # the default: inductor fuses everything around our op
     AOT_EAGER = "aot_eager"  # AOT tracing without code generation (debugging, fast tests)
     EAGER = "eager"  # run the rewritten FX graph as it is
+
+
+class MaskRule(str, enum.Enum):
+    """Where the block masks come from."""
+
+    WEST = "west"  # per-head threshold maps calibrated from the weights (ScalingAttention)
+    LOCAL_BAND = "local_band"  # the same diagonal band for every head (masks.local_band_mask)
+    WINDOW_3D = "window_3d"  # the same 3-D local window for every head (masks.window_3d_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +49,24 @@ class Config:
     """(frames, height, width) of the video tokens, for models whose patch embedding
     does not reveal it (e.g. LTX-Video, which patchifies outside the model)."""
 
+    masks: MaskRule = MaskRule.WEST
+    """Mask rule: "west" (calibrated per head), "local_band" or "window_3d" (static, all heads alike)."""
+
+    calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
+    """Calibration runs of the graph for WEST (each batch entry counts as a sample)."""
+
+    calibration_seed: int = 0
+    """Seed of the prompt-agnostic calibration inputs."""
+
+    calibration_inputs: tuple[Mapping[str, torch.Tensor], ...] | None = None
+    """Your own calibration inputs: dicts from forward-argument name to tensor, used in turn."""
+
+    topology_file: str | None = None
+    """A topology written by `scalingattn calibrate`; resized to each site's token grid."""
+
+    cache: bool = True
+    """Reuse WEST topologies from the on-disk cache ($SCALINGATTN_CACHE_DIR)."""
+
     def __post_init__(self) -> None:
         if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
             raise ValueError(f"option 'density' must be a number in (0, 1], got {self.density!r}")
@@ -46,11 +75,21 @@ class Config:
         object.__setattr__(self, "density", float(self.density))
         if not isinstance(self.report, bool):
             raise ValueError(f"option 'report' must be True or False, got {self.report!r}")
-        try:
-            object.__setattr__(self, "compiler", InnerCompiler(self.compiler))
-        except ValueError:
-            valid = ", ".join(repr(c.value) for c in InnerCompiler)
-            raise ValueError(f"option 'compiler' must be one of {valid}, got {self.compiler!r}") from None
+        _check_choice(self, "compiler", InnerCompiler)
+        _check_choice(self, "masks", MaskRule)
+        for name in ("calibration_samples", "calibration_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "calibration_samples" else 0):
+                raise ValueError(f"option {name!r} must be an int >= {int(name == 'calibration_samples')}, got {value!r}")
+        if self.calibration_inputs is not None:
+            inputs = tuple(self.calibration_inputs)
+            if not inputs or not all(isinstance(d, Mapping) and all(torch.is_tensor(t) for t in d.values()) for d in inputs):
+                raise ValueError("option 'calibration_inputs' must be a non-empty list of dicts {argument name: tensor}")
+            object.__setattr__(self, "calibration_inputs", inputs)
+        if self.topology_file is not None and not os.path.isfile(self.topology_file):
+            raise ValueError(f"option 'topology_file': no such file {self.topology_file!r}")
+        if not isinstance(self.cache, bool):
+            raise ValueError(f"option 'cache' must be True or False, got {self.cache!r}")
         if self.token_grid is not None:
             grid = tuple(self.token_grid)
             if len(grid) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in grid):
@@ -70,3 +109,11 @@ class Config:
         if "report" not in options and os.environ.get(REPORT_ENV_VAR, "") not in ("", "0"):
             options["report"] = True
         return cls(**options)
+
+
+def _check_choice(config: Config, name: str, choices: type[enum.Enum]) -> None:
+    try:
+        object.__setattr__(config, name, choices(getattr(config, name)))
+    except ValueError:
+        valid = ", ".join(repr(c.value) for c in choices)
+        raise ValueError(f"option {name!r} must be one of {valid}, got {getattr(config, name)!r}") from None

@@ -1,4 +1,4 @@
-"""Block masks from the `density` option: the documented rule used until WEST calibration.
+"""Block masks from the `density` option without calibration (option masks="local_band").
 
 The rule ("local band"): for each query block i of Nq, keep the `max(1, ceil(density * Nk))`
 key blocks whose index is nearest to the query block's diagonal position
@@ -27,8 +27,49 @@ def local_band_mask(site: AttentionSite, density: float) -> torch.Tensor:
     nearest = distance.argsort(dim=1, stable=True)[:, :keep]
     mask = torch.zeros(nq, nk, dtype=torch.bool)
     mask.scatter_(1, nearest, True)
-    for start, end in site.text_spans:
+    return with_text_dense(mask.expand(site.heads, nq, nk).contiguous(), site.text_spans)
+
+
+def with_text_dense(block_mask: torch.Tensor, text_spans: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Keep every block row and column that holds a text token (joint text+video attention)."""
+    block_mask = block_mask.clone()
+    for start, end in text_spans:
         first, last = start // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
-        mask[first : last + 1, :] = True
-        mask[:, first : last + 1] = True
-    return mask.expand(site.heads, nq, nk).contiguous()
+        block_mask[..., first : last + 1, :] = True
+        block_mask[..., :, first : last + 1] = True
+    return block_mask
+
+
+def window_3d_mask(site: AttentionSite, density: float) -> torch.Tensor:
+    """Boolean block mask (H, Nq, Nk): a 3-D local window shared by every head (Radial/STA-like).
+
+    Each 128-token block sits at the mean (frame, row, column) of its video tokens; a query
+    block keeps the `max(1, ceil(density * Nk))` key blocks nearest to it (Euclidean distance
+    in token units, ties to the lower index). Text blocks of joint attention stay dense. Needs
+    the site's token grid: without one this is the 1-D local band.
+    """
+    if site.token_grid is None:
+        return local_band_mask(site, density)
+    centres = _block_centres(site.q_len, site.token_grid, site.text_spans)  # (N, 3)
+    nk = centres.shape[0]
+    keep = min(nk, max(1, math.ceil(density * nk)))
+    key = torch.arange(nk, dtype=torch.float64)
+    distance = torch.cdist(centres, centres) + key[None, :] * 1e-9
+    nearest = distance.argsort(dim=1, stable=True)[:, :keep]
+    mask = torch.zeros(nk, nk, dtype=torch.bool).scatter_(1, nearest, True)
+    return with_text_dense(mask.expand(site.heads, nk, nk).contiguous(), site.text_spans)
+
+
+def _block_centres(seq_len: int, grid: tuple[int, int, int], text_spans) -> torch.Tensor:
+    """(N, 3) mean (frame, row, column) of the video tokens in each block (text-only blocks: origin)."""
+    is_text = torch.zeros(seq_len, dtype=torch.bool)
+    for start, end in text_spans:
+        is_text[start:end] = True
+    coords = torch.zeros(seq_len, 3, dtype=torch.float64)
+    video = (~is_text).nonzero().squeeze(1)
+    coords[video] = torch.stack(torch.unravel_index(torch.arange(len(video)), grid), dim=1).double()
+    weights = (~is_text).double()
+    pad = num_blocks(seq_len) * BLOCK_SIZE - seq_len
+    sums = torch.nn.functional.pad(coords * weights[:, None], (0, 0, 0, pad)).reshape(-1, BLOCK_SIZE, 3).sum(1)
+    counts = torch.nn.functional.pad(weights, (0, pad)).reshape(-1, BLOCK_SIZE).sum(1).clamp_min(1)
+    return sums / counts[:, None]

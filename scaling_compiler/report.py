@@ -10,6 +10,7 @@ from tabulate import tabulate
 
 from .kernels.bitmask import BLOCK_SIZE
 from .sites import AttentionSite
+from .topology import Topology
 
 
 @dataclasses.dataclass
@@ -18,16 +19,21 @@ class SiteReport:
     kind: str  # self | joint | cross
     pattern: str  # sdpa | softmax
     shape: tuple[int, int, int, int]  # (B, H, Sq, D)
+    q_stride: tuple[int, ...]
     kv_len: int
+    kv_heads: int
     dtype: str
     scale: float | None
     attn_mask: str | None
+    is_causal: bool
+    dropout_p: float
     token_grid: tuple[int, int, int] | None
     grid_source: str
     text_spans: tuple[tuple[int, int], ...]
     status: str  # "sparse" | "dense"
     reason: str  # why dense, or which mask rule made it sparse
     head_densities: list[float]  # kept fraction of token pairs per head (1.0 for dense sites)
+    head_recall: list[float] | None  # calibration attention mass kept per head (WEST), else None
     dense_flops: int
     flops_saved: int
 
@@ -41,8 +47,10 @@ class PassReport:
     graph_index: int  # 0 for the first graph this backend compiled, 1 for the next...
     config: dict[str, Any]
     sites: list[SiteReport]
-    # packed masks by site name, as passed to the op (not part of the JSON)
+    topology_origin: str  # where the masks came from: rule, topology file, cache or calibration
+    # packed masks by site name, as passed to the op, and the WEST topology (not in the JSON)
     masks: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, repr=False)
+    topology: Topology | None = dataclasses.field(default=None, repr=False)
 
     @property
     def sparse_sites(self) -> list[SiteReport]:
@@ -64,6 +72,7 @@ class PassReport:
         return {
             "graph_index": self.graph_index,
             "config": self.config,
+            "topology_origin": self.topology_origin,
             "attention_flops": self.attention_flops,
             "flops_saved": self.flops_saved,
             "sites": [dataclasses.asdict(s) | {"density": s.density} for s in self.sites],
@@ -81,22 +90,27 @@ class PassReport:
             [
                 s.name, s.kind, "x".join(map(str, s.shape)) + ("" if s.kv_len == s.shape[2] else f" kv{s.kv_len}"),
                 "x".join(map(str, s.token_grid)) if s.token_grid else "-",
-                s.status, f"{s.density:.3f}", _heads(s.head_densities), f"{s.flops_saved / 1e9:.3g}", s.reason,
+                s.status, f"{s.density:.3f}", _heads(s.head_densities),
+                _heads(s.head_recall) if s.head_recall else "-", f"{s.flops_saved / 1e9:.3g}", s.reason,
             ]
             for s in self.sites
         ]
         table = tabulate(
-            rows, headers=["site", "kind", "B x H x S x D", "grid", "status", "density", "per-head", "GFLOP saved", "reason"]
+            rows, headers=["site", "kind", "B x H x S x D", "grid", "status", "density", "per-head density",
+                   "per-head recall", "GFLOP saved", "reason"]
         )
         saved = self.flops_saved / self.attention_flops if self.attention_flops else 0.0
         summary = (
             f"scalingattn graph {self.graph_index}: {len(self.sparse_sites)} sparse, {len(self.dense_sites)} dense "
-            f"sites; attention FLOPs {self.attention_flops / 1e9:.3g} G, predicted saved {saved:.1%}"
+            f"sites; attention FLOPs {self.attention_flops / 1e9:.3g} G, predicted saved {saved:.1%}; "
+            f"masks: {self.topology_origin}"
         )
         return f"{summary}\n{table}"
 
 
-def site_report(site: AttentionSite, block_mask: torch.Tensor | None, reason: str) -> SiteReport:
+def site_report(
+    site: AttentionSite, block_mask: torch.Tensor | None, reason: str, recall: list[float] | None = None
+) -> SiteReport:
     """Report one site; `block_mask` is its bool (H, Nq, Nk) mask, None for a dense site."""
     shape = (site.batch, site.heads, site.q_len, site.head_dim)
     if block_mask is None:
@@ -106,10 +120,12 @@ def site_report(site: AttentionSite, block_mask: torch.Tensor | None, reason: st
         densities = kept_pair_fraction(block_mask, site.q_len, site.kv_len).tolist()
         saved = round(site.dense_flops * (1.0 - sum(densities) / len(densities)))
     return SiteReport(
-        name=site.name, kind=site.kind.value, pattern=site.pattern.value, shape=shape, kv_len=site.kv_len,
-        dtype=str(site.dtype).removeprefix("torch."), scale=site.scale, attn_mask=site.attn_mask,
+        name=site.name, kind=site.kind.value, pattern=site.pattern.value, shape=shape, q_stride=site.q_stride,
+        kv_len=site.kv_len, kv_heads=site.kv_heads, dtype=str(site.dtype).removeprefix("torch."), scale=site.scale,
+        attn_mask=site.attn_mask, is_causal=site.is_causal, dropout_p=site.dropout_p,
         token_grid=site.token_grid, grid_source=site.grid_source, text_spans=site.text_spans,
         status="dense" if block_mask is None else "sparse", reason=reason, head_densities=densities,
+        head_recall=recall,
         dense_flops=site.dense_flops, flops_saved=saved,
     )
 

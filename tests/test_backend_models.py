@@ -41,7 +41,7 @@ def first_output(out):
 
 
 def compile_and_run(model, inputs, **options):
-    backend = ScalingAttnBackend(compiler="aot_eager", **options)
+    backend = ScalingAttnBackend(compiler="aot_eager", calibration_samples=2, **options)
     torch._dynamo.reset()
     with torch.no_grad():
         out = first_output(torch.compile(model, backend=backend, fullgraph=True)(**inputs))

@@ -15,6 +15,8 @@ Shapes: a boolean block mask is ``(..., Nq, Nk)`` with ``Nq = num_blocks(q_len)`
 ``Nk = num_blocks(kv_len)``; its packed form is ``(..., Nq, ceil(Nk / 32))``. The kernel takes
 ``(H, Nq, W)`` (shared over the batch) or ``(B, H, Nq, W)`` (one mask per batch entry).
 """
+import functools
+
 import torch
 
 BLOCK_SIZE = 128  # tokens per mask block, in both the query and the key direction
@@ -111,8 +113,15 @@ def to_flex_block_mask(block_mask: torch.Tensor, q_len: int, kv_len: int):
     kv_num, kv_idx = _lists(partial)
     full_num, full_idx = _lists(full)
 
-    def in_range(b, h, q_idx, kv_idx):
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK_SIZE,
+                                    mask_mod=_keys_below(kv_len), seq_lengths=(q_len, kv_len))
+
+
+@functools.lru_cache(maxsize=None)
+def _keys_below(kv_len: int):
+    # one function object per length: torch.compile'd flex_attention guards on the mask_mod's
+    # identity, so a fresh closure per BlockMask would recompile on every new mask
+    def keys_below(b, h, q_idx, kv_idx):
         return kv_idx < kv_len
 
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK_SIZE,
-                                    mask_mod=in_range, seq_lengths=(q_len, kv_len))
+    return keys_below

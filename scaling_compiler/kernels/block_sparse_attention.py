@@ -24,6 +24,7 @@ Semantics (the contract the rest of the project codes against):
 """
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -207,25 +208,34 @@ def _host_descriptor_pre_hook(nargs):
         nargs["desc_v"].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM_PAD"]]
 
 
-def _config(block_m, block_n, num_warps, num_stages, overlap=False):
+def _config(block_m, block_n, num_warps, num_stages, maxnreg=None, overlap=False):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": num_stages, "OVERLAP": overlap},
-                         num_warps=num_warps, num_stages=num_stages, pre_hook=_host_descriptor_pre_hook)
+                         num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
+                         pre_hook=_host_descriptor_pre_hook)
 
 
+# A short list: each config costs a compile (seconds) on the first call of every new shape.
+# The K/V loads depend on a load (the kept-block index), and Triton's pipeliner gives such
+# indirect loads (num_stages - 1) // 2 iterations of lookahead: num_stages 2-4 prefetch one
+# tile ahead (2 buffers), 5 two tiles (3 buffers), 7 three tiles (4 buffers).
+# maxnreg=128 fits two 8-warp programs per SM (spills only outside the key loop).
 configs = [
-    _config(BM, BN, w, s)  #
-    for BM in [64, 128]  #
-    for BN in [64, 128]  #
-    for s in [2, 3, 4]  #
-    for w in [4, 8]
+    _config(128, 64, 8, 5),
+    _config(128, 64, 8, 7),
+    _config(128, 64, 8, 3, maxnreg=128),
+    _config(128, 128, 8, 3),
 ]
 
 SMEM_BYTES = 227 * 1024  # Hopper's per-block shared-memory limit
 
 
+def _kv_buffers(num_stages):
+    return max(2, (num_stages - 1) // 2 + 1)
+
+
 def _smem_estimate(block_m, block_n, head_dim_pad, elem_bytes, num_stages):
-    # q tile + num_stages (k, v) tile pairs; the compiler adds a little for barriers/scratch
-    return (block_m + 2 * num_stages * block_n) * head_dim_pad * elem_bytes
+    # q tile + the (k, v) tile buffers; the compiler adds a little for barriers
+    return (block_m + 2 * _kv_buffers(num_stages) * block_n) * head_dim_pad * elem_bytes
 
 
 def keep(conf):
@@ -241,17 +251,18 @@ def keep(conf):
 def prune_invalid_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     head_dim_pad, elem_bytes = args["HEAD_DIM_PAD"], args["Out"].element_size()
-    return [
+    kept = [
         conf for conf in configs if _smem_estimate(conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], head_dim_pad,
                                                    elem_bytes, conf.num_stages) <= SMEM_BYTES - 8 * 1024
     ]
+    return kept or [_config(64, 64, 4, 2)]  # fp32 with large head dims: the smallest tiles
 
 
 def default_config(dtype: torch.dtype, head_dim: int) -> dict:
     """A config that fits shared memory for ``dtype``; used in the interpreter and when autotune is off."""
     if dtype == torch.float32 and triton.next_power_of_2(head_dim) > 64:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 5}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +298,7 @@ def _attn_fwd(Q, K, V, desc_k, desc_v, Out, LSE,  #
     slot = pid % n_q_tiles
     mask_hz = off_z * stride_rz + off_h * stride_rh
     mask_row = mask_hz * N_Q_BLOCKS + tl.load(Order + mask_hz * N_Q_BLOCKS + slot // ROWS_PER_MASK)
-    start_m = slot
+    start_m = (mask_row - mask_hz * N_Q_BLOCKS) * ROWS_PER_MASK + slot % ROWS_PER_MASK
     kv_idx_ptr = KvIdx + mask_row.to(tl.int64) * IDX_STRIDE
     n_kept = tl.load(KvCnt + mask_row)
 
@@ -412,6 +423,25 @@ def decode_mask(mask_words: torch.Tensor, num_k_blocks: int) -> tuple[torch.Tens
     return kv_idx.reshape(*mask_words.shape[:-1], num_k_blocks), kv_cnt.reshape(mask_words.shape[:-1])
 
 
+class BlockLists(NamedTuple):
+    """Kept-block lists of a packed mask, as the attention kernel reads them."""
+    kv_idx: torch.Tensor  # int32 (..., Nq, Nk): kept key blocks of each row, ascending, first kv_cnt valid
+    kv_cnt: torch.Tensor  # int32 (..., Nq)
+    order: torch.Tensor  # int32 (..., Nq): the order in which each head's query blocks are launched
+
+
+def prepare_block_lists(mask_words: torch.Tensor, kv_len: int, lpt_order: bool = True) -> BlockLists:
+    """Decode ``mask_words`` into the kernel's block lists; with ``lpt_order`` each head's query
+    blocks run heaviest first (longest-processing-time order shortens the last wave)."""
+    nq = mask_words.shape[-2]
+    kv_idx, kv_cnt = decode_mask(mask_words, num_blocks(kv_len))
+    if lpt_order:
+        order = torch.argsort(kv_cnt, dim=-1, descending=True, stable=True).to(torch.int32)
+    else:
+        order = torch.arange(nq, dtype=torch.int32, device=mask_words.device).expand(kv_cnt.shape)
+    return BlockLists(kv_idx, kv_cnt, order.contiguous())
+
+
 def _tma_2d_view(t: torch.Tensor, head_dim: int):
     """View k or v ``(B, H, S, D)`` as a 2-D ``(rows, ld)`` matrix for a TMA descriptor, or None.
 
@@ -450,16 +480,19 @@ def block_sparse_attention(
     lpt_order: bool = True,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    block_lists: BlockLists | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention forward. Returns ``out (B, H, Sq, D)`` (q's dtype, contiguous) and
     float32 ``lse (B, H, Sq)`` (natural log); empty mask rows give ``out = 0``, ``lse = -inf``.
 
     ``scale``: None means ``1 / sqrt(D)``, as in SDPA.
-    ``config``: ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"[, "overlap"]}`` to launch one fixed config
+    ``config``: ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"[, "maxnreg", "overlap"]}`` to launch one fixed config
     (tests, the interpreter, benchmarks); None autotunes on a GPU (``default_config`` in the
     interpreter). ``use_tma``: None picks TMA descriptors for K/V when the layout and GPU allow.
     ``lpt_order``: run each head's heaviest query blocks first. ``out``/``lse``: optional
     preallocated outputs (``out`` like q, any strides; ``lse`` contiguous float32).
+    ``block_lists``: ``prepare_block_lists(mask_words, Sk)`` computed once for a static mask
+    (saves the decode launch and a small sort, ~tens of microseconds per call).
     """
     reason = unsupported_reason(q, k, v)
     if reason is not None:
@@ -489,12 +522,11 @@ def block_sparse_attention(
     if out.shape != q.shape or out.dtype != q.dtype or lse.shape != q.shape[:3] or lse.dtype != torch.float32 \
             or not lse.is_contiguous():
         raise ValueError("out must be like q and lse a contiguous float32 (B, H, Sq) tensor")
-    kv_idx, kv_cnt = decode_mask(mask_words, nk)
-    if lpt_order:
-        order = torch.argsort(kv_cnt.reshape(-1, nq), dim=-1, descending=True, stable=True).to(torch.int32)
-    else:
-        order = torch.arange(nq, dtype=torch.int32, device=q.device).expand(kv_cnt.numel() // nq, nq)
-    order = order.contiguous()
+    if block_lists is None:
+        block_lists = prepare_block_lists(mask_words, Sk, lpt_order)
+    kv_idx, kv_cnt, order = block_lists
+    if kv_idx.shape != (*mask_words.shape[:-1], nk) or order.shape != mask_words.shape[:-1]:
+        raise ValueError("block_lists do not match mask_words")
 
     k_tma = v_tma = None
     if use_tma is None:
@@ -533,5 +565,6 @@ def block_sparse_attention(
         desc_v.block_shape = [BN, head_dim_pad]
     _attn_fwd[grid](*args, K_TAIL_TILES=k_tail_tiles(BN), BLOCK_M=BM, BLOCK_N=BN, NUM_STAGES=config["num_stages"],
                     OVERLAP=bool(config.get("overlap", False)), num_warps=config["num_warps"],
-                    num_stages=config["num_stages"], **const)
+                    num_stages=config["num_stages"], **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
+                    **const)
     return out, lse

@@ -1,0 +1,213 @@
+"""Calibration pass (WEST): threshold maps from running the captured graph on calibration inputs.
+
+The graph dynamo hands the backend takes the model's weights as inputs, so it can be run
+as it is with `torch.fx.Interpreter`. At each attention site the interpreter computes the
+exact block significance from q and k (`kernels/block_mass.py`) before running the dense
+attention, so later layers see the model's real activations.
+
+Calibration inputs are prompt-agnostic by default, made from the example inputs (the
+topology is encoded by the weights, not the prompt): weights and buffers are kept; float
+tensors of two or more dims (latents, text embeddings, pooled projections) become fresh
+Gaussian noise with the example's standard deviation; scalar-per-sample tensors (timestep,
+guidance) become uniform random values in [0, 1000) if the example is above 1, else in
+[0, 1); other inputs (masks, ids, shapes) are kept. Users can instead pass their own
+inputs by argument name.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx
+
+from .. import cache
+from ..cache import weights_fingerprint
+from ..config import Config
+from ..kernels.block_mass import block_mass
+from ..sites import AttentionSite
+from ..topology import SiteTopology, Topology, thresholds_from_significance
+
+log = logging.getLogger(__name__)
+
+
+def graph_inputs(gm: torch.fx.GraphModule) -> list[tuple[str, bool]]:
+    """(argument name, is weight) of each placeholder, from dynamo's source of it."""
+    result = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        grapharg = node.meta.get("grapharg")
+        source = grapharg.source.name if grapharg is not None else node.name
+        source = source() if callable(source) else source  # a method in torch 2.11, a property in 2.13
+        is_weight = "._parameters[" in source or "._buffers[" in source
+        name = source.rsplit("['", 1)[-1].rstrip("']") if "['" in source else node.name
+        result.append((name, is_weight))
+    return result
+
+
+def calibration_inputs(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    sample: int,
+    seed: int,
+    user_inputs: Sequence[Mapping[str, torch.Tensor]] | None = None,
+) -> list[Any]:
+    """Inputs of calibration sample `sample`: the user's (by argument name) or prompt-agnostic ones."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + sample)
+    overrides = user_inputs[sample % len(user_inputs)] if user_inputs else {}
+    inputs = []
+    for (name, is_weight), example in zip(graph_inputs(gm), example_inputs):
+        if name in overrides:
+            inputs.append(overrides[name].to(example.device, example.dtype))
+        elif is_weight or user_inputs or not isinstance(example, torch.Tensor):
+            inputs.append(example)
+        else:
+            inputs.append(_randomised(example, generator))
+    return inputs
+
+
+def _randomised(example: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    if example.is_floating_point() and example.dim() >= 2:
+        std = example.float().std().clamp_min(1e-3) if example.numel() > 1 else 1.0
+        noise = torch.randn(example.shape, generator=generator) * float(std)
+        return noise.to(example.device, example.dtype)
+    if example.dim() <= 1 and example.numel() > 0 and (example.is_floating_point() or example.dtype == torch.int64):
+        high = 1000.0 if float(example.float().abs().max()) > 1 else 1.0
+        values = torch.rand(example.shape, generator=generator) * high
+        return values.to(example.device, example.dtype)
+    return example
+
+
+class _SiteCapture(torch.fx.Interpreter):
+    """Runs the graph; at each site, accumulates per-sample threshold maps and block mass."""
+
+    def __init__(self, gm: torch.fx.GraphModule, sites: list[AttentionSite]) -> None:
+        super().__init__(gm)
+        self.sites = {site.node: site for site in sites}
+        # q, k and masks are kept from when they are computed until their site runs: the
+        # interpreter frees values after their last use, which for a hand-written softmax
+        # chain comes before the site's final matmul
+        self.sites_needing = Counter(n for site in sites for n in {site.q_node, site.k_node, site.mask_node} if n)
+        self.pinned: dict[torch.fx.Node, torch.Tensor] = {}
+        self.thresholds: dict[str, torch.Tensor] = {}  # running minimum over samples
+        self.mass_sum: dict[str, torch.Tensor] = {}
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        site = self.sites.get(node)
+        if site is not None:
+            q, k = self.pinned[site.q_node], self.pinned[site.k_node]
+            key_padding = self.pinned[site.mask_node].reshape(-1, site.kv_len) if site.key_padding else None
+            significance = block_mass(q, k, site.scale, key_padding)  # (B, H, Nq, Nk)
+            per_sample = thresholds_from_significance(significance).amin(dim=0)
+            previous = self.thresholds.get(site.name)
+            self.thresholds[site.name] = per_sample if previous is None else torch.minimum(previous, per_sample)
+            self.mass_sum[site.name] = self.mass_sum.get(site.name, 0) + significance.sum(dim=0)
+            self._unpin(site)
+        value = super().run_node(node)
+        if node in self.sites_needing:
+            self.pinned[node] = value
+        return value
+
+    def _unpin(self, site: AttentionSite) -> None:
+        for needed in {site.q_node, site.k_node, site.mask_node} - {None}:
+            self.remaining[needed] -= 1
+            if self.remaining[needed] == 0:
+                del self.pinned[needed]
+
+    def run(self, *args: Any) -> Any:
+        self.remaining = Counter(self.sites_needing)
+        return super().run(*args)
+
+
+def calibrate(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    sites: list[AttentionSite],
+    samples: int,
+    seed: int,
+    user_inputs: Sequence[Mapping[str, torch.Tensor]] | None = None,
+) -> dict[str, SiteTopology]:
+    """WEST threshold maps of `sites`, each T = min over samples (and batch entries) of T_i."""
+    capture = _SiteCapture(gm, sites)
+    start = time.perf_counter()
+    batch_total = 0
+    with torch.no_grad():
+        for sample in range(samples):
+            inputs = calibration_inputs(gm, example_inputs, sample, seed, user_inputs)
+            capture.run(*inputs)
+            batch_total += sites[0].batch
+            log.info("scalingattn: WEST calibration sample %d/%d (%.1f s)", sample + 1, samples,
+                     time.perf_counter() - start)
+    return {
+        site.name: SiteTopology(
+            thresholds=capture.thresholds[site.name], mass=capture.mass_sum[site.name] / batch_total,
+            q_len=site.q_len, kv_len=site.kv_len, token_grid=site.token_grid, text_spans=site.text_spans,
+            source="calibrated",
+        )
+        for site in sites
+    }
+
+
+def west_topology(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], sites: list[AttentionSite], config: Config
+) -> tuple[Topology, str]:
+    """Threshold maps for `sites`: from the topology file, else the cache, else calibration.
+
+    Returns the topology and a sentence saying where it came from, for the report.
+    """
+    weights = [x for (_, is_weight), x in zip(graph_inputs(gm), example_inputs) if is_weight]
+    fingerprint = weights_fingerprint(weights)
+    settings = {
+        "samples": config.calibration_samples, "seed": config.calibration_seed,
+        "inputs": "user" if config.calibration_inputs else "prompt-agnostic",
+    }
+    maps: dict[str, SiteTopology] = {}
+    origin = []
+    if config.topology_file:
+        maps.update(_from_file(config.topology_file, sites))
+        origin.append(f"{len(maps)} sites from {config.topology_file}")
+    missing = [site for site in sites if site.name not in maps]
+    if missing:
+        key = cache.cache_key(fingerprint, [_signature(s) for s in missing], settings)
+        cached = cache.load(key, fingerprint, [s.name for s in missing]) if config.cache else None
+        if cached is not None:
+            maps.update(cached.sites)
+            origin.append(f"{len(missing)} sites from cache {cache.cache_dir() / key}")
+        else:
+            start = time.perf_counter()
+            calibrated = calibrate(gm, example_inputs, missing, config.calibration_samples,
+                                   config.calibration_seed, config.calibration_inputs)
+            maps.update(calibrated)
+            origin.append(f"{len(missing)} sites calibrated on {config.calibration_samples} "
+                          f"{settings['inputs']} samples in {time.perf_counter() - start:.1f} s")
+            if config.cache:
+                cache.store(key, Topology(fingerprint, calibrated, settings))
+    return Topology(fingerprint, maps, settings), "; ".join(origin)
+
+
+def _from_file(path: str, sites: list[AttentionSite]) -> dict[str, SiteTopology]:
+    """Maps of `sites` found in the file, resized to the site's grid when the shapes differ."""
+    stored = Topology.load(path).sites
+    maps = {}
+    for site in sites:
+        source = stored.get(site.name)
+        if source is None:
+            log.warning("scalingattn: %s has no map for site %s; calibrating it", path, site.name)
+        elif (source.q_len, source.kv_len) == (site.q_len, site.kv_len):
+            maps[site.name] = source
+        elif source.token_grid and site.token_grid and site.q_len == site.kv_len:
+            maps[site.name] = source.transfer(site.q_len, site.token_grid, site.text_spans)
+        else:
+            log.warning("scalingattn: %s maps site %s at %d tokens, not %d, and a grid is unknown; calibrating it",
+                        path, site.name, source.q_len, site.q_len)
+    return maps
+
+
+def _signature(site: AttentionSite) -> dict[str, Any]:
+    return {
+        "name": site.name, "shape": [site.batch, site.heads, site.q_len, site.kv_len, site.head_dim],
+        "dtype": str(site.dtype), "grid": site.token_grid, "text_spans": site.text_spans,
+    }
