@@ -77,10 +77,8 @@ class ScalingAttnBackend:
             report.masks[site.name] = words
             report.sites.append(site_report(site, block_mask, reason, recall))
         self.reports.append(report)
-        if config.report:
-            log.warning("%s", report)  # asked for explicitly: shown at the default log level
-        else:
-            log.info("%s", report)
+        # asked for explicitly: shown at the default log level; else TORCH_LOGS="+scaling_compiler"
+        log.log(logging.WARNING if config.report else logging.DEBUG, "%s", report)
 
         rewritten = rewrite_graph(gm, sites, mask_names)
         compiled = _inner_compile(config.compiler, rewritten, example_inputs + mask_tensors)
