@@ -9,6 +9,12 @@ compact ascending list of kept key-block indices plus a count (one program per r
 over the row's bits). The attention kernel's key loop then walks that list with a
 ``tl.range(..., num_stages=...)`` loop: no data-dependent branch per candidate block, so Triton
 software-pipelines the K/V loads (walking the bits with a scalar ``if`` per block defeats that).
+K/V tiles come through host-side TMA descriptors when the layout allows (last dim contiguous,
+16-byte aligned strides: contiguous (B, H, S, D) and transposed (B, S, H, D) views both do), else
+through pointer loads. Because the K/V addresses depend on a load, Triton's pipeliner prefetches
+only (num_stages - 1) // 2 tiles ahead: num_stages=5 buys a 3-buffer pipeline (see configs).
+Measured on an H100 (benchmarks/NOTES.md): Wan2.1-1.3B shape, density 0.10: 1.16-1.29 ms
+(~510-570 TFLOP/s on kept blocks); density 1.0: 11.4 ms, on par with cuDNN.
 
 Semantics (the contract the rest of the project codes against):
 
@@ -22,6 +28,7 @@ Semantics (the contract the rest of the project codes against):
 - Softmax statistics are kept in float32; exponentials use exp2 with ``scale * log2(e)`` folded
   into the scores, as in the tutorial. fp32 inputs use IEEE fp32 dots (no tf32).
 """
+import functools
 import math
 import os
 from typing import NamedTuple
@@ -162,43 +169,6 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
     return acc, l_i, m_i
 
 
-@triton.jit
-def _attn_fwd_inner_overlap(acc, l_i, m_i, q,  #
-                            k_ptrs, v_ptrs, desc_k, desc_v,  #
-                            k_row0, k_col0, v_row0, v_col0,  #
-                            stride_kn, stride_vn,  #
-                            kv_idx_ptr, lo, hi, N_K, qk_scale,  #
-                            offs_n, offs_d,  #
-                            dtype: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,  #
-                            BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, USE_TMA: tl.constexpr,  #
-                            NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # Same as _attn_fwd_inner without masking (needs hi > lo), but the QK^T of tile i + 1 is
-    # issued before the softmax of tile i, so the tensor cores can run it while the exponentials
-    # of tile i are computed (FlashAttention-3's intra-warpgroup overlap, written by hand).
-    start_n = _tile_start(kv_idx_ptr, lo, BLOCK_N, SPLIT)
-    k = _load_kv_tile(k_ptrs, desc_k, k_row0, k_col0, stride_kn, start_n, offs_n, offs_d, N_K,  #
-                      HEAD_DIM, HEAD_DIM_PAD, USE_TMA, False)
-    qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
-    for i in tl.range(lo + 1, hi, num_stages=NUM_STAGES):
-        start_next = _tile_start(kv_idx_ptr, i, BLOCK_N, SPLIT)
-        k = _load_kv_tile(k_ptrs, desc_k, k_row0, k_col0, stride_kn, start_next, offs_n, offs_d, N_K,  #
-                          HEAD_DIM, HEAD_DIM_PAD, USE_TMA, False)
-        qk_next = tl.dot(q, k.T, input_precision=DOT_PRECISION)
-        p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, qk_scale)
-        v = _load_kv_tile(v_ptrs, desc_v, v_row0, v_col0, stride_vn, start_n, offs_n, offs_d, N_K,  #
-                          HEAD_DIM, HEAD_DIM_PAD, USE_TMA, False)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(dtype), v, acc, input_precision=DOT_PRECISION)
-        qk = qk_next
-        start_n = start_next
-    p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, qk_scale)
-    v = _load_kv_tile(v_ptrs, desc_v, v_row0, v_col0, stride_vn, start_n, offs_n, offs_d, N_K,  #
-                      HEAD_DIM, HEAD_DIM_PAD, USE_TMA, False)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_i
-
-
 # ----------------------------------------------------------------------------------------------
 # Configs. BLOCK_M must divide the 128-row mask block and BLOCK_N the 128-key mask block.
 # ----------------------------------------------------------------------------------------------
@@ -208,8 +178,8 @@ def _host_descriptor_pre_hook(nargs):
         nargs["desc_v"].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM_PAD"]]
 
 
-def _config(block_m, block_n, num_warps, num_stages, maxnreg=None, overlap=False):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": num_stages, "OVERLAP": overlap},
+def _config(block_m, block_n, num_warps, num_stages, maxnreg=None):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": num_stages},
                          num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
                          pre_hook=_host_descriptor_pre_hook)
 
@@ -217,16 +187,32 @@ def _config(block_m, block_n, num_warps, num_stages, maxnreg=None, overlap=False
 # A short list: each config costs a compile (seconds) on the first call of every new shape.
 # The K/V loads depend on a load (the kept-block index), and Triton's pipeliner gives such
 # indirect loads (num_stages - 1) // 2 iterations of lookahead: num_stages 2-4 prefetch one
-# tile ahead (2 buffers), 5 two tiles (3 buffers), 7 three tiles (4 buffers).
-# maxnreg=128 fits two 8-warp programs per SM (spills only outside the key loop).
+# tile ahead (2 buffers), 5 two tiles (3 buffers), 7 three tiles (4 buffers). On an H100
+# (benchmarks/NOTES.md) 128x128 tiles with 3 buffers (229 KB of shared memory) were fastest at
+# every density; maxnreg=128 fits two 8-warp programs per SM (spills only outside the key loop).
 configs = [
-    _config(128, 64, 8, 5),
+    _config(128, 128, 8, 5),
     _config(128, 64, 8, 7),
     _config(128, 64, 8, 3, maxnreg=128),
-    _config(128, 128, 8, 3),
+    _config(64, 64, 4, 5),
 ]
 
-SMEM_BYTES = 227 * 1024  # Hopper's per-block shared-memory limit
+SMEM_FALLBACK = 227 * 1024  # Hopper's per-block shared-memory limit, when the device cannot be asked
+_SMEM_MARGIN = 1024  # barriers and scratch the compiler adds (40 bytes seen for 128x128, 3 buffers)
+
+
+def _max_shared_mem(device: torch.device) -> int:
+    if _interpreting() or device.type != "cuda":
+        return SMEM_FALLBACK
+    return _device_shared_mem(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_shared_mem(index: int) -> int:
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:  # noqa: BLE001 - an unusual driver: assume Hopper
+        return SMEM_FALLBACK
 
 
 def _kv_buffers(num_stages):
@@ -234,8 +220,8 @@ def _kv_buffers(num_stages):
 
 
 def _smem_estimate(block_m, block_n, head_dim_pad, elem_bytes, num_stages):
-    # q tile + the (k, v) tile buffers; the compiler adds a little for barriers
-    return (block_m + 2 * _kv_buffers(num_stages) * block_n) * head_dim_pad * elem_bytes
+    # q tile + the (k, v) tile buffers
+    return (block_m + 2 * _kv_buffers(num_stages) * block_n) * head_dim_pad * elem_bytes + _SMEM_MARGIN
 
 
 def keep(conf):
@@ -248,21 +234,36 @@ def keep(conf):
     return True
 
 
+def _fits(block_m, block_n, num_stages, head_dim_pad, elem_bytes, smem):
+    return _smem_estimate(block_m, block_n, head_dim_pad, elem_bytes, num_stages) <= smem
+
+
 def prune_invalid_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    head_dim_pad, elem_bytes = args["HEAD_DIM_PAD"], args["Out"].element_size()
+    out = args["Out"]
+    if out.dtype == torch.float32:  # IEEE fp32 dots run on the FMA units: small tiles only (tests)
+        return [_config(64, 64, 4, 2)]
+    head_dim_pad, elem_bytes, smem = args["HEAD_DIM_PAD"], out.element_size(), _max_shared_mem(out.device)
     kept = [
-        conf for conf in configs if _smem_estimate(conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], head_dim_pad,
-                                                   elem_bytes, conf.num_stages) <= SMEM_BYTES - 8 * 1024
+        conf for conf in configs
+        if _fits(conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], conf.num_stages, head_dim_pad, elem_bytes, smem)
     ]
     return kept or [_config(64, 64, 4, 2)]  # fp32 with large head dims: the smallest tiles
 
 
-def default_config(dtype: torch.dtype, head_dim: int) -> dict:
-    """A config that fits shared memory for ``dtype``; used in the interpreter and when autotune is off."""
-    if dtype == torch.float32 and triton.next_power_of_2(head_dim) > 64:
+def default_config(dtype: torch.dtype, head_dim: int, device: torch.device | None = None) -> dict:
+    """The fastest measured config that fits the device's shared memory (used without autotuning)."""
+    if dtype == torch.float32:  # IEEE fp32 dots run on the FMA units: small tiles only (tests)
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 5}
+    head_dim_pad = max(MIN_HEAD_DIM, triton.next_power_of_2(head_dim))
+    elem = torch.empty((), dtype=dtype).element_size()
+    smem = _max_shared_mem(device) if device is not None else SMEM_FALLBACK
+    for conf in configs:
+        BM, BN, s = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], conf.num_stages
+        if _fits(BM, BN, s, head_dim_pad, elem, smem):
+            return {"BLOCK_M": BM, "BLOCK_N": BN, "num_warps": conf.num_warps, "num_stages": s,
+                    **({"maxnreg": conf.maxnreg} if conf.maxnreg else {})}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,8 +283,7 @@ def _attn_fwd(Q, K, V, desc_k, desc_v, Out, LSE,  #
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,  #
               K_TAIL_TILES: tl.constexpr,  # tiles of the last key block holding keys < Sk; 0 if Sk % 128 == 0
               USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,  #
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,  #
-              OVERLAP: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
     tl.static_assert(MASK_BLOCK % BLOCK_M == 0)
     tl.static_assert(MASK_BLOCK % BLOCK_N == 0)
     SPLIT: tl.constexpr = MASK_BLOCK // BLOCK_N  # key tiles per kept mask block
@@ -335,19 +335,11 @@ def _attn_fwd(Q, K, V, desc_k, desc_v, Out, LSE,  #
         last = tl.load(kv_idx_ptr + tl.maximum(n_kept - 1, 0))
         has_tail = (n_kept > 0) & (last == N_K // MASK_BLOCK)
         n_main = n_tiles - has_tail.to(tl.int32) * SPLIT
-    if OVERLAP:
-        if n_main > 0:
-            acc, l_i, m_i = _attn_fwd_inner_overlap(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v,  #
-                                                    k_row0, k_col0, v_row0, v_col0, stride_kn, stride_vn,  #
-                                                    kv_idx_ptr, 0, n_main, N_K, qk_scale, offs_n, offs_d,  #
-                                                    dtype, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, SPLIT, USE_TMA,  #
-                                                    NUM_STAGES, DOT_PRECISION)
-    else:
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v,  #
-                                        k_row0, k_col0, v_row0, v_col0, stride_kn, stride_vn,  #
-                                        kv_idx_ptr, 0, n_main, N_K, qk_scale, offs_n, offs_d,  #
-                                        dtype, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, SPLIT, USE_TMA,  #
-                                        False, NUM_STAGES, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v,  #
+                                    k_row0, k_col0, v_row0, v_col0, stride_kn, stride_vn,  #
+                                    kv_idx_ptr, 0, n_main, N_K, qk_scale, offs_n, offs_d,  #
+                                    dtype, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, SPLIT, USE_TMA,  #
+                                    False, NUM_STAGES, DOT_PRECISION)
     if K_TAIL_TILES > 0:
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v,  #
                                         k_row0, k_col0, v_row0, v_col0, stride_kn, stride_vn,  #
@@ -486,7 +478,7 @@ def block_sparse_attention(
     float32 ``lse (B, H, Sq)`` (natural log); empty mask rows give ``out = 0``, ``lse = -inf``.
 
     ``scale``: None means ``1 / sqrt(D)``, as in SDPA.
-    ``config``: ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"[, "maxnreg", "overlap"]}`` to launch one fixed config
+    ``config``: ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"[, "maxnreg"]}`` to launch one fixed config
     (tests, the interpreter, benchmarks); None autotunes on a GPU (``default_config`` in the
     interpreter). ``use_tma``: None picks TMA descriptors for K/V when the layout and GPU allow.
     ``lpt_order``: run each head's heaviest query blocks first. ``out``/``lse``: optional
@@ -556,15 +548,13 @@ def block_sparse_attention(
         # bound (a tail of r keys needs at most ceil(r / 64) tiles), masked by the loop bound.
         _attn_fwd_tuned[grid](*args, K_TAIL_TILES=k_tail_tiles(64), **const)
         return out, lse
-    if config is None:
-        config = default_config(q.dtype, D)
-    config = {**default_config(q.dtype, D), **config}
+    config = {**default_config(q.dtype, D, q.device), **(config or {})}
     BM, BN = config["BLOCK_M"], config["BLOCK_N"]
     if use_tma:
         desc_k.block_shape = [BN, head_dim_pad]
         desc_v.block_shape = [BN, head_dim_pad]
     _attn_fwd[grid](*args, K_TAIL_TILES=k_tail_tiles(BN), BLOCK_M=BM, BLOCK_N=BN, NUM_STAGES=config["num_stages"],
-                    OVERLAP=bool(config.get("overlap", False)), num_warps=config["num_warps"],
+                    num_warps=config["num_warps"],
                     num_stages=config["num_stages"], **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
                     **const)
     return out, lse
