@@ -57,14 +57,14 @@ class ScalingAttnBackend:
         config = self.config
         sites = detect_sites(gm, config.token_grid)
         rewritable = [site for site in sites if site.rewritable]
-        topology, origin = None, "no masks needed"
+        topology, origin, calibration_seconds = None, "no masks needed", 0.0
         if rewritable and config.density < 1.0:
             if config.masks is MaskRule.WEST:
-                topology, origin = west_topology(gm, example_inputs, rewritable, config)
+                topology, origin, calibration_seconds = west_topology(gm, example_inputs, rewritable, config)
             else:
                 origin = f"{config.masks.value} rule"
         report = PassReport(graph_index=len(self.reports), config=_config_dict(config), sites=[],
-                            topology_origin=origin, topology=topology)
+                            topology_origin=origin, calibration_seconds=calibration_seconds, topology=topology)
         mask_names, mask_tensors = [], []
         for site in sites:
             if not site.rewritable:

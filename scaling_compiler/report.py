@@ -48,6 +48,7 @@ class PassReport:
     config: dict[str, Any]
     sites: list[SiteReport]
     topology_origin: str  # where the masks came from: rule, topology file, cache or calibration
+    calibration_seconds: float  # spent on WEST calibration while compiling this graph
     # packed masks by site name, as passed to the op, and the WEST topology (not in the JSON)
     masks: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, repr=False)
     topology: Topology | None = dataclasses.field(default=None, repr=False)
@@ -73,6 +74,7 @@ class PassReport:
             "graph_index": self.graph_index,
             "config": self.config,
             "topology_origin": self.topology_origin,
+            "calibration_seconds": self.calibration_seconds,
             "attention_flops": self.attention_flops,
             "flops_saved": self.flops_saved,
             "sites": [dataclasses.asdict(s) | {"density": s.density} for s in self.sites],

@@ -139,6 +139,8 @@ def calibrate(
             inputs = calibration_inputs(gm, example_inputs, sample, seed, user_inputs)
             capture.run(*inputs)
             batch_total += sites[0].batch
+            if sites[0].device.type == "cuda":
+                torch.cuda.synchronize(sites[0].device)  # honest progress times
             log.info("scalingattn: WEST calibration sample %d/%d (%.1f s)", sample + 1, samples,
                      time.perf_counter() - start)
     return {
@@ -153,10 +155,11 @@ def calibrate(
 
 def west_topology(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any], sites: list[AttentionSite], config: Config
-) -> tuple[Topology, str]:
+) -> tuple[Topology, str, float]:
     """Threshold maps for `sites`: from the topology file, else the cache, else calibration.
 
-    Returns the topology and a sentence saying where it came from, for the report.
+    Returns the topology, a sentence saying where it came from (for the report) and the
+    seconds spent calibrating.
     """
     weights = [x for (_, is_weight), x in zip(graph_inputs(gm), example_inputs) if is_weight]
     fingerprint = weights_fingerprint(weights)
@@ -165,7 +168,7 @@ def west_topology(
         "inputs": "user" if config.calibration_inputs else "prompt-agnostic",
     }
     maps: dict[str, SiteTopology] = {}
-    origin = []
+    origin, seconds = [], 0.0
     if config.topology_file:
         maps.update(_from_file(config.topology_file, sites))
         origin.append(f"{len(maps)} sites from {config.topology_file}")
@@ -181,11 +184,12 @@ def west_topology(
             calibrated = calibrate(gm, example_inputs, missing, config.calibration_samples,
                                    config.calibration_seed, config.calibration_inputs)
             maps.update(calibrated)
+            seconds = time.perf_counter() - start
             origin.append(f"{len(missing)} sites calibrated on {config.calibration_samples} "
-                          f"{settings['inputs']} samples in {time.perf_counter() - start:.1f} s")
+                          f"{settings['inputs']} samples in {seconds:.1f} s")
             if config.cache:
                 cache.store(key, Topology(fingerprint, calibrated, settings))
-    return Topology(fingerprint, maps, settings), "; ".join(origin)
+    return Topology(fingerprint, maps, settings), "; ".join(origin), seconds
 
 
 def _from_file(path: str, sites: list[AttentionSite]) -> dict[str, SiteTopology]:

@@ -266,6 +266,8 @@ def _dense_reason(site: AttentionSite) -> str | None:
         return "cross-attention (keys from another sequence)"
     if site.attn_mask is not None and not site.key_padding:
         return f"{site.attn_mask} (only boolean key-padding masks are supported)"
+    if site.key_padding and site.device.type == "cuda":
+        return f"{site.attn_mask}: the CUDA kernel takes no key-padding mask yet (the CPU path does)"
     if site.is_causal:
         return "is_causal=True"
     if not site.dropout_p == 0.0:
