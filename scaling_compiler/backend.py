@@ -20,14 +20,12 @@ import torch.fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .config import Config, InnerCompiler, MaskRule
-from .kernels.bitmask import num_blocks, pack_block_mask
-from .masks import local_band_mask, window_3d_mask, with_text_dense
-from .passes.calibrate import west_topology
+from .cost_model import CostModel
+from .passes.calibrate import graph_inputs, west_topology
 from .passes.detect import detect_sites
 from .passes.rewrite import rewrite_graph
+from .passes.tune import SitePlan, plan_sites
 from .report import PassReport, site_report
-from .sites import AttentionSite
-from .topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -58,48 +56,37 @@ class ScalingAttnBackend:
         sites = detect_sites(gm, config.token_grid)
         rewritable = [site for site in sites if site.rewritable]
         topology, origin, calibration_seconds = None, "no masks needed", 0.0
-        if rewritable and config.density < 1.0:
+        if rewritable and config.sparse:
             if config.masks is MaskRule.WEST:
                 topology, origin, calibration_seconds = west_topology(gm, example_inputs, rewritable, config)
             else:
                 origin = f"{config.masks.value} rule"
-        report = PassReport(graph_index=len(self.reports), config=_config_dict(config), sites=[],
-                            topology_origin=origin, calibration_seconds=calibration_seconds, topology=topology)
-        mask_names, mask_tensors = [], []
+        timestep_input, timestep_max = _timestep_input(gm, example_inputs, config)
+        steps = config.num_steps if timestep_input is not None else 1
+        plans, schedule = ({}, None)
+        if rewritable:
+            cost = CostModel.for_device(rewritable[0].device)
+            plans, schedule = plan_sites(rewritable, topology, config, steps, cost)
+        sparse_plans = {name: plan for name, plan in plans.items() if isinstance(plan, SitePlan)}
+
+        report = PassReport(
+            graph_index=len(self.reports), config=_config_dict(config), sites=[], topology_origin=origin,
+            calibration_seconds=calibration_seconds,
+            schedule=schedule.kind if schedule else None,
+            step_source=(f"timestep input #{timestep_input} over {steps} bins (timestep_max {timestep_max:g})"
+                         if timestep_input is not None else "no timestep input: one schedule for every step"),
+            plans=sparse_plans, timestep_max=timestep_max, topology=topology,
+        )
         for site in sites:
-            if not site.rewritable:
-                report.sites.append(site_report(site, None, site.dense_reason))
-                continue
-            block_mask, recall, reason = self._site_mask(site, topology)
-            words = pack_block_mask(block_mask).to(site.device)
-            mask_names.append(site.name)
-            mask_tensors.append(words)
-            report.masks[site.name] = words
-            report.sites.append(site_report(site, block_mask, reason, recall))
+            plan = plans.get(site.name, site.dense_reason)
+            report.sites.append(site_report(site, plan))
         self.reports.append(report)
         # asked for explicitly: shown at the default log level; else TORCH_LOGS="+scaling_compiler"
         log.log(logging.WARNING if config.report else logging.DEBUG, "%s", report)
 
-        rewritten = rewrite_graph(gm, sites, mask_names)
-        compiled = _inner_compile(config.compiler, rewritten, example_inputs + mask_tensors)
-        return lambda *args: compiled(*args, *mask_tensors)
-
-    def _site_mask(self, site: AttentionSite, topology: Topology | None):
-        """(bool block mask (H, Nq, Nk), per-head calibration recall or None, reason) of a site."""
-        density = self.config.density
-        if density == 1.0:
-            shape = (site.heads, num_blocks(site.q_len), num_blocks(site.kv_len))
-            return torch.ones(shape, dtype=torch.bool), None, "density 1: every block"
-        if self.config.masks is MaskRule.LOCAL_BAND:
-            return local_band_mask(site, density), None, f"local band at density {density:g}"
-        if self.config.masks is MaskRule.WINDOW_3D:
-            grid = "3-D window" if site.token_grid else "no grid: 1-D band"
-            return window_3d_mask(site, density), None, f"{grid} at density {density:g}"
-        site_map = topology.sites[site.name]
-        block_mask, levels = site_map.mask_for_density(density)
-        block_mask = with_text_dense(block_mask, site.text_spans)
-        reason = f"WEST ({site_map.source}) p {min(levels):.3f}..{max(levels):.3f}"
-        return block_mask, site_map.recall(block_mask), reason
+        rewritten, extra_inputs = rewrite_graph(gm, sites, sparse_plans, timestep_input, timestep_max)
+        compiled = _inner_compile(config.compiler, rewritten, example_inputs + extra_inputs)
+        return lambda *args: compiled(*args, *extra_inputs)
 
 
 class _PerShapeCompiled:
@@ -137,6 +124,15 @@ def _inner_compile(compiler: InnerCompiler, gm: torch.fx.GraphModule, inputs: li
 
         return lookup_backend("aot_eager")(gm, inputs)
     return gm.forward
+
+
+def _timestep_input(gm: torch.fx.GraphModule, example_inputs: list[Any], config: Config) -> tuple[int | None, float]:
+    """Position of the model's `timestep` input among the graph inputs, and its value at step 0."""
+    for position, ((name, is_weight), example) in enumerate(zip(graph_inputs(gm), example_inputs)):
+        if name == "timestep" and not is_weight and isinstance(example, torch.Tensor) and example.numel() >= 1:
+            default = 1000.0 if float(example.float().abs().max()) > 1.0 else 1.0
+            return position, config.timestep_max or default
+    return None, config.timestep_max or 1000.0
 
 
 def _is_symbolic(x: Any) -> bool:

@@ -15,6 +15,7 @@ import torch
 
 DEFAULT_DENSITY = 1.0
 DEFAULT_CALIBRATION_SAMPLES = 8
+DEFAULT_NUM_STEPS = 50
 REPORT_ENV_VAR = "SCALINGATTN_REPORT"
 
 
@@ -32,6 +33,13 @@ class MaskRule(str, enum.Enum):
     WEST = "west"  # per-head threshold maps calibrated from the weights (ScalingAttention)
     LOCAL_BAND = "local_band"  # the same diagonal band for every head (masks.local_band_mask)
     WINDOW_3D = "window_3d"  # the same 3-D local window for every head (masks.window_3d_mask)
+
+
+class ScheduleKind(str, enum.Enum):
+    """How densities vary over heads and diffusion steps."""
+
+    FAST = "fast"  # per (layer, step, head) from fidelity curves and a budget surface (WEST masks only)
+    UNIFORM = "uniform"  # every head and step at `density` (after `warmup` dense steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +61,8 @@ class Config:
     """Mask rule: "west" (calibrated per head), "local_band" or "window_3d" (static, all heads alike)."""
 
     calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
-    """Calibration runs of the graph for WEST (each batch entry counts as a sample)."""
+    """Calibration runs of the graph for WEST, each on a batch shaped like the example inputs
+    (a CFG batch of 2 calibrates on 2 videos per run)."""
 
     calibration_seed: int = 0
     """Seed of the prompt-agnostic calibration inputs."""
@@ -66,6 +75,28 @@ class Config:
 
     cache: bool = True
     """Reuse WEST topologies from the on-disk cache ($SCALINGATTN_CACHE_DIR)."""
+
+    schedule: ScheduleKind | None = None
+    """Density per head and step: "fast" (fidelity-aware, needs masks="west") or "uniform";
+    default: "fast" with WEST masks, "uniform" with the static rules."""
+
+    min_fidelity: float | None = None
+    """FAST only: keep every (layer, step, head) at or above this fidelity instead of meeting
+    `density` (the two are exclusive)."""
+
+    num_steps: int = DEFAULT_NUM_STEPS
+    """Step bins of the schedule: the model's timestep input picks the bin at run time."""
+
+    warmup: float = 0.0
+    """Uniform schedule only: the fraction of steps that run dense before the sparse ones."""
+
+    timestep_max: float | None = None
+    """Timestep at the first (noisiest) step; default: 1000 if the example timestep is > 1, else 1."""
+
+    @property
+    def sparse(self) -> bool:
+        """Whether any mask can drop a block."""
+        return self.density < 1.0 or self.min_fidelity is not None
 
     def __post_init__(self) -> None:
         if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
@@ -88,6 +119,27 @@ class Config:
             object.__setattr__(self, "calibration_inputs", inputs)
         if self.topology_file is not None and not os.path.isfile(self.topology_file):
             raise ValueError(f"option 'topology_file': no such file {self.topology_file!r}")
+        if self.schedule is None:
+            default = ScheduleKind.FAST if self.masks is MaskRule.WEST else ScheduleKind.UNIFORM
+            object.__setattr__(self, "schedule", default)
+        _check_choice(self, "schedule", ScheduleKind)
+        if self.schedule is ScheduleKind.FAST and self.masks is not MaskRule.WEST:
+            raise ValueError(f"option 'schedule'='fast' needs masks='west' (got masks={self.masks.value!r})")
+        if self.min_fidelity is not None:
+            if not isinstance(self.min_fidelity, (int, float)) or not 0.0 < self.min_fidelity < 1.0:
+                raise ValueError(f"option 'min_fidelity' must be in (0, 1), got {self.min_fidelity!r}")
+            if self.density != DEFAULT_DENSITY:
+                raise ValueError("options 'density' and 'min_fidelity' are exclusive: give one target")
+            if self.schedule is not ScheduleKind.FAST or self.masks is not MaskRule.WEST:
+                raise ValueError("option 'min_fidelity' needs schedule='fast' and masks='west'")
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"option 'num_steps' must be an int >= 1, got {self.num_steps!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float)) or not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"option 'warmup' must be a fraction in [0, 1), got {self.warmup!r}")
+        if self.warmup and self.schedule is not ScheduleKind.UNIFORM:
+            raise ValueError("option 'warmup' applies to schedule='uniform' only (FAST grades density instead)")
+        if self.timestep_max is not None and not (isinstance(self.timestep_max, (int, float)) and self.timestep_max > 0):
+            raise ValueError(f"option 'timestep_max' must be a positive number, got {self.timestep_max!r}")
         if not isinstance(self.cache, bool):
             raise ValueError(f"option 'cache' must be True or False, got {self.cache!r}")
         if self.token_grid is not None:

@@ -1,7 +1,8 @@
 """Block masks from the `density` option without calibration (option masks="local_band").
 
-The rule ("local band"): for each query block i of Nq, keep the `max(1, ceil(density * Nk))`
-key blocks whose index is nearest to the query block's diagonal position
+The rule ("local band"): for each query block i of Nq, keep the floor(density * Nk) or one
+more (so the total is exactly `floor(density * Nq * Nk)`, at least one per row) key blocks
+whose index is nearest to the query block's diagonal position
 `(i + 0.5) * Nk / Nq - 0.5` (ties go to the lower index), the same for every head. In joint
 text+video attention every block that touches a text token, as a query or as a key, is
 kept as well. `density == 1.0` keeps every block.
@@ -19,14 +20,11 @@ from .sites import AttentionSite
 def local_band_mask(site: AttentionSite, density: float) -> torch.Tensor:
     """Boolean block mask (H, Nq, Nk) for `site` at `density`."""
     nq, nk = num_blocks(site.q_len), num_blocks(site.kv_len)
-    keep = min(nk, max(1, math.ceil(density * nk)))
     centre = (torch.arange(nq, dtype=torch.float64) + 0.5) * nk / nq - 0.5
     key = torch.arange(nk, dtype=torch.float64)
     # distance to the diagonal; + key * eps breaks ties toward the lower index
     distance = (key[None, :] - centre[:, None]).abs() + key[None, :] * 1e-9
-    nearest = distance.argsort(dim=1, stable=True)[:, :keep]
-    mask = torch.zeros(nq, nk, dtype=torch.bool)
-    mask.scatter_(1, nearest, True)
+    mask = _nearest(distance, density)
     return with_text_dense(mask.expand(site.heads, nq, nk).contiguous(), site.text_spans)
 
 
@@ -44,7 +42,7 @@ def window_3d_mask(site: AttentionSite, density: float) -> torch.Tensor:
     """Boolean block mask (H, Nq, Nk): a 3-D local window shared by every head (Radial/STA-like).
 
     Each 128-token block sits at the mean (frame, row, column) of its video tokens; a query
-    block keeps the `max(1, ceil(density * Nk))` key blocks nearest to it (Euclidean distance
+    block keeps its nearest key blocks, `floor(density * Nq * Nk)` blocks in all, (Euclidean distance
     in token units, ties to the lower index). Text blocks of joint attention stay dense. Needs
     the site's token grid: without one this is the 1-D local band.
     """
@@ -52,12 +50,23 @@ def window_3d_mask(site: AttentionSite, density: float) -> torch.Tensor:
         return local_band_mask(site, density)
     centres = _block_centres(site.q_len, site.token_grid, site.text_spans)  # (N, 3)
     nk = centres.shape[0]
-    keep = min(nk, max(1, math.ceil(density * nk)))
     key = torch.arange(nk, dtype=torch.float64)
-    distance = torch.cdist(centres, centres) + key[None, :] * 1e-9
-    nearest = distance.argsort(dim=1, stable=True)[:, :keep]
-    mask = torch.zeros(nk, nk, dtype=torch.bool).scatter_(1, nearest, True)
+    mask = _nearest(torch.cdist(centres, centres) + key[None, :] * 1e-9, density)
     return with_text_dense(mask.expand(site.heads, nk, nk).contiguous(), site.text_spans)
+
+
+def _nearest(distance: torch.Tensor, density: float) -> torch.Tensor:
+    """bool (Nq, Nk): each row keeps its nearest key blocks, `floor(density * Nq * Nk)` in all.
+
+    Rows keep floor(density * Nk) or one more, so the total meets the density exactly
+    (at least one block per row).
+    """
+    nq, nk = distance.shape
+    total = max(nq, math.floor(density * nq * nk + 1e-9))
+    per_row = torch.full((nq,), total // nq, dtype=torch.long)
+    per_row[: total % nq] += 1  # spread the remainder over the first rows
+    ranks = distance.argsort(dim=1, stable=True).argsort(dim=1)
+    return ranks < per_row.clamp_max(nk)[:, None]
 
 
 def _block_centres(seq_len: int, grid: tuple[int, int, int], text_spans) -> torch.Tensor:

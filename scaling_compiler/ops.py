@@ -40,3 +40,23 @@ def block_sparse_attention_op(
 @block_sparse_attention_op.register_fake
 def _(q, k, v, mask_words, scale, key_padding=None):
     return q.new_empty(q.shape)
+
+
+def step_masks(
+    words: torch.Tensor,  # int32 (L, H, Nq, W): packed masks at each of the site's densities
+    level_index: torch.Tensor,  # int64 (steps, H): the density each head uses at each step bin
+    timestep: torch.Tensor,  # the model's timestep input, (B,) or scalar
+    timestep_max: float,
+    steps: int,
+) -> torch.Tensor:  # int32 (H, Nq, W)
+    """The masks of the current diffusion step, picked on the device from the timestep.
+
+    Called inside the rewritten graph (inductor compiles it), so masks follow the sampler
+    with no host sync, hook or recompilation: bin = floor((1 - t / t_max) * steps), clamped.
+    All batch entries share the first entry's step (CFG's two halves run the same step).
+    """
+    t = timestep.reshape(-1)[:1].to(words.device, torch.float32)
+    step = ((1.0 - t / timestep_max) * steps).floor().clamp(0, steps - 1).long()  # (1,)
+    levels = level_index.index_select(0, step).squeeze(0)  # (H,)
+    heads = torch.arange(levels.shape[0], device=words.device)
+    return words[levels, heads]

@@ -28,7 +28,8 @@ SSIM_K2 = 0.03
 
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape or a.dim() != 5:
-        raise ValueError(f"expected two videos of equal shape (B, C, F, H, W), got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"expected two videos of equal shape (B, C, F, H, W), "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
 def psnr(

@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from .kernels.bitmask import BLOCK_SIZE
+from .kernels.bitmask import BLOCK_SIZE, pack_block_mask
+from .ops import step_masks
+from .passes.tune import SitePlan
 from .sites import AttentionSite
 from .topology import Topology
 
@@ -34,8 +36,11 @@ class SiteReport:
     reason: str  # why dense, or which mask rule made it sparse
     head_densities: list[float]  # kept fraction of token pairs per head (1.0 for dense sites)
     head_recall: list[float] | None  # calibration attention mass kept per head (WEST), else None
+    step_densities: list[float] | None  # mean density over heads at 10 evenly spaced steps
     dense_flops: int
     flops_saved: int
+    predicted_ms: float | None  # cost model, mean over steps (None for dense sites)
+    dense_ms: float | None
 
     @property
     def density(self) -> float:
@@ -49,9 +54,25 @@ class PassReport:
     sites: list[SiteReport]
     topology_origin: str  # where the masks came from: rule, topology file, cache or calibration
     calibration_seconds: float  # spent on WEST calibration while compiling this graph
-    # packed masks by site name, as passed to the op, and the WEST topology (not in the JSON)
-    masks: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, repr=False)
+    schedule: str | None  # "fast" | "uniform" | None (no sparse site)
+    step_source: str  # what picks the step's masks at run time
+    # the plans of the sparse sites and the WEST topology (not in the JSON)
+    plans: dict[str, SitePlan] = dataclasses.field(default_factory=dict, repr=False)
+    timestep_max: float = 1000.0
     topology: Topology | None = dataclasses.field(default=None, repr=False)
+
+    def masks_at(self, timestep: float | None = None) -> dict[str, torch.Tensor]:
+        """Packed masks (H, Nq, W) each sparse site uses at `timestep` (None: the first step)."""
+        t = torch.tensor([self.timestep_max if timestep is None else float(timestep)])
+        masks = {}
+        for name, plan in self.plans.items():
+            words = pack_block_mask(plan.block_masks)
+            masks[name] = step_masks(words, plan.level_index, t, self.timestep_max, plan.level_index.shape[0])
+        return masks
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        return self.masks_at(None)
 
     @property
     def sparse_sites(self) -> list[SiteReport]:
@@ -69,12 +90,23 @@ class PassReport:
     def flops_saved(self) -> int:
         return sum(s.flops_saved for s in self.sites)
 
+    @property
+    def predicted_speedup(self) -> float | None:
+        """Predicted attention speedup over dense for the sparse sites (cost model)."""
+        sparse = [s for s in self.sites if s.predicted_ms is not None]
+        if not sparse:
+            return None
+        return sum(s.dense_ms for s in sparse) / sum(s.predicted_ms for s in sparse)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "graph_index": self.graph_index,
             "config": self.config,
             "topology_origin": self.topology_origin,
             "calibration_seconds": self.calibration_seconds,
+            "schedule": self.schedule,
+            "step_source": self.step_source,
+            "predicted_speedup": self.predicted_speedup,
             "attention_flops": self.attention_flops,
             "flops_saved": self.flops_saved,
             "sites": [dataclasses.asdict(s) | {"density": s.density} for s in self.sites],
@@ -104,31 +136,34 @@ class PassReport:
         saved = self.flops_saved / self.attention_flops if self.attention_flops else 0.0
         summary = (
             f"scalingattn graph {self.graph_index}: {len(self.sparse_sites)} sparse, {len(self.dense_sites)} dense "
-            f"sites; attention FLOPs {self.attention_flops / 1e9:.3g} G, predicted saved {saved:.1%}; "
-            f"masks: {self.topology_origin}"
+            f"sites; attention FLOPs {self.attention_flops / 1e9:.3g} G, predicted saved {saved:.1%}"
+            + (f", predicted attention speedup {self.predicted_speedup:.2f}x" if self.predicted_speedup else "")
+            + f"\nmasks: {self.topology_origin}; schedule: {self.schedule or '-'}; steps: {self.step_source}"
         )
         return f"{summary}\n{table}"
 
 
-def site_report(
-    site: AttentionSite, block_mask: torch.Tensor | None, reason: str, recall: list[float] | None = None
-) -> SiteReport:
-    """Report one site; `block_mask` is its bool (H, Nq, Nk) mask, None for a dense site."""
+def site_report(site: AttentionSite, plan: SitePlan | str) -> SiteReport:
+    """Report one site: its plan, or the reason (a string) why it stays dense."""
     shape = (site.batch, site.heads, site.q_len, site.head_dim)
-    if block_mask is None:
-        densities = [1.0] * max(site.heads, 1)
-        saved = 0
+    dense = isinstance(plan, str)
+    if dense:
+        densities, recall, steps, saved, predicted, dense_ms = [1.0] * max(site.heads, 1), None, None, 0, None, None
     else:
-        densities = kept_pair_fraction(block_mask, site.q_len, site.kv_len).tolist()
+        per_level = kept_pair_fraction(plan.block_masks, site.q_len, site.kv_len)  # (L, H)
+        per_step = torch.gather(per_level, 0, plan.level_index)  # (steps, H)
+        densities = per_step.mean(0).tolist()
+        recall, steps = plan.recall, plan.step_densities()
         saved = round(site.dense_flops * (1.0 - sum(densities) / len(densities)))
+        predicted, dense_ms = plan.predicted_ms, plan.dense_ms
     return SiteReport(
         name=site.name, kind=site.kind.value, pattern=site.pattern.value, shape=shape, q_stride=site.q_stride,
         kv_len=site.kv_len, kv_heads=site.kv_heads, dtype=str(site.dtype).removeprefix("torch."), scale=site.scale,
         attn_mask=site.attn_mask, is_causal=site.is_causal, dropout_p=site.dropout_p,
         token_grid=site.token_grid, grid_source=site.grid_source, text_spans=site.text_spans,
-        status="dense" if block_mask is None else "sparse", reason=reason, head_densities=densities,
-        head_recall=recall,
-        dense_flops=site.dense_flops, flops_saved=saved,
+        status="dense" if dense else "sparse", reason=plan if dense else plan.reason, head_densities=densities,
+        head_recall=recall, step_densities=steps, dense_flops=site.dense_flops, flops_saved=saved,
+        predicted_ms=predicted, dense_ms=dense_ms,
     )
 
 

@@ -18,9 +18,10 @@ def token_mask(words: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
 
 
 class masked_sites(TorchFunctionMode):
-    def __init__(self, report):
+    def __init__(self, report, timestep=None):
+        """`timestep`: the model's timestep input (picks the step's masks; None: the first step)."""
         super().__init__()
-        self.sites, self.masks, self.calls = report.sites, report.masks, 0
+        self.sites, self.masks, self.calls = report.sites, report.masks_at(timestep), 0
 
     def _next_site(self):
         site = self.sites[self.calls]

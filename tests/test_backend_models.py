@@ -36,6 +36,11 @@ def build(name):
     return model, zoo.example_inputs(name, model, GRID)
 
 
+def timestep_of(inputs):
+    """The timestep the masks were picked for (FAST varies masks by step); None without one."""
+    return float(inputs["timestep"].flatten()[0]) if "timestep" in inputs else None
+
+
 def first_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -95,7 +100,7 @@ def test_sparse_mask_matches_masked_reference(name):
     sparse = [s for s in report.sparse_sites if s.shape[2] > 128]
     assert sparse and all(s.density < 1.0 for s in sparse)
     assert report.flops_saved > 0
-    with torch.no_grad(), masked_sites(report):
+    with torch.no_grad(), masked_sites(report, timestep_of(inputs)):
         expected = first_output(model(**inputs))
     # float32 model around float64 attention: rounding of the surrounding layers only
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
@@ -111,7 +116,7 @@ def test_inductor_fullgraph_wan():
     torch._dynamo.reset()
     with torch.no_grad():
         out = first_output(torch.compile(model, backend=backend, fullgraph=True)(**inputs))
-        with masked_sites(backend.report):
+        with masked_sites(backend.report, timestep_of(inputs)):
             expected = first_output(model(**inputs))
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
@@ -130,8 +135,8 @@ def test_recompile_on_new_shape_gets_new_masks():
         self_sites = [s for s in report.sparse_sites if s.kind == "self"]
         assert self_sites and all(s.shape[2] == tokens for s in self_sites)
         for site in self_sites:
-            assert report.masks[site.name].shape[-2] == num_blocks(tokens)
-        with torch.no_grad(), masked_sites(report):
+            assert report.masks_at(timestep_of(inputs))[site.name].shape[-2] == num_blocks(tokens)
+        with torch.no_grad(), masked_sites(report, timestep_of(inputs)):
             expected = first_output(model(**inputs))
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     assert len(backend.reports) == 3

@@ -1,42 +1,72 @@
-"""Rewrite pass: replace each rewritable attention site by the block-sparse custom op.
+"""Rewrite pass: replace each planned attention site by the block-sparse custom op.
 
 The packed masks enter the graph as extra placeholders appended after the original inputs,
 on a copy of the graph (dynamo's own GraphModule must not gain inputs in place). The caller
-passes the mask tensors after the original arguments at every call.
+passes the returned tensors after the original arguments at every call. A site whose
+masks vary by step gets its masks at every density plus the per-step choice, and the graph
+picks the step's masks from the timestep input (`ops.step_masks`).
 """
 from __future__ import annotations
 
 import torch
 import torch.fx
 
-from .. import ops  # noqa: F401  (registers torch.ops.scaling_compiler)
+from ..kernels.bitmask import pack_block_mask
+from ..ops import step_masks  # importing ops also registers torch.ops.scaling_compiler
 from ..sites import AttentionSite
+from .tune import SitePlan
 
 _OP = torch.ops.scaling_compiler.block_sparse_attention.default
 
 
 def rewrite_graph(
-    gm: torch.fx.GraphModule, sites: list[AttentionSite], mask_names: list[str]
-) -> torch.fx.GraphModule:
-    """Copy of `gm` in which the sites named in `mask_names` call the sparse op.
+    gm: torch.fx.GraphModule,
+    sites: list[AttentionSite],
+    plans: dict[str, SitePlan],
+    timestep_input: int | None = None,
+    timestep_max: float = 1000.0,
+) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
+    """Copy of `gm` in which the sites in `plans` call the sparse op, and its extra inputs.
 
-    The copy takes one extra input per name, in that order: the site's packed mask.
+    `timestep_input` is the position of the model's timestep among the graph inputs; it is
+    needed when a plan varies by step.
     """
     graph = torch.fx.Graph()
     copies: dict[torch.fx.Node, torch.fx.Node] = {}
     output = graph.graph_copy(gm.graph, copies)
     graph.output(output)
 
-    by_name = {site.name: site for site in sites}
-    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last_input):
-        mask_inputs = [graph.placeholder(f"scalingattn_mask_{i}") for i in range(len(mask_names))]
-    mask_inputs.reverse()  # inserting_after stacks them in reverse order
-    for placeholder, name in zip(mask_inputs, mask_names):
-        _replace_site(graph, by_name[name], copies, placeholder)
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    timestep = inputs[timestep_input] if timestep_input is not None else None
+    extra: list[torch.Tensor] = []
+    anchor = inputs[-1]
+    for site in sites:
+        plan = plans.get(site.name)
+        if plan is None:
+            continue
+        words = pack_block_mask(plan.block_masks).to(site.device)  # (L, H, Nq, W)
+        if plan.static:  # one step: each head's own level
+            tensors = [words[plan.level_index[0].to(site.device), torch.arange(site.heads, device=site.device)]]
+        else:
+            tensors = [words, plan.level_index.to(site.device)]
+        placeholders = []
+        for tensor in tensors:
+            with graph.inserting_after(anchor):
+                anchor = graph.placeholder(f"scalingattn_{len(extra)}")
+            placeholders.append(anchor)
+            extra.append(tensor)
+        if plan.static:
+            mask = placeholders[0]
+        else:
+            if timestep is None:
+                raise ValueError(f"site {site.name}: masks vary by step but the graph has no timestep input")
+            with graph.inserting_before(copies[site.node]):
+                mask = graph.call_function(
+                    step_masks, (*placeholders, timestep, timestep_max, plan.level_index.shape[0]))
+        _replace_site(graph, site, copies, mask)
 
     graph.lint()
-    return torch.fx.GraphModule(gm, graph)
+    return torch.fx.GraphModule(gm, graph), extra
 
 
 def _replace_site(graph: torch.fx.Graph, site: AttentionSite, copies: dict, mask: torch.fx.Node) -> None:

@@ -1,0 +1,368 @@
+"""Quality of sparse attention on the tiny video DiT: PSNR/SSIM of sparse vs dense videos.
+
+    python benchmarks/quality.py                        # 8 prompts, 30 steps, west + window_3d at 0.5/0.25/0.1
+    python benchmarks/quality.py --quick --out /tmp/q   # CI size on the CPU: 1 prompt, 2 steps, 3x32x32
+    python benchmarks/quality.py --masks west --densities 0.25 --prompts "red circle bounce" --seeds 0 1
+
+Each video (prompt, seed) is generated from the noise of `seed` twice: by the plain model
+(dense SDPA attention, eager) and by `torch.compile(model, backend=ScalingAttnBackend(...))`
+under each variant (mask rule x density). The sparse video is compared with the dense one
+(`scaling_compiler.quality`: PSNR over the whole video, SSIM per frame, data range 2).
+
+Variants: "west" (per-head masks calibrated from the weights, the method under test) and
+"window_3d" (one 3-D local window shared by every head: the static Radial/STA-like baseline).
+Density 1.0 keeps every block: it measures the block-wise path's rounding alone (--quick adds it).
+
+Density actually used comes from the backend's PassReport: the attention-FLOP-weighted kept
+fraction over every attention site (cross-attention stays dense and counts as 1.0) and over
+the self-attention sites alone. Every sampling step runs the same masks - there are no dense
+warm-up steps yet - so the "with dense steps" and "without dense steps" figures are equal;
+both are written so that results stay comparable once warm-up steps exist.
+
+Times: `compile_s` is the first call of the compiled model (dynamo trace, WEST calibration
+unless cached, mask building, the inner compiler; on CUDA the first sparse variant also pays
+the Triton kernel's JIT and autotuning); `sample_s` is the sampling of all videos afterwards.
+WEST topologies are cached by the backend; by default this script points the cache at a fresh
+temporary directory, so the first "west" variant includes calibration and later "west"
+densities reuse it (--cache-dir to keep one).
+
+Writes benchmarks/results/quality_<device>.json and quality_contact_sheet_<device>.png (rows of
+frames for the first two videos: dense, then every variant at --sheet-density).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tabulate import tabulate  # noqa: E402
+
+from scaling_compiler import ScalingAttnBackend  # noqa: E402
+from scaling_compiler.cache import CACHE_DIR_ENV_VAR  # noqa: E402
+from scaling_compiler.config import DEFAULT_CALIBRATION_SAMPLES  # noqa: E402
+from scaling_compiler.kernels.bitmask import num_blocks, unpack_block_mask  # noqa: E402
+from scaling_compiler.models import synthetic_videos as sv  # noqa: E402
+from scaling_compiler.models.sampling import DEFAULT_GUIDANCE, DEFAULT_SHIFT, sample, save_contact_sheet  # noqa: E402
+from scaling_compiler.models.video_dit import load_pretrained  # noqa: E402
+from scaling_compiler.quality import psnr, ssim  # noqa: E402
+
+# every shape, colour and motion at least once
+PROMPTS = [
+    "red circle bounce", "blue square rotate", "green triangle grow", "yellow cross shrink",
+    "cyan ring orbit", "magenta hexagon bounce", "white square orbit", "orange hexagon rotate",
+]
+MASKS = ["west", "window_3d"]
+DENSITIES = [0.5, 0.25, 0.1]
+SHEET_DENSITY = 0.25
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# --quick: CI size on the CPU
+QUICK = {"prompts": PROMPTS[:1], "steps": 2, "frames": 3, "height": 32, "width": 32, "densities": [0.5, 1.0]}
+DENSE_STEPS = 0  # sampling steps run with dense attention before the sparse ones (none yet)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="CI size: 1 prompt, 2 steps, 3x32x32 video, densities 0.5 and 1.0")
+    p.add_argument("--prompts", nargs="+", default=None, help=f"default: {len(PROMPTS)} varied prompts")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="noise seeds; each prompt runs with each")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 30, --quick 2)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--frames", type=int, default=None, help="default: the model's (9), --quick 3")
+    p.add_argument("--height", type=int, default=None, help="default: the model's (64), --quick 32")
+    p.add_argument("--width", type=int, default=None, help="default: the model's (64), --quick 32")
+    p.add_argument("--masks", nargs="+", default=MASKS, choices=["west", "window_3d", "local_band"])
+    p.add_argument("--densities", nargs="+", type=float, default=None,
+                   help=f"default {DENSITIES}; --quick {QUICK['densities']}")
+    p.add_argument("--sheet-density", type=float, default=None,
+                   help=f"density of the variants in the contact sheet (default {SHEET_DENSITY} if run, "
+                        "else the lowest)")
+    p.add_argument("--calibration-samples", type=int, default=None, help="WEST calibration runs (backend default 8)")
+    p.add_argument("--compiler", default="aot_eager", choices=["aot_eager", "inductor", "eager"],
+                   help="inner compiler of the backend (quality does not depend on it)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 otherwise")
+    p.add_argument("--cache-dir", default=None, help="WEST topology cache (default: a fresh temporary directory)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON and PNG")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prompts = args.prompts or QUICK["prompts"]
+        for name in ("steps", "frames", "height", "width", "densities"):
+            if getattr(args, name) is None:
+                setattr(args, name, QUICK[name])
+    args.prompts = args.prompts or PROMPTS
+    args.steps = args.steps or 30
+    args.densities = args.densities or DENSITIES
+    args.dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
+    for prompt in args.prompts:
+        sv.parse_prompt(prompt)  # fail early on a bad prompt
+    if not all(0 < d <= 1 for d in args.densities):
+        p.error("densities must be in (0, 1]")
+    return args
+
+
+def variants(masks: list[str], densities: list[float]) -> list[tuple[str, float]]:
+    """(masks, density) pairs, highest density first; density 1.0 only once (every block, whatever the rule)."""
+    result = []
+    for density in sorted(set(densities), reverse=True):
+        result += [("all_blocks", 1.0)] if density == 1.0 else [(m, density) for m in masks]
+    return result
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def slug(name: str, device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(model, jobs, args, video_shape, device) -> tuple[torch.Tensor, float]:
+    """Videos (N, C, F, H, W) on the CPU for `jobs` [(prompt, seed)], and the seconds it took."""
+    sync(device)
+    start = time.perf_counter()
+    videos = []
+    for prompt, seed in jobs:
+        tokens = sv.labels_to_tokens(sv.parse_prompt(prompt)[None]).to(device)
+        video = sample(model, tokens, sv.null_tokens(1, device), video_shape, seed=seed, steps=args.steps,
+                       guidance_scale=args.guidance, shift=DEFAULT_SHIFT)
+        videos.append(video.float().cpu())
+    sync(device)
+    return torch.cat(videos), time.perf_counter() - start
+
+
+def density_used(reports) -> dict:
+    """FLOP-weighted kept fraction of attention, from every graph the backend compiled."""
+    sites = [s for report in reports for s in report.sites]
+    self_sites = [s for s in sites if s.kind != "cross"]
+
+    def kept(group):
+        total = sum(s.dense_flops for s in group)
+        return 1.0 - sum(s.flops_saved for s in group) / total if total else None
+
+    all_sites, self_only = kept(sites), kept(self_sites)
+    heads = [d for s in self_sites for d in s.head_densities]
+    return {
+        "all_sites": all_sites,
+        "self_attention_sites": self_only,
+        "all_sites_with_dense_steps": all_sites,  # == without: DENSE_STEPS is 0
+        "self_attention_sites_with_dense_steps": self_only,
+        "dense_steps": DENSE_STEPS,
+        "head_density_min": min(heads) if heads else None,
+        "head_density_max": max(heads) if heads else None,
+        "sites": {"sparse": sum(s.status == "sparse" for s in sites), "dense": sum(s.status == "dense" for s in sites),
+                  "self_attention_left_dense": sum(s.status == "dense" for s in self_sites)},
+    }
+
+
+def mean_recall(reports, west_topology=None) -> float | None:
+    """Mean over heads and sparse sites of the calibration attention mass kept.
+
+    WEST reports it per head; for other rules it is measured here against `west_topology`
+    (the WEST calibration of the same model and shape), when one is known.
+    """
+    values = []
+    for report in reports:
+        for site in report.sparse_sites:
+            recall = site.head_recall
+            if recall is None and west_topology is not None and site.name in west_topology.sites:
+                block_mask = unpack_block_mask(report.masks[site.name].cpu(), num_blocks(site.kv_len))
+                recall = west_topology.sites[site.name].recall(block_mask)
+            if recall is None:
+                return None
+            values += recall
+    return sum(values) / len(values) if values else None
+
+
+def run_variant(model, masks, density, args, jobs, video_shape, device, west_topology):
+    """Compile, sample every job, and return (videos, backend, compile seconds, sampling seconds)."""
+    torch._dynamo.reset()
+    options = {"density": density, "masks": "window_3d" if masks == "all_blocks" else masks, "compiler": args.compiler}
+    if args.calibration_samples is not None:
+        options["calibration_samples"] = args.calibration_samples
+    backend = ScalingAttnBackend(**options)
+    compiled = torch.compile(model, backend=backend)
+    # first call at the sampler's shapes (batch 2: cond + uncond) compiles; time it alone
+    prompt, seed = jobs[0]
+    tokens = sv.labels_to_tokens(sv.parse_prompt(prompt)[None]).to(device)
+    x = torch.randn(2, *video_shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        compiled(x, torch.full((2,), 1000.0, device=device), torch.cat([tokens, sv.null_tokens(1, device)]))
+    sync(device)
+    compile_s = time.perf_counter() - start
+    graphs = len(backend.reports)
+    videos, sample_s = generate(compiled, jobs, args, video_shape, device)
+    if len(backend.reports) != graphs:
+        print(f"  warning: {len(backend.reports) - graphs} more graph(s) compiled during sampling "
+              "(recompilation): densities below count every compiled graph", flush=True)
+    return videos, backend, compile_s, sample_s
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous_cache = os.environ.get(CACHE_DIR_ENV_VAR)
+    os.environ[CACHE_DIR_ENV_VAR] = args.cache_dir or tempfile.mkdtemp(prefix="scalingattn_quality_cache_")
+    try:
+        return _run(args, device, dtype, out)
+    finally:
+        if previous_cache is None:
+            os.environ.pop(CACHE_DIR_ENV_VAR, None)
+        else:
+            os.environ[CACHE_DIR_ENV_VAR] = previous_cache
+
+
+def _run(args, device, dtype, out) -> dict:
+    model = load_pretrained(device, dtype)
+    config = model.config
+    video_shape = (config.in_channels, args.frames or config.frames, args.height or config.height,
+                   args.width or config.width)
+    jobs = [(prompt, seed) for seed in args.seeds for prompt in args.prompts]
+    name = device_name(device)
+    tokens = config.num_tokens(*video_shape[1:])
+    print(f"quality: {len(jobs)} videos of {video_shape[1]}x{video_shape[2]}x{video_shape[3]} ({tokens} tokens, "
+          f"{num_blocks(tokens)} blocks), {args.steps} steps, CFG {args.guidance:g}, {args.dtype} on {name}; "
+          f"compiler {args.compiler}; no dense warm-up steps (density with = without dense steps)", flush=True)
+
+    print("dense (plain model, SDPA) ...", flush=True)
+    with torch.no_grad():
+        dense, dense_s = generate(model, jobs, args, video_shape, device)
+    print(f"  sampled in {dense_s:.1f} s", flush=True)
+
+    results, sheet_videos = [], {}
+    west_topology = None
+    for masks, density in variants(args.masks, args.densities):
+        label = f"{masks}@{density:g}"
+        print(f"{label} ...", flush=True)
+        videos, backend, compile_s, sample_s = run_variant(model, masks, density, args, jobs, video_shape, device,
+                                                           west_topology)
+        reports = backend.reports
+        if masks == "west" and reports and reports[0].topology is not None:
+            west_topology = reports[0].topology
+        p, s = psnr(videos, dense), ssim(videos, dense)
+        entry = {
+            "variant": label, "masks": masks, "density_target": density,
+            "psnr_mean": float(p.mean()), "ssim_mean": float(s.mean()),
+            "psnr_min": float(p.min()), "ssim_min": float(s.min()),
+            "density_used": density_used(reports),
+            "calibration_recall_mean": mean_recall(reports, west_topology),
+            "recall_source": "WEST per-head report" if masks == "west" else
+                             ("WEST calibration mass" if west_topology is not None else None),
+            "compile_s": compile_s, "sample_s": sample_s, "sample_s_per_video": sample_s / len(jobs),
+            "graphs_compiled": len(reports),
+            "backend_config": reports[0].config if reports else None,
+            "topology_origin": [r.topology_origin for r in reports],
+            "videos": [{"prompt": prompt, "seed": seed, "psnr": float(pv), "ssim": float(sv_)}
+                       for (prompt, seed), pv, sv_ in zip(jobs, p, s)],
+        }
+        results.append(entry)
+        sheet_videos[label] = videos[:2]
+        used = entry["density_used"]
+        recall = entry["calibration_recall_mean"]
+        print(f"  PSNR {entry['psnr_mean']:.2f} dB  SSIM {entry['ssim_mean']:.4f}  density used "
+              f"{used['all_sites']:.3f} (self-attn {used['self_attention_sites']:.3f})  recall "
+              f"{'-' if recall is None else f'{recall:.3f}'}  compile {compile_s:.1f} s  sample {sample_s:.1f} s",
+              flush=True)
+    torch._dynamo.reset()
+
+    rows = [[
+        r["variant"], f"{r['psnr_mean']:.2f}", f"{r['psnr_min']:.2f}", f"{r['ssim_mean']:.4f}",
+        f"{r['density_used']['all_sites']:.3f}", f"{r['density_used']['self_attention_sites']:.3f}",
+        "-" if r["calibration_recall_mean"] is None else f"{r['calibration_recall_mean']:.3f}",
+        f"{r['compile_s']:.1f}", f"{r['sample_s']:.1f}",
+    ] for r in results]
+    print()
+    print(tabulate(rows, headers=["variant", "PSNR dB", "min PSNR", "SSIM", "density (all attn)",
+                                  "density (self-attn)", "calib. recall", "compile s", "sample s"]))
+    print(f"dense: sampled in {dense_s:.1f} s. Densities are FLOP-weighted; cross-attention stays dense. "
+          f"No dense warm-up steps yet: density with dense steps = without.")
+
+    device_slug = slug(name, device)
+    result = {
+        "benchmark": "quality",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": name, "device_slug": device_slug,
+        "versions": {"torch": torch.__version__, "triton": _version("triton"), "diffusers": _version("diffusers"),
+                     "python": platform.python_version()},
+        "settings": {
+            "prompts": args.prompts, "seeds": args.seeds, "steps": args.steps, "guidance_scale": args.guidance,
+            "shift": DEFAULT_SHIFT, "video": list(video_shape), "tokens": tokens, "dtype": args.dtype,
+            "compiler": args.compiler, "calibration_samples": args.calibration_samples or DEFAULT_CALIBRATION_SAMPLES,
+            "quick": args.quick, "dense_steps": DENSE_STEPS,
+            "metrics": "PSNR over the whole video, SSIM per frame (11x11 Gaussian, sigma 1.5), data range 2",
+            "dense_reference": "plain model, eager (SDPA)",
+        },
+        "notes": ("No dense warm-up steps: *_with_dense_steps equal the plain figures. Density 'all_sites' is "
+                  "FLOP-weighted over every attention site (dense cross-attention counts as 1); "
+                  "'self_attention_sites' over self-attention alone."),
+        "dense": {"sample_s": dense_s, "sample_s_per_video": dense_s / len(jobs)},
+        "variants": results,
+    }
+    json_path = out / f"quality_{device_slug}.json"
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    sheet_path = _contact_sheet(dense, sheet_videos, results, jobs, args,
+                                out / f"quality_contact_sheet_{device_slug}.png")
+    print(f"wrote {json_path}" + (f" and {sheet_path}" if sheet_path else ""))
+    result["json_path"], result["sheet_path"] = str(json_path), str(sheet_path) if sheet_path else None
+    return result
+
+
+def _contact_sheet(dense, sheet_videos, results, jobs, args, path):
+    """Rows per video (first two): dense, then each variant at the sheet density, PSNR in the label."""
+    targets = sorted({r["density_target"] for r in results if r["density_target"] < 1.0})
+    if not targets:
+        return None
+    wanted = args.sheet_density if args.sheet_density is not None else SHEET_DENSITY
+    density = wanted if wanted in targets else targets[0] if args.sheet_density is None else None
+    if density is None:
+        print(f"no variant at sheet density {wanted:g}: no contact sheet")
+        return None
+    shown = [r for r in results if r["density_target"] == density]
+    rows, labels = [], []
+    for i, (prompt, seed) in enumerate(jobs[:2]):
+        rows.append(dense[i : i + 1])
+        labels.append(f"{prompt} s{seed}: dense")
+        for r in shown:
+            rows.append(sheet_videos[r["variant"]][i : i + 1])
+            labels.append(f"{r['variant']}: {r['videos'][i]['psnr']:.1f} dB")
+    return save_contact_sheet(torch.cat(rows), labels, path, label_width=190)
+
+
+def _version(package: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Tuning pass (FAST): how sparse each head is at each diffusion step.
+
+WEST fixes *where* each head's blocks are (threshold maps); this pass fixes *how many*, per
+(layer, step, head), so that a global density target is met with the best fidelity.
+
+- Fidelity of a sparse row is `1 - Hellinger(P, P_sparse) = 1 - sqrt(1 - sqrt(r))` for a
+  row keeping attention mass r (softmax renormalised over kept blocks). r comes from the
+  calibration's exact block mass: for each query block, the mean recall of its rows; a
+  head's fidelity at a density is the mean over query blocks. (The paper samples 16 exact
+  rows per head; the block mass already covers every row.)
+- The budget surface: with x = (l + w * t) / (N_L + w * N_T) over layer l and step t (cell
+  centres: l + 1/2, t + 1/2), the
+  target fidelity is `beta * (1 - x)**gamma + (1 - beta)`: strict for early steps and shallow
+  layers, looser later. Each (layer, step, head) takes the smallest ladder density whose
+  fidelity meets its target. (beta, gamma, w) are fitted so the mean density over all
+  (layer, step, head) meets the `density` option, maximising mean fidelity; or, with
+  `min_fidelity`, beta = 1 - min_fidelity and (gamma, w) minimise density.
+- Uniform density (optionally with dense warm-up steps) is the ablation FAST must beat.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import torch
+
+from ..config import Config, MaskRule, ScheduleKind
+from ..cost_model import CostModel
+from ..kernels.bitmask import BLOCK_SIZE, num_blocks
+from ..masks import local_band_mask, window_3d_mask, with_text_dense
+from ..sites import AttentionSite
+from ..topology import SiteTopology, Topology
+
+# Densities a head can take at a step: each is one precomputed mask per site, so the ladder
+# length bounds memory (see Schedule.mask_bytes).
+DENSITY_LADDER = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.08, 0.06, 0.05, 0.04, 0.03)
+_GAMMAS = (0.5, 1.0, 2.0, 3.0)
+_OMEGAS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def fidelity_from_recall(recall: torch.Tensor) -> torch.Tensor:
+    """1 - Hellinger distance between a softmax row and its renormalised sparse version."""
+    return 1.0 - (1.0 - recall.clamp(0.0, 1.0).sqrt()).clamp_min(0.0).sqrt()
+
+
+@dataclasses.dataclass
+class FidelityCurve:
+    """Per head, the fidelity of the WEST mask at each ladder density."""
+
+    densities: tuple[float, ...]  # descending
+    fidelity: torch.Tensor  # float64 (H, len(densities)): non-increasing along densities
+
+
+def fidelity_curve(site_map: SiteTopology, densities: tuple[float, ...] = DENSITY_LADDER) -> FidelityCurve:
+    if site_map.mass is None:
+        raise ValueError("FAST needs the calibration block mass of the site (a native calibration)")
+    keys = torch.full((site_map.mass.shape[-1],), BLOCK_SIZE, dtype=torch.float64)
+    keys[-1] = site_map.kv_len - BLOCK_SIZE * (len(keys) - 1)
+    row_mass = site_map.mass.double().cpu() * keys  # each query block's row sums to ~1
+    row_mass = row_mass / row_mass.sum(-1, keepdim=True).clamp_min(1e-30)
+    columns = []
+    for density in densities:
+        mask, _ = site_map.mask_for_density(density)
+        recall = (row_mass * mask.cpu()).sum(-1)  # (H, Nq)
+        columns.append(fidelity_from_recall(recall).mean(-1))
+    fidelity = torch.stack(columns, dim=1)
+    return FidelityCurve(densities, torch.cummin(fidelity, dim=1).values)  # nested masks: monotone
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetSurface:
+    beta: float
+    gamma: float
+    omega: float
+
+    def targets(self, layers: int, steps: int) -> torch.Tensor:
+        """(layers, steps) target fidelity, at cell centres (so x is in (0, 1) even for one cell)."""
+        l = torch.arange(layers, dtype=torch.float64)[:, None] + 0.5
+        t = torch.arange(steps, dtype=torch.float64)[None, :] + 0.5
+        x = (l + self.omega * t) / (layers + self.omega * steps)
+        return self.beta * (1.0 - x) ** self.gamma + (1.0 - self.beta)
+
+
+@dataclasses.dataclass
+class Schedule:
+    """Per site, the ladder density of each head at each step bin."""
+
+    kind: str  # "fast" | "uniform"
+    densities: list[tuple[float, ...]]  # per site: the densities its masks are built at, descending
+    index: list[torch.Tensor]  # per site: int64 (steps, H) into its densities
+    surface: BudgetSurface | None
+    fidelity: float | None  # mean predicted fidelity over (layer, step, head), FAST only
+
+    def density(self, site: int) -> torch.Tensor:
+        """float64 (steps, H) density of each head of `site` at each step."""
+        return torch.tensor(self.densities[site], dtype=torch.float64)[self.index[site]]
+
+    @property
+    def mean_density(self) -> float:
+        """Mean over (layer, step, head), dense steps included."""
+        return torch.cat([self.density(i).flatten() for i in range(len(self.index))]).mean().item()
+
+
+def fast_schedule(curves: list[FidelityCurve], steps: int, density: float | None, min_fidelity: float | None
+                  ) -> Schedule:
+    """Fit the budget surface to a density target (or a fidelity floor) and pick per-cell densities."""
+    best: tuple[float, Schedule] | None = None
+    for gamma, omega in itertools.product(_GAMMAS, _OMEGAS):
+        if min_fidelity is not None:
+            schedule = _cells(curves, steps, BudgetSurface(1.0 - min_fidelity, gamma, omega))
+            score = -schedule.mean_density  # the floor holds everywhere: be as sparse as possible
+        else:
+            schedule = _fit_beta(curves, steps, gamma, omega, density)
+            if schedule is None:
+                continue
+            score = schedule.fidelity
+        if best is None or score > best[0]:
+            best = (score, schedule)
+    if best is None:  # even beta = 1 keeps too much: the loosest surface is the closest we get
+        return _cells(curves, steps, BudgetSurface(1.0, _GAMMAS[0], _OMEGAS[-1]))
+    return best[1]
+
+
+def _fit_beta(curves, steps, gamma, omega, density) -> Schedule | None:
+    """Bisect beta so the mean density meets `density` within 1% (relative); None if infeasible."""
+    low, high = 0.0, 1.0  # density decreases as beta grows
+    loosest = _cells(curves, steps, BudgetSurface(high, gamma, omega))
+    if loosest.mean_density > density * 1.01:
+        return None
+    best = loosest
+    for _ in range(40):
+        beta = (low + high) / 2
+        schedule = _cells(curves, steps, BudgetSurface(beta, gamma, omega))
+        if schedule.mean_density > density:
+            low = beta
+        else:
+            high, best = beta, schedule
+        if abs(best.mean_density - density) <= 0.01 * density:
+            break
+    return best if abs(best.mean_density - density) <= 0.01 * density else None
+
+
+def _cells(curves: list[FidelityCurve], steps: int, surface: BudgetSurface) -> Schedule:
+    targets = surface.targets(len(curves), steps)  # (layers, steps)
+    index, fidelity = [], []
+    for layer, curve in enumerate(curves):
+        meets = curve.fidelity[None, :, :] >= targets[layer][:, None, None] - 1e-12  # (steps, H, L)
+        # the last (sparsest) ladder entry that meets the target; density 1 always meets it
+        position = torch.arange(len(curve.densities))
+        chosen = torch.where(meets, position, 0).amax(dim=-1)  # (steps, H)
+        index.append(chosen)
+        fidelity.append(torch.gather(curve.fidelity.expand(steps, -1, -1), 2, chosen[..., None]).flatten())
+    return Schedule("fast", [c.densities for c in curves], index, surface, torch.cat(fidelity).mean().item())
+
+
+def uniform_schedule(heads: list[int], steps: int, density: float, warmup: float) -> Schedule:
+    """Every head at one density, after `warmup` (a fraction of the steps) of dense steps.
+
+    The density after warm-up is raised so that the mean over all steps meets `density`.
+    """
+    dense_steps = round(warmup * steps)
+    if dense_steps >= steps or (dense_steps and density * steps <= dense_steps):
+        raise ValueError(f"option 'warmup': {dense_steps} dense steps of {steps} exceed density {density:g}")
+    sparse = (density * steps - dense_steps) / (steps - dense_steps)
+    densities = (1.0, sparse) if sparse < 1.0 else (1.0,)
+    index = torch.full((steps, 1), len(densities) - 1, dtype=torch.int64)
+    index[:dense_steps] = 0
+    return Schedule("uniform", [densities] * len(heads), [index.expand(steps, h).clone() for h in heads], None, None)
+
+
+
+@dataclasses.dataclass
+class SitePlan:
+    """What the rewritten graph passes the op for one site."""
+
+    densities: tuple[float, ...]  # the site's mask densities, descending
+    block_masks: torch.Tensor  # bool (L, H, Nq, Nk): the mask at each density
+    level_index: torch.Tensor  # int64 (steps, H): the density each head uses at each step bin
+    reason: str
+    recall: list[float] | None  # per head, calibration recall at the step of median density (WEST)
+    predicted_ms: float  # mean over steps, from the cost model
+    dense_ms: float
+
+    @property
+    def static(self) -> bool:
+        return self.level_index.shape[0] == 1
+
+    def step_densities(self, bins: int = 10) -> list[float]:
+        """Mean kept-block density over heads at `bins` evenly spaced steps (for the report)."""
+        per_step = torch.tensor(self.densities, dtype=torch.float64)[self.level_index].mean(-1)
+        picks = torch.linspace(0, len(per_step) - 1, min(bins, len(per_step))).round().long()
+        return [round(float(per_step[i]), 4) for i in picks]
+
+
+def plan_sites(
+    sites: list[AttentionSite], topology: Topology | None, config: Config, steps: int, cost: CostModel
+) -> tuple[dict[str, SitePlan | str], Schedule | None]:
+    """For each site, its plan, or a string saying why it stays dense; and the schedule used."""
+    if not config.sparse:
+        plans = {site.name: _static_plan(site, config, 1.0, "density 1: every block", None, cost) for site in sites}
+        return plans, None
+    if config.schedule is ScheduleKind.FAST:
+        curves = [fidelity_curve(topology.sites[site.name]) for site in sites]
+        schedule = fast_schedule(curves, steps, None if config.min_fidelity else config.density, config.min_fidelity)
+    else:
+        schedule = uniform_schedule([site.heads for site in sites], steps, config.density, config.warmup)
+    plans: dict[str, SitePlan | str] = {}
+    for i, site in enumerate(sites):
+        densities, index = schedule.densities[i], schedule.index[i]
+        used = sorted({densities[j] for j in index.unique().tolist()}, reverse=True)
+        index = torch.tensor([used.index(d) if d in used else -1 for d in densities])[index]  # drop unused
+        masks = torch.stack([_mask(site, topology, config, d) for d in used])
+        site_map = topology.sites[site.name] if topology is not None else None
+        plan = SitePlan(
+            densities=tuple(used), block_masks=masks, level_index=index.contiguous(),
+            reason=_describe(site, config, site_map, schedule), recall=None,
+            predicted_ms=_mean_ms(site, used, index, cost), dense_ms=cost.dense_ms(site.dense_flops),
+        )
+        if site_map is not None:
+            plan.recall = site_map.recall(_median_step_mask(masks, index))
+        if plan.predicted_ms >= plan.dense_ms:
+            plans[site.name] = (f"cost model ({cost.source}): sparse {plan.predicted_ms:.3g} ms "
+                                f">= dense {plan.dense_ms:.3g} ms")
+        else:
+            plans[site.name] = plan
+    return plans, schedule
+
+
+def _mask(site: AttentionSite, topology: Topology | None, config: Config, density: float) -> torch.Tensor:
+    if density == 1.0:
+        return torch.ones(site.heads, num_blocks(site.q_len), num_blocks(site.kv_len), dtype=torch.bool)
+    if config.masks is MaskRule.LOCAL_BAND:
+        return local_band_mask(site, density)
+    if config.masks is MaskRule.WINDOW_3D:
+        return window_3d_mask(site, density)
+    mask, _ = topology.sites[site.name].mask_for_density(density)
+    return with_text_dense(mask, site.text_spans).cpu()
+
+
+def _static_plan(site, config, density, reason, topology, cost) -> SitePlan:
+    masks = _mask(site, topology, config, density)[None]
+    index = torch.zeros(1, site.heads, dtype=torch.int64)
+    return SitePlan((density,), masks, index, reason, None, _mean_ms(site, [density], index, cost),
+                    cost.dense_ms(site.dense_flops))
+
+
+def _mean_ms(site: AttentionSite, densities, index: torch.Tensor, cost: CostModel) -> float:
+    per_head = torch.tensor(densities, dtype=torch.float64)[index]  # (steps, H)
+    return sum(cost.sparse_ms(site.dense_flops, row) for row in per_head) / len(per_head)
+
+
+def _median_step_mask(masks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The masks of the step of median density (the report gives their calibration recall)."""
+    heads = torch.arange(index.shape[1])
+    median_step = index.double().mean(-1).argsort()[len(index) // 2]
+    return masks[index[median_step], heads]
+
+
+def _describe(site, config: Config, site_map, schedule: Schedule) -> str:
+    rule = {MaskRule.WEST: f"WEST ({site_map.source})" if site_map else "WEST",
+            MaskRule.LOCAL_BAND: "local band", MaskRule.WINDOW_3D: "3-D window" if site.token_grid else
+            "3-D window (no grid: 1-D band)"}[config.masks]
+    if schedule.kind == "fast":
+        return f"{rule}, FAST beta={schedule.surface.beta:.3f} gamma={schedule.surface.gamma:g} " \
+               f"omega={schedule.surface.omega:g}"
+    warm = f" after {config.warmup:.0%} dense steps" if config.warmup else ""
+    return f"{rule}, uniform density {config.density:g}{warm}"
