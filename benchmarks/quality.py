@@ -1,23 +1,27 @@
 """Quality of sparse attention on the tiny video DiT: PSNR/SSIM of sparse vs dense videos.
 
-    python benchmarks/quality.py                        # 8 prompts, 30 steps, west + window_3d at 0.5/0.25/0.1
+    python benchmarks/quality.py                        # 8 prompts, 30 steps, every variant at 0.5/0.25/0.1
     python benchmarks/quality.py --quick --out /tmp/q   # CI size on the CPU: 1 prompt, 2 steps, 3x32x32
-    python benchmarks/quality.py --masks west --densities 0.25 --prompts "red circle bounce" --seeds 0 1
+    python benchmarks/quality.py --variants west:fast --densities 0.25 --prompts "red circle bounce" --seeds 0 1
 
 Each video (prompt, seed) is generated from the noise of `seed` twice: by the plain model
 (dense SDPA attention, eager) and by `torch.compile(model, backend=ScalingAttnBackend(...))`
-under each variant (mask rule x density). The sparse video is compared with the dense one
-(`scaling_compiler.quality`: PSNR over the whole video, SSIM per frame, data range 2).
+under each variant (mask rule : schedule [: warm-up] x density). The sparse video is compared
+with the dense one (`scaling_compiler.quality`: PSNR over the whole video, SSIM per frame, data
+range 2).
 
-Variants: "west" (per-head masks calibrated from the weights, the method under test) and
-"window_3d" (one 3-D local window shared by every head: the static Radial/STA-like baseline).
-Density 1.0 keeps every block: it measures the block-wise path's rounding alone (--quick adds it).
+Variants: "west:fast" (per-head masks calibrated from the weights, densities graded per layer,
+step and head by FAST: the method under test), "west:uniform:0.2" (the same masks, one density
+everywhere after 20% dense warm-up steps: the paper's comparison), "west:uniform", and
+"window_3d" (one 3-D local window shared by every head, uniform: the static Radial/STA-like
+baseline). Density 1.0 keeps every block: it measures the block-wise path's rounding alone
+(--quick adds it).
 
 Density actually used comes from the backend's PassReport: the attention-FLOP-weighted kept
 fraction over every attention site (cross-attention stays dense and counts as 1.0) and over
-the self-attention sites alone. Every sampling step runs the same masks - there are no dense
-warm-up steps yet - so the "with dense steps" and "without dense steps" figures are equal;
-both are written so that results stay comparable once warm-up steps exist.
+the self-attention sites alone, averaged over the sampling steps ("with dense steps"); and the
+self-attention density over the steps that are not fully dense ("without dense steps", from the
+per-step plans at the sampler's steps).
 
 Times: `compile_s` is the first call of the compiled model (dynamo trace, WEST calibration
 unless cached, mask building, the inner compiler; on CUDA the first sparse variant also pays
@@ -54,7 +58,9 @@ from scaling_compiler.cache import CACHE_DIR_ENV_VAR  # noqa: E402
 from scaling_compiler.config import DEFAULT_CALIBRATION_SAMPLES  # noqa: E402
 from scaling_compiler.kernels.bitmask import num_blocks, unpack_block_mask  # noqa: E402
 from scaling_compiler.models import synthetic_videos as sv  # noqa: E402
-from scaling_compiler.models.sampling import DEFAULT_GUIDANCE, DEFAULT_SHIFT, sample, save_contact_sheet  # noqa: E402
+from scaling_compiler.models.sampling import (  # noqa: E402
+    DEFAULT_GUIDANCE, DEFAULT_SHIFT, sample, save_contact_sheet, sigma_schedule,
+)
 from scaling_compiler.models.video_dit import load_pretrained  # noqa: E402
 from scaling_compiler.quality import psnr, ssim  # noqa: E402
 
@@ -63,13 +69,12 @@ PROMPTS = [
     "red circle bounce", "blue square rotate", "green triangle grow", "yellow cross shrink",
     "cyan ring orbit", "magenta hexagon bounce", "white square orbit", "orange hexagon rotate",
 ]
-MASKS = ["west", "window_3d"]
+VARIANTS = ["west:fast", "west:uniform:0.2", "window_3d"]
 DENSITIES = [0.5, 0.25, 0.1]
 SHEET_DENSITY = 0.25
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # --quick: CI size on the CPU
 QUICK = {"prompts": PROMPTS[:1], "steps": 2, "frames": 3, "height": 32, "width": 32, "densities": [0.5, 1.0]}
-DENSE_STEPS = 0  # sampling steps run with dense attention before the sparse ones (none yet)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -84,7 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=None, help="default: the model's (9), --quick 3")
     p.add_argument("--height", type=int, default=None, help="default: the model's (64), --quick 32")
     p.add_argument("--width", type=int, default=None, help="default: the model's (64), --quick 32")
-    p.add_argument("--masks", nargs="+", default=MASKS, choices=["west", "window_3d", "local_band"])
+    p.add_argument("--variants", nargs="+", default=VARIANTS,
+                   help="mask rule (west, window_3d, local_band) [: schedule (fast, uniform) [: warm-up fraction]]")
     p.add_argument("--densities", nargs="+", type=float, default=None,
                    help=f"default {DENSITIES}; --quick {QUICK['densities']}")
     p.add_argument("--sheet-density", type=float, default=None,
@@ -111,14 +117,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sv.parse_prompt(prompt)  # fail early on a bad prompt
     if not all(0 < d <= 1 for d in args.densities):
         p.error("densities must be in (0, 1]")
+    for variant in args.variants:
+        backend_options(variant, 0.5, "eager")  # fail early on a bad variant
     return args
 
 
-def variants(masks: list[str], densities: list[float]) -> list[tuple[str, float]]:
-    """(masks, density) pairs, highest density first; density 1.0 only once (every block, whatever the rule)."""
+def backend_options(variant: str, density: float, compiler: str, steps: int = 1) -> dict:
+    """ScalingAttnBackend options of a variant spec "rule[:schedule[:warmup]]" at `density`.
+
+    The schedule's steps are the sampler's own timesteps, so warm-up fractions and density
+    targets count the steps that really run.
+    """
+    rule, schedule, warmup = (variant.split(":") + [None, None])[:3]
+    timesteps = tuple(1000.0 * float(s) for s in sigma_schedule(steps, DEFAULT_SHIFT)[:steps])
+    options = {"density": density, "masks": rule, "compiler": compiler, "timesteps": timesteps}
+    if schedule:
+        options["schedule"] = schedule
+    if warmup:
+        options["warmup"] = float(warmup)
+    ScalingAttnBackend(**options)  # validates
+    return options
+
+
+def variants(specs: list[str], densities: list[float]) -> list[tuple[str, float]]:
+    """(variant, density) pairs, highest density first; density 1.0 only once (every block, any rule)."""
     result = []
     for density in sorted(set(densities), reverse=True):
-        result += [("all_blocks", 1.0)] if density == 1.0 else [(m, density) for m in masks]
+        result += [("all_blocks", 1.0)] if density == 1.0 else [(spec, density) for spec in specs]
     return result
 
 
@@ -153,8 +178,13 @@ def generate(model, jobs, args, video_shape, device) -> tuple[torch.Tensor, floa
     return torch.cat(videos), time.perf_counter() - start
 
 
-def density_used(reports) -> dict:
-    """FLOP-weighted kept fraction of attention, from every graph the backend compiled."""
+def density_used(reports, steps: int) -> dict:
+    """Kept fraction of attention from every graph the backend compiled, with and without dense steps.
+
+    With dense steps: FLOP-weighted over sites, each site's density averaged over steps. Without:
+    the self-attention density over the sampler's steps that are not fully dense, from the
+    per-step plans (block counts) at the timesteps the sampler visits.
+    """
     sites = [s for report in reports for s in report.sites]
     self_sites = [s for s in sites if s.kind != "cross"]
 
@@ -162,19 +192,39 @@ def density_used(reports) -> dict:
         total = sum(s.dense_flops for s in group)
         return 1.0 - sum(s.flops_saved for s in group) / total if total else None
 
-    all_sites, self_only = kept(sites), kept(self_sites)
+    per_step = _self_density_per_step(reports, steps)
+    sparse_steps = [d for d in per_step if d < 1.0]
     heads = [d for s in self_sites for d in s.head_densities]
     return {
-        "all_sites": all_sites,
-        "self_attention_sites": self_only,
-        "all_sites_with_dense_steps": all_sites,  # == without: DENSE_STEPS is 0
-        "self_attention_sites_with_dense_steps": self_only,
-        "dense_steps": DENSE_STEPS,
+        "all_sites_with_dense_steps": kept(sites),
+        "self_attention_sites_with_dense_steps": kept(self_sites),
+        "self_attention_sites_without_dense_steps": sum(sparse_steps) / len(sparse_steps) if sparse_steps else 1.0,
+        "dense_steps": len(per_step) - len(sparse_steps),
+        "per_step_self_attention": per_step,
         "head_density_min": min(heads) if heads else None,
         "head_density_max": max(heads) if heads else None,
         "sites": {"sparse": sum(s.status == "sparse" for s in sites), "dense": sum(s.status == "dense" for s in sites),
                   "self_attention_left_dense": sum(s.status == "dense" for s in self_sites)},
     }
+
+
+def _self_density_per_step(reports, steps: int) -> list[float]:
+    """FLOP-weighted self-attention block density at each sampling step (dense sites count 1)."""
+    sigmas = sigma_schedule(steps, DEFAULT_SHIFT)
+    result = []
+    for i in range(steps):
+        kept = total = 0.0
+        for report in reports:
+            masks = report.masks_at(1000.0 * float(sigmas[i]))
+            for site in report.sites:
+                if site.kind == "cross":
+                    continue
+                total += site.dense_flops
+                words = masks.get(site.name)
+                kept += site.dense_flops * (1.0 if words is None else
+                                            unpack_block_mask(words, num_blocks(site.kv_len)).float().mean().item())
+        result.append(round(kept / total, 4) if total else 1.0)
+    return result
 
 
 def mean_recall(reports, west_topology=None) -> float | None:
@@ -188,7 +238,7 @@ def mean_recall(reports, west_topology=None) -> float | None:
         for site in report.sparse_sites:
             recall = site.head_recall
             if recall is None and west_topology is not None and site.name in west_topology.sites:
-                block_mask = unpack_block_mask(report.masks[site.name].cpu(), num_blocks(site.kv_len))
+                block_mask = unpack_block_mask(report.masks_at(500.0)[site.name].cpu(), num_blocks(site.kv_len))
                 recall = west_topology.sites[site.name].recall(block_mask)
             if recall is None:
                 return None
@@ -196,10 +246,10 @@ def mean_recall(reports, west_topology=None) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def run_variant(model, masks, density, args, jobs, video_shape, device, west_topology):
+def run_variant(model, variant, density, args, jobs, video_shape, device):
     """Compile, sample every job, and return (videos, backend, compile seconds, sampling seconds)."""
     torch._dynamo.reset()
-    options = {"density": density, "masks": "window_3d" if masks == "all_blocks" else masks, "compiler": args.compiler}
+    options = backend_options("window_3d" if variant == "all_blocks" else variant, density, args.compiler, args.steps)
     if args.calibration_samples is not None:
         options["calibration_samples"] = args.calibration_samples
     backend = ScalingAttnBackend(**options)
@@ -249,7 +299,7 @@ def _run(args, device, dtype, out) -> dict:
     tokens = config.num_tokens(*video_shape[1:])
     print(f"quality: {len(jobs)} videos of {video_shape[1]}x{video_shape[2]}x{video_shape[3]} ({tokens} tokens, "
           f"{num_blocks(tokens)} blocks), {args.steps} steps, CFG {args.guidance:g}, {args.dtype} on {name}; "
-          f"compiler {args.compiler}; no dense warm-up steps (density with = without dense steps)", flush=True)
+          f"compiler {args.compiler}", flush=True)
 
     print("dense (plain model, SDPA) ...", flush=True)
     with torch.no_grad():
@@ -258,20 +308,21 @@ def _run(args, device, dtype, out) -> dict:
 
     results, sheet_videos = [], {}
     west_topology = None
-    for masks, density in variants(args.masks, args.densities):
-        label = f"{masks}@{density:g}"
+    for variant, density in variants(args.variants, args.densities):
+        label = f"{variant}@{density:g}"
+        masks = variant.split(":")[0]
         print(f"{label} ...", flush=True)
-        videos, backend, compile_s, sample_s = run_variant(model, masks, density, args, jobs, video_shape, device,
-                                                           west_topology)
+        videos, backend, compile_s, sample_s = run_variant(model, variant, density, args, jobs, video_shape, device)
         reports = backend.reports
         if masks == "west" and reports and reports[0].topology is not None:
             west_topology = reports[0].topology
         p, s = psnr(videos, dense), ssim(videos, dense)
         entry = {
-            "variant": label, "masks": masks, "density_target": density,
+            "variant": label, "masks": masks, "schedule": reports[0].schedule if reports else None,
+            "density_target": density,
             "psnr_mean": float(p.mean()), "ssim_mean": float(s.mean()),
             "psnr_min": float(p.min()), "ssim_min": float(s.min()),
-            "density_used": density_used(reports),
+            "density_used": density_used(reports, args.steps),
             "calibration_recall_mean": mean_recall(reports, west_topology),
             "recall_source": "WEST per-head report" if masks == "west" else
                              ("WEST calibration mass" if west_topology is not None else None),
@@ -287,22 +338,24 @@ def _run(args, device, dtype, out) -> dict:
         used = entry["density_used"]
         recall = entry["calibration_recall_mean"]
         print(f"  PSNR {entry['psnr_mean']:.2f} dB  SSIM {entry['ssim_mean']:.4f}  density used "
-              f"{used['all_sites']:.3f} (self-attn {used['self_attention_sites']:.3f})  recall "
+              f"{used['all_sites_with_dense_steps']:.3f} (self-attn {used['self_attention_sites_with_dense_steps']:.3f}"
+              f", {used['dense_steps']} dense steps)  recall "
               f"{'-' if recall is None else f'{recall:.3f}'}  compile {compile_s:.1f} s  sample {sample_s:.1f} s",
               flush=True)
     torch._dynamo.reset()
 
     rows = [[
         r["variant"], f"{r['psnr_mean']:.2f}", f"{r['psnr_min']:.2f}", f"{r['ssim_mean']:.4f}",
-        f"{r['density_used']['all_sites']:.3f}", f"{r['density_used']['self_attention_sites']:.3f}",
+        f"{r['density_used']['self_attention_sites_with_dense_steps']:.3f}",
+        f"{r['density_used']['self_attention_sites_without_dense_steps']:.3f}", r["density_used"]["dense_steps"],
         "-" if r["calibration_recall_mean"] is None else f"{r['calibration_recall_mean']:.3f}",
         f"{r['compile_s']:.1f}", f"{r['sample_s']:.1f}",
     ] for r in results]
     print()
-    print(tabulate(rows, headers=["variant", "PSNR dB", "min PSNR", "SSIM", "density (all attn)",
-                                  "density (self-attn)", "calib. recall", "compile s", "sample s"]))
-    print(f"dense: sampled in {dense_s:.1f} s. Densities are FLOP-weighted; cross-attention stays dense. "
-          f"No dense warm-up steps yet: density with dense steps = without.")
+    print(tabulate(rows, headers=["variant", "PSNR dB", "min PSNR", "SSIM", "self-attn density",
+                                  "w/o dense steps", "dense steps", "calib. recall", "compile s", "sample s"]))
+    print(f"dense: sampled in {dense_s:.1f} s. Self-attention densities are FLOP-weighted over sites and "
+          f"averaged over steps; 'w/o dense steps' leaves out the steps where every site is dense.")
 
     device_slug = slug(name, device)
     result = {
@@ -315,13 +368,13 @@ def _run(args, device, dtype, out) -> dict:
             "prompts": args.prompts, "seeds": args.seeds, "steps": args.steps, "guidance_scale": args.guidance,
             "shift": DEFAULT_SHIFT, "video": list(video_shape), "tokens": tokens, "dtype": args.dtype,
             "compiler": args.compiler, "calibration_samples": args.calibration_samples or DEFAULT_CALIBRATION_SAMPLES,
-            "quick": args.quick, "dense_steps": DENSE_STEPS,
+            "quick": args.quick,
             "metrics": "PSNR over the whole video, SSIM per frame (11x11 Gaussian, sigma 1.5), data range 2",
             "dense_reference": "plain model, eager (SDPA)",
         },
-        "notes": ("No dense warm-up steps: *_with_dense_steps equal the plain figures. Density 'all_sites' is "
-                  "FLOP-weighted over every attention site (dense cross-attention counts as 1); "
-                  "'self_attention_sites' over self-attention alone."),
+        "notes": ("Densities are FLOP-weighted over attention sites and averaged over steps; 'all_sites' "
+                  "counts dense cross-attention as 1, 'self_attention_sites' is self-attention alone; "
+                  "'without_dense_steps' leaves out the steps where every site is dense."),
         "dense": {"sample_s": dense_s, "sample_s_per_video": dense_s / len(jobs)},
         "variants": results,
     }

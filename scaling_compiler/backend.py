@@ -25,6 +25,7 @@ from .passes.calibrate import graph_inputs, west_topology
 from .passes.detect import detect_sites
 from .passes.rewrite import rewrite_graph
 from .passes.tune import SitePlan, plan_sites
+from .ops import step_timesteps
 from .report import PassReport, site_report
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class ScalingAttnBackend:
                 origin = f"{config.masks.value} rule"
         timestep_input, timestep_max = _timestep_input(gm, example_inputs, config)
         steps = config.num_steps if timestep_input is not None else 1
+        timesteps = step_timesteps(timestep_max, steps, config.timesteps if timestep_input is not None else None)
         plans, schedule = ({}, None)
         if rewritable:
             cost = CostModel.for_device(rewritable[0].device)
@@ -73,9 +75,8 @@ class ScalingAttnBackend:
             graph_index=len(self.reports), config=_config_dict(config), sites=[], topology_origin=origin,
             calibration_seconds=calibration_seconds,
             schedule=schedule.kind if schedule else None,
-            step_source=(f"timestep input #{timestep_input} over {steps} bins (timestep_max {timestep_max:g})"
-                         if timestep_input is not None else "no timestep input: one schedule for every step"),
-            plans=sparse_plans, timestep_max=timestep_max, topology=topology,
+            step_source=_step_source(timestep_input, steps, timestep_max, config),
+            plans=sparse_plans, step_timesteps=timesteps, topology=topology,
         )
         for site in sites:
             plan = plans.get(site.name, site.dense_reason)
@@ -84,7 +85,7 @@ class ScalingAttnBackend:
         # asked for explicitly: shown at the default log level; else TORCH_LOGS="+scaling_compiler"
         log.log(logging.WARNING if config.report else logging.DEBUG, "%s", report)
 
-        rewritten, extra_inputs = rewrite_graph(gm, sites, sparse_plans, timestep_input, timestep_max)
+        rewritten, extra_inputs = rewrite_graph(gm, sites, sparse_plans, timestep_input, timesteps)
         compiled = _inner_compile(config.compiler, rewritten, example_inputs + extra_inputs)
         return lambda *args: compiled(*args, *extra_inputs)
 
@@ -133,6 +134,14 @@ def _timestep_input(gm: torch.fx.GraphModule, example_inputs: list[Any], config:
             default = 1000.0 if float(example.float().abs().max()) > 1.0 else 1.0
             return position, config.timestep_max or default
     return None, config.timestep_max or 1000.0
+
+
+def _step_source(timestep_input: int | None, steps: int, timestep_max: float, config: Config) -> str:
+    if timestep_input is None:
+        return "no timestep input: one schedule for every step"
+    if config.timesteps is not None:
+        return f"timestep input #{timestep_input}, nearest of the {steps} given timesteps"
+    return f"timestep input #{timestep_input}, nearest of {steps} even bins from {timestep_max:g} to 0"
 
 
 def _is_symbolic(x: Any) -> bool:

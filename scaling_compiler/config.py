@@ -85,7 +85,11 @@ class Config:
     `density` (the two are exclusive)."""
 
     num_steps: int = DEFAULT_NUM_STEPS
-    """Step bins of the schedule: the model's timestep input picks the bin at run time."""
+    """Steps of the schedule when `timesteps` is not given: even bins from timestep_max to 0."""
+
+    timesteps: tuple[float, ...] | None = None
+    """The sampler's timesteps (e.g. `scheduler.timesteps`), noisiest first: one schedule step
+    each; at run time the model's timestep input picks the nearest."""
 
     warmup: float = 0.0
     """Uniform schedule only: the fraction of steps that run dense before the sparse ones."""
@@ -132,6 +136,17 @@ class Config:
                 raise ValueError("options 'density' and 'min_fidelity' are exclusive: give one target")
             if self.schedule is not ScheduleKind.FAST or self.masks is not MaskRule.WEST:
                 raise ValueError("option 'min_fidelity' needs schedule='fast' and masks='west'")
+        if self.timesteps is not None:
+            try:
+                values = tuple(float(t) for t in self.timesteps)
+            except (TypeError, ValueError):
+                values = ()
+            if not values:
+                raise ValueError(f"option 'timesteps' must be a non-empty sequence of numbers, got {self.timesteps!r}")
+            if self.num_steps not in (DEFAULT_NUM_STEPS, len(values)):
+                raise ValueError(f"options 'num_steps'={self.num_steps} and 'timesteps' ({len(values)} values) disagree")
+            object.__setattr__(self, "timesteps", values)
+            object.__setattr__(self, "num_steps", len(values))
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"option 'num_steps' must be an int >= 1, got {self.num_steps!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float)) or not 0.0 <= self.warmup < 1.0:

@@ -44,19 +44,25 @@ def _(q, k, v, mask_words, scale, key_padding=None):
 
 def step_masks(
     words: torch.Tensor,  # int32 (L, H, Nq, W): packed masks at each of the site's densities
-    level_index: torch.Tensor,  # int64 (steps, H): the density each head uses at each step bin
+    level_index: torch.Tensor,  # int64 (steps, H): the density each head uses at each step
     timestep: torch.Tensor,  # the model's timestep input, (B,) or scalar
-    timestep_max: float,
-    steps: int,
+    step_timesteps: torch.Tensor,  # float32 (steps,): the timestep of each step
 ) -> torch.Tensor:  # int32 (H, Nq, W)
     """The masks of the current diffusion step, picked on the device from the timestep.
 
     Called inside the rewritten graph (inductor compiles it), so masks follow the sampler
-    with no host sync, hook or recompilation: bin = floor((1 - t / t_max) * steps), clamped.
+    with no host sync, hook or recompilation: the step is the one whose timestep is nearest.
     All batch entries share the first entry's step (CFG's two halves run the same step).
     """
-    t = timestep.reshape(-1)[:1].to(words.device, torch.float32)
-    step = ((1.0 - t / timestep_max) * steps).floor().clamp(0, steps - 1).long()  # (1,)
+    t = timestep.reshape(-1)[:1].to(step_timesteps.device, torch.float32)
+    step = (step_timesteps - t).abs().argmin().reshape(1)
     levels = level_index.index_select(0, step).squeeze(0)  # (H,)
     heads = torch.arange(levels.shape[0], device=words.device)
     return words[levels, heads]
+
+
+def step_timesteps(timestep_max: float, steps: int, timesteps: tuple[float, ...] | None) -> torch.Tensor:
+    """float32 (steps,): the given sampler timesteps, else `steps` even bins from timestep_max to 0."""
+    if timesteps is not None:
+        return torch.tensor(timesteps, dtype=torch.float32)
+    return timestep_max * (1.0 - (torch.arange(steps, dtype=torch.float32) + 0.5) / steps)

@@ -58,16 +58,18 @@ class PassReport:
     step_source: str  # what picks the step's masks at run time
     # the plans of the sparse sites and the WEST topology (not in the JSON)
     plans: dict[str, SitePlan] = dataclasses.field(default_factory=dict, repr=False)
-    timestep_max: float = 1000.0
+    step_timesteps: torch.Tensor | None = dataclasses.field(default=None, repr=False)  # (steps,)
     topology: Topology | None = dataclasses.field(default=None, repr=False)
 
     def masks_at(self, timestep: float | None = None) -> dict[str, torch.Tensor]:
         """Packed masks (H, Nq, W) each sparse site uses at `timestep` (None: the first step)."""
-        t = torch.tensor([self.timestep_max if timestep is None else float(timestep)])
+        steps = self.step_timesteps
+        t = torch.tensor([float(steps[0]) if timestep is None else float(timestep)])
         masks = {}
         for name, plan in self.plans.items():
             words = pack_block_mask(plan.block_masks)
-            masks[name] = step_masks(words, plan.level_index, t, self.timestep_max, plan.level_index.shape[0])
+            step_times = steps if plan.level_index.shape[0] == len(steps) else steps[:1]
+            masks[name] = step_masks(words, plan.level_index, t, step_times)
         return masks
 
     @property

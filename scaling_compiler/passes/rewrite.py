@@ -24,12 +24,13 @@ def rewrite_graph(
     sites: list[AttentionSite],
     plans: dict[str, SitePlan],
     timestep_input: int | None = None,
-    timestep_max: float = 1000.0,
+    timesteps: torch.Tensor | None = None,
 ) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
     """Copy of `gm` in which the sites in `plans` call the sparse op, and its extra inputs.
 
-    `timestep_input` is the position of the model's timestep among the graph inputs; it is
-    needed when a plan varies by step.
+    `timestep_input` is the position of the model's timestep among the graph inputs, and
+    `timesteps` (steps,) the timestep of each schedule step; both are needed when a plan
+    varies by step.
     """
     graph = torch.fx.Graph()
     copies: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -40,6 +41,7 @@ def rewrite_graph(
     timestep = inputs[timestep_input] if timestep_input is not None else None
     extra: list[torch.Tensor] = []
     anchor = inputs[-1]
+    step_times = None  # placeholder of `timesteps`, added with the first step-varying site
     for site in sites:
         plan = plans.get(site.name)
         if plan is None:
@@ -58,11 +60,14 @@ def rewrite_graph(
         if plan.static:
             mask = placeholders[0]
         else:
-            if timestep is None:
+            if timestep is None or timesteps is None:
                 raise ValueError(f"site {site.name}: masks vary by step but the graph has no timestep input")
+            if step_times is None:
+                with graph.inserting_after(anchor):
+                    anchor = step_times = graph.placeholder("scalingattn_timesteps")
+                extra.append(timesteps.to(site.device))
             with graph.inserting_before(copies[site.node]):
-                mask = graph.call_function(
-                    step_masks, (*placeholders, timestep, timestep_max, plan.level_index.shape[0]))
+                mask = graph.call_function(step_masks, (*placeholders, timestep, step_times))
         _replace_site(graph, site, copies, mask)
 
     graph.lint()

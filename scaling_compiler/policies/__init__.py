@@ -1,0 +1,1 @@
+"""Sparsity policies other than WEST+FAST: token orders and DFSAttn's run-time block selection."""

@@ -1,0 +1,179 @@
+"""FAST: fidelity curves, the fitted schedule, step-dependent masks in one compiled graph, the cost model."""
+import pytest
+import torch
+
+from scaling_compiler import ScalingAttnBackend, zoo
+from scaling_compiler.config import Config
+from scaling_compiler.cost_model import CostModel
+from scaling_compiler.passes.detect import detect_sites
+from scaling_compiler.passes.tune import (
+    DENSITY_LADDER, fast_schedule, fidelity_curve, fidelity_from_recall, plan_sites, uniform_schedule,
+)
+from scaling_compiler.topology import SiteTopology, thresholds_from_significance
+
+from .attention_reference import masked_sites
+
+GRID = (3, 48, 48)  # 3 x 24 x 24 = 1,728 tokens, 14 blocks
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALINGATTN_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def peaked_topology(heads=4, n=16, seed=0):
+    """Block significance with a few strong blocks per row (sharper for higher heads)."""
+    torch.manual_seed(seed)
+    sharpness = torch.linspace(1.0, 4.0, heads)[:, None, None]
+    mass = torch.rand(heads, n, n).pow(sharpness * 4)
+    mass = mass / (mass.sum(-1, keepdim=True) * 128)  # each block row sums to 1 over its keys
+    return SiteTopology(thresholds_from_significance(mass), mass, n * 128, n * 128, None, (), "calibrated")
+
+
+def test_fidelity_from_recall():
+    recall = torch.tensor([0.0, 0.25, 0.81, 1.0], dtype=torch.float64)
+    expected = 1 - (1 - recall.sqrt()).sqrt()
+    torch.testing.assert_close(fidelity_from_recall(recall), expected)
+    assert fidelity_from_recall(torch.tensor(1.0)) == 1.0
+
+
+def test_fidelity_is_monotone_in_density():
+    topo = peaked_topology()
+    curve = fidelity_curve(topo)
+    # raw recall of nested masks, without the curve's monotone envelope
+    for h in range(4):
+        recalls = [topo.recall(topo.mask_for_density(d)[0])[h] for d in DENSITY_LADDER]
+        assert all(a >= b - 1e-12 for a, b in zip(recalls, recalls[1:]))
+    assert (curve.fidelity[:, :-1] >= curve.fidelity[:, 1:]).all()
+    torch.testing.assert_close(curve.fidelity[:, 0], torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("target", [0.5, 0.25, 0.1])
+def test_fast_schedule_meets_density_target(target):
+    curves = [fidelity_curve(peaked_topology(seed=s)) for s in range(6)]
+    schedule = fast_schedule(curves, steps=50, density=target, min_fidelity=None)
+    assert abs(schedule.mean_density - target) <= 0.01 * target
+    # strict early, loose late: the first step is denser than the last on every layer
+    for i in range(6):
+        per_step = schedule.density(i).mean(-1)
+        assert per_step[0] >= per_step[-1]
+    assert schedule.density(0)[0].mean() >= schedule.mean_density  # shallowest layer, first step: strict
+
+
+def test_min_fidelity_floor_holds_everywhere():
+    curves = [fidelity_curve(peaked_topology(seed=s)) for s in range(3)]
+    schedule = fast_schedule(curves, steps=10, density=None, min_fidelity=0.9)
+    for i, curve in enumerate(curves):
+        chosen = torch.gather(curve.fidelity.expand(10, -1, -1), 2, schedule.index[i][..., None])
+        assert (chosen >= 0.9 - 1e-12).all()
+    assert schedule.mean_density < 1.0
+
+
+def test_uniform_schedule_with_warmup():
+    schedule = uniform_schedule([2, 2], steps=50, density=0.3, warmup=0.2)
+    density = schedule.density(0)
+    assert (density[:10] == 1.0).all() and torch.allclose(density[10:], torch.tensor(0.125, dtype=torch.float64))
+    assert schedule.mean_density == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="warmup"):
+        uniform_schedule([2], steps=10, density=0.1, warmup=0.2)
+
+
+def compile_wan(**options):
+    torch.manual_seed(0)
+    model = zoo.build("WanTransformer3DModel")
+    backend = ScalingAttnBackend(compiler="aot_eager", calibration_samples=2, **options)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    return model, backend, compiled
+
+
+def test_step_changes_masks_without_recompiling():
+    model, backend, compiled = compile_wan(density=0.25, num_steps=10)
+    kwargs = zoo.example_inputs("WanTransformer3DModel", model, GRID)
+    outputs = {}
+    for timestep in (999, 500, 30):  # first, middle and last step bins
+        kwargs["timestep"] = torch.tensor([timestep])
+        with torch.no_grad():
+            outputs[timestep] = compiled(**kwargs)[0]
+            with masked_sites(backend.report, timestep):
+                expected = model(**kwargs)[0]
+        torch.testing.assert_close(outputs[timestep], expected, rtol=1e-4, atol=1e-4)
+    assert len(backend.reports) == 1  # one compile served every step
+    report = backend.report
+    first, last = report.masks_at(999), report.masks_at(30)
+    assert any(not torch.equal(first[name], last[name]) for name in first)
+    for site in report.sparse_sites:
+        assert site.step_densities[0] > site.step_densities[-1]
+
+
+def test_fast_report_fields():
+    _, backend, compiled = compile_wan(density=0.25)
+    kwargs = zoo.example_inputs("WanTransformer3DModel", zoo.build("WanTransformer3DModel"), GRID)
+    with torch.no_grad():
+        compiled(**kwargs)
+    report = backend.report
+    assert report.schedule == "fast" and "timestep input" in report.step_source
+    for site in report.sparse_sites:
+        assert "FAST beta=" in site.reason and len(site.step_densities) == 10
+        assert site.predicted_ms < site.dense_ms
+    assert report.predicted_speedup > 1.0
+    # the mean density over (layer, step, head) meets the target within 1% (block counts)
+    plans = report.plans.values()
+    per_cell = torch.cat([torch.tensor(p.densities)[p.level_index].flatten() for p in plans])
+    assert per_cell.mean().item() == pytest.approx(0.25, rel=0.01)
+
+
+def detected_sites():
+    """The rewritable attention sites of the tiny Wan graph, as detection records them."""
+    torch.manual_seed(0)
+    model = zoo.build("WanTransformer3DModel")
+    sites = []
+
+    def capture(gm, example_inputs):
+        sites.extend(site for site in detect_sites(gm) if site.rewritable)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture)(**zoo.example_inputs("WanTransformer3DModel", model, GRID))
+    return sites
+
+
+def test_cost_model_keeps_slow_sites_dense():
+    sites = detected_sites()
+    config = Config(density=0.5, masks="local_band")
+    slow = CostModel("test: huge launch overhead", 1e-12, 1e3, 1e-12)
+    ideal = CostModel("test: ideal", 1e-12, 0.0, 1e-12)
+    slow_plans, _ = plan_sites(sites, None, config, 1, slow)
+    ideal_plans, _ = plan_sites(sites, None, config, 1, ideal)
+    assert all(isinstance(p, str) and "cost model" in p for p in slow_plans.values())
+    assert not any(isinstance(p, str) for p in ideal_plans.values())
+
+
+def test_table_cost_model_from_measured_h100_table():
+    from scaling_compiler.cost_model import TABLES
+
+    cost = CostModel.from_table(TABLES / "nvidia-h100-80gb-hbm3.json")
+    flops = 4 * 12 * 32760**2 * 128
+    assert cost.dense_ms(flops) == pytest.approx(11.57, rel=0.02)
+    assert cost.sparse_ms(flops, torch.full((12,), 0.1)) == pytest.approx(1.29, rel=0.15)
+    assert cost.sparse_ms(flops, torch.full((12,), 1.0)) < cost.dense_ms(flops) * 1.05
+
+
+def test_fidelity_curve_needs_native_calibration():
+    topo = peaked_topology()
+    topo.mass = None
+    with pytest.raises(ValueError, match="calibration block mass"):
+        fidelity_curve(topo)
+
+
+def test_option_validation():
+    with pytest.raises(ValueError, match="'density' and 'min_fidelity' are exclusive"):
+        Config(density=0.5, min_fidelity=0.9)
+    with pytest.raises(ValueError, match="'warmup' applies to schedule='uniform'"):
+        Config(density=0.5, warmup=0.2)
+    with pytest.raises(ValueError, match="needs masks='west'"):
+        Config(masks="window_3d", schedule="fast")
+    with pytest.raises(ValueError, match="'num_steps'"):
+        Config(num_steps=0)
+
