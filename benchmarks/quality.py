@@ -103,6 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 otherwise")
     p.add_argument("--cache-dir", default=None, help="WEST topology cache (default: a fresh temporary directory)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON and PNG")
+    p.add_argument("--tag", default="", help="suffix of the output file names (keeps runs apart)")
     args = p.parse_args(argv)
     if args.quick:
         args.prompts = args.prompts or QUICK["prompts"]
@@ -357,7 +358,7 @@ def _run(args, device, dtype, out) -> dict:
     print(f"dense: sampled in {dense_s:.1f} s. Self-attention densities are FLOP-weighted over sites and "
           f"averaged over steps; 'w/o dense steps' leaves out the steps where every site is dense.")
 
-    device_slug = slug(name, device)
+    device_slug = slug(name, device) + (f"_{args.tag}" if args.tag else "")
     result = {
         "benchmark": "quality",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -1,4 +1,4 @@
-"""The `scalingattn` dynamo backend: detect -> calibrate (WEST) -> masks -> rewrite -> inner compiler.
+"""The `scalingattn` dynamo backend: detect -> calibrate (WEST) -> tune (FAST) -> rewrite -> inner compiler.
 
 `torch.compile(model, backend="scalingattn", options={...})` reaches
 `scalingattn_backend` through the `torch_dynamo_backends` entry point (no import needed).
@@ -24,8 +24,8 @@ from .cost_model import CostModel
 from .passes.calibrate import graph_inputs, west_topology
 from .passes.detect import detect_sites
 from .passes.rewrite import rewrite_graph
-from .passes.tune import SitePlan, plan_sites
 from .ops import step_timesteps
+from .passes.tune import SitePlan, plan_sites
 from .report import PassReport, site_report
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,12 @@ class ScalingAttnBackend:
         for site in sites:
             plan = plans.get(site.name, site.dense_reason)
             report.sites.append(site_report(site, plan))
+        rewritten, extra_inputs = rewrite_graph(gm, sites, sparse_plans, timestep_input, timesteps)
+        report.mask_bytes = sum(t.numel() * t.element_size() for t in extra_inputs)
         self.reports.append(report)
         # asked for explicitly: shown at the default log level; else TORCH_LOGS="+scaling_compiler"
         log.log(logging.WARNING if config.report else logging.DEBUG, "%s", report)
 
-        rewritten, extra_inputs = rewrite_graph(gm, sites, sparse_plans, timestep_input, timesteps)
         compiled = _inner_compile(config.compiler, rewritten, example_inputs + extra_inputs)
         return lambda *args: compiled(*args, *extra_inputs)
 

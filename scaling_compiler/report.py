@@ -56,6 +56,7 @@ class PassReport:
     calibration_seconds: float  # spent on WEST calibration while compiling this graph
     schedule: str | None  # "fast" | "uniform" | None (no sparse site)
     step_source: str  # what picks the step's masks at run time
+    mask_bytes: int = 0  # device memory of the masks and step tables the graph takes as inputs
     # the plans of the sparse sites and the WEST topology (not in the JSON)
     plans: dict[str, SitePlan] = dataclasses.field(default_factory=dict, repr=False)
     step_timesteps: torch.Tensor | None = dataclasses.field(default=None, repr=False)  # (steps,)
@@ -109,6 +110,7 @@ class PassReport:
             "schedule": self.schedule,
             "step_source": self.step_source,
             "predicted_speedup": self.predicted_speedup,
+            "mask_bytes": self.mask_bytes,
             "attention_flops": self.attention_flops,
             "flops_saved": self.flops_saved,
             "sites": [dataclasses.asdict(s) | {"density": s.density} for s in self.sites],
@@ -140,7 +142,8 @@ class PassReport:
             f"scalingattn graph {self.graph_index}: {len(self.sparse_sites)} sparse, {len(self.dense_sites)} dense "
             f"sites; attention FLOPs {self.attention_flops / 1e9:.3g} G, predicted saved {saved:.1%}"
             + (f", predicted attention speedup {self.predicted_speedup:.2f}x" if self.predicted_speedup else "")
-            + f"\nmasks: {self.topology_origin}; schedule: {self.schedule or '-'}; steps: {self.step_source}"
+            + f"\nmasks: {self.topology_origin} ({self.mask_bytes / 2**20:.2f} MiB on the device); "
+            f"schedule: {self.schedule or '-'}; steps: {self.step_source}"
         )
         return f"{summary}\n{table}"
 

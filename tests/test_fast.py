@@ -121,6 +121,11 @@ def test_fast_report_fields():
     plans = report.plans.values()
     per_cell = torch.cat([torch.tensor(p.densities)[p.level_index].flatten() for p in plans])
     assert per_cell.mean().item() == pytest.approx(0.25, rel=0.01)
+    # device memory: per site the packed masks at each of its densities and the (steps, H) choice,
+    # plus one table of step timesteps
+    expected = sum(p.block_masks.shape[0] * p.block_masks.shape[1] * p.block_masks.shape[2] * 4  # one word: 32 blocks
+                   + p.level_index.numel() * 8 for p in plans) + 50 * 4
+    assert report.mask_bytes == expected
 
 
 def detected_sites():

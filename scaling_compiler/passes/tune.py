@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 
 import torch
 
@@ -30,6 +31,8 @@ from ..kernels.bitmask import BLOCK_SIZE, num_blocks
 from ..masks import local_band_mask, window_3d_mask, with_text_dense
 from ..sites import AttentionSite
 from ..topology import SiteTopology, Topology
+
+log = logging.getLogger(__name__)
 
 # Densities a head can take at a step: each is one precomputed mask per site, so the ladder
 # length bounds memory (see Schedule.mask_bytes).
@@ -117,7 +120,10 @@ def fast_schedule(curves: list[FidelityCurve], steps: int, density: float | None
         if best is None or score > best[0]:
             best = (score, schedule)
     if best is None:  # even beta = 1 keeps too much: the loosest surface is the closest we get
-        return _cells(curves, steps, BudgetSurface(1.0, _GAMMAS[0], _OMEGAS[-1]))
+        loosest = _cells(curves, steps, BudgetSurface(1.0, _GAMMAS[0], _OMEGAS[-1]))
+        log.warning("scalingattn: FAST cannot reach density %.3g with ladder %s; using %.3g",
+                    density, DENSITY_LADDER, loosest.mean_density)
+        return loosest
     return best[1]
 
 
@@ -156,7 +162,7 @@ def _cells(curves: list[FidelityCurve], steps: int, surface: BudgetSurface) -> S
 def uniform_schedule(heads: list[int], steps: int, density: float, warmup: float) -> Schedule:
     """Every head at one density, after `warmup` (a fraction of the steps) of dense steps.
 
-    The density after warm-up is raised so that the mean over all steps meets `density`.
+    The density after warm-up is lowered so that the mean over all steps meets `density`.
     """
     dense_steps = round(warmup * steps)
     if dense_steps >= steps or (dense_steps and density * steps <= dense_steps):
@@ -166,7 +172,6 @@ def uniform_schedule(heads: list[int], steps: int, density: float, warmup: float
     index = torch.full((steps, 1), len(densities) - 1, dtype=torch.int64)
     index[:dense_steps] = 0
     return Schedule("uniform", [densities] * len(heads), [index.expand(steps, h).clone() for h in heads], None, None)
-
 
 
 @dataclasses.dataclass
