@@ -9,3 +9,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# WEST topologies are cached on disk: tests calibrate into their own folder, never reusing a
+# cache that an older version of the code (or the user) wrote.
+if "SCALINGATTN_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["SCALINGATTN_CACHE_DIR"] = tempfile.mkdtemp(prefix="scalingattn-test-cache-")
