@@ -45,6 +45,9 @@ def test_fidelity_is_monotone_in_density():
         recalls = [topo.recall(topo.mask_for_density(d)[0])[h] for d in DENSITY_LADDER]
         assert all(a >= b - 1e-12 for a, b in zip(recalls, recalls[1:]))
     assert (curve.fidelity[:, :-1] >= curve.fidelity[:, 1:]).all()
+    # what the masks really keep: falls with the ladder, never below one block per row (1/16)
+    assert (curve.kept[:, :-1] >= curve.kept[:, 1:]).all() and (curve.kept >= 1 / 16 - 1e-12).all()
+    assert curve.kept[:, -1].max() == pytest.approx(1 / 16)  # the ladder's 0.03 keeps one block per row
     torch.testing.assert_close(curve.fidelity[:, 0], torch.ones(4, dtype=torch.float64))
 
 
@@ -117,9 +120,11 @@ def test_fast_report_fields():
         assert "FAST beta=" in site.reason and len(site.step_densities) == 10
         assert site.predicted_ms < site.dense_ms
     assert report.predicted_speedup > 1.0
-    # the mean density over (layer, step, head) meets the target within 1% (block counts)
+    # the mean density over (layer, step, head) meets the target within 1% (blocks the masks keep)
     plans = report.plans.values()
-    per_cell = torch.cat([torch.tensor(p.densities)[p.level_index].flatten() for p in plans])
+    per_cell = torch.cat([
+        torch.gather(p.block_masks.flatten(2).double().mean(-1), 0, p.level_index).flatten() for p in plans
+    ])
     assert per_cell.mean().item() == pytest.approx(0.25, rel=0.01)
     # device memory: per site the packed masks at each of its densities and the (steps, H) choice,
     # plus one table of step timesteps

@@ -12,7 +12,9 @@ WEST fixes *where* each head's blocks are (threshold maps); this pass fixes *how
   centres: l + 1/2, t + 1/2), the
   target fidelity is `beta * (1 - x)**gamma + (1 - beta)`: strict for early steps and shallow
   layers, looser later. Each (layer, step, head) takes the smallest ladder density whose
-  fidelity meets its target. (beta, gamma, w) are fitted so the mean density over all
+  fidelity meets its target. beta may exceed 1 (up to 16): the target then falls below zero,
+  where any density will do, after the first cells, which is what lets low density targets be
+  met at all. (beta, gamma, w) are fitted so the mean density over all
   (layer, step, head) meets the `density` option, maximising mean fidelity; or, with
   `min_fidelity`, beta = 1 - min_fidelity and (gamma, w) minimise density.
 - Uniform density (optionally with dense warm-up steps) is the ablation FAST must beat.
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 DENSITY_LADDER = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.08, 0.06, 0.05, 0.04, 0.03)
 _GAMMAS = (0.5, 1.0, 2.0, 3.0)
 _OMEGAS = (0.25, 0.5, 1.0, 2.0, 4.0)
+_BETA_MAX = 16.0
 
 
 def fidelity_from_recall(recall: torch.Tensor) -> torch.Tensor:
@@ -52,6 +55,7 @@ class FidelityCurve:
 
     densities: tuple[float, ...]  # descending
     fidelity: torch.Tensor  # float64 (H, len(densities)): non-increasing along densities
+    kept: torch.Tensor  # float64 (H, len(densities)): kept-block fraction of each mask (>= 1 block per row)
 
 
 def fidelity_curve(site_map: SiteTopology, densities: tuple[float, ...] = DENSITY_LADDER) -> FidelityCurve:
@@ -61,13 +65,14 @@ def fidelity_curve(site_map: SiteTopology, densities: tuple[float, ...] = DENSIT
     keys[-1] = site_map.kv_len - BLOCK_SIZE * (len(keys) - 1)
     row_mass = site_map.mass.double().cpu() * keys  # each query block's row sums to ~1
     row_mass = row_mass / row_mass.sum(-1, keepdim=True).clamp_min(1e-30)
-    columns = []
+    columns, kept = [], []
     for density in densities:
         mask, _ = site_map.mask_for_density(density)
         recall = (row_mass * mask.cpu()).sum(-1)  # (H, Nq)
         columns.append(fidelity_from_recall(recall).mean(-1))
+        kept.append(mask.flatten(1).double().mean(-1).cpu())
     fidelity = torch.stack(columns, dim=1)
-    return FidelityCurve(densities, torch.cummin(fidelity, dim=1).values)  # nested masks: monotone
+    return FidelityCurve(densities, torch.cummin(fidelity, dim=1).values, torch.stack(kept, dim=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +98,14 @@ class Schedule:
     index: list[torch.Tensor]  # per site: int64 (steps, H) into its densities
     surface: BudgetSurface | None
     fidelity: float | None  # mean predicted fidelity over (layer, step, head), FAST only
+    kept: list[torch.Tensor] | None = None  # per site: (H, L) kept-block fraction of each mask, if known
 
     def density(self, site: int) -> torch.Tensor:
-        """float64 (steps, H) density of each head of `site` at each step."""
-        return torch.tensor(self.densities[site], dtype=torch.float64)[self.index[site]]
+        """float64 (steps, H) density of each head of `site` at each step (what its masks keep)."""
+        if self.kept is None:
+            return torch.tensor(self.densities[site], dtype=torch.float64)[self.index[site]]
+        return torch.gather(self.kept[site].T.expand(len(self.index[site]), -1, -1), 1,
+                            self.index[site][:, None, :]).squeeze(1)
 
     @property
     def mean_density(self) -> float:
@@ -119,8 +128,8 @@ def fast_schedule(curves: list[FidelityCurve], steps: int, density: float | None
             score = schedule.fidelity
         if best is None or score > best[0]:
             best = (score, schedule)
-    if best is None:  # even beta = 1 keeps too much: the loosest surface is the closest we get
-        loosest = _cells(curves, steps, BudgetSurface(1.0, _GAMMAS[0], _OMEGAS[-1]))
+    if best is None:  # even the loosest surface keeps too much: it is the closest we get
+        loosest = _cells(curves, steps, BudgetSurface(_BETA_MAX, _GAMMAS[0], _OMEGAS[-1]))
         log.warning("scalingattn: FAST cannot reach density %.3g with ladder %s; using %.3g",
                     density, DENSITY_LADDER, loosest.mean_density)
         return loosest
@@ -129,7 +138,7 @@ def fast_schedule(curves: list[FidelityCurve], steps: int, density: float | None
 
 def _fit_beta(curves, steps, gamma, omega, density) -> Schedule | None:
     """Bisect beta so the mean density meets `density` within 1% (relative); None if infeasible."""
-    low, high = 0.0, 1.0  # density decreases as beta grows
+    low, high = 0.0, _BETA_MAX  # density decreases as beta grows
     loosest = _cells(curves, steps, BudgetSurface(high, gamma, omega))
     if loosest.mean_density > density * 1.01:
         return None
@@ -156,7 +165,8 @@ def _cells(curves: list[FidelityCurve], steps: int, surface: BudgetSurface) -> S
         chosen = torch.where(meets, position, 0).amax(dim=-1)  # (steps, H)
         index.append(chosen)
         fidelity.append(torch.gather(curve.fidelity.expand(steps, -1, -1), 2, chosen[..., None]).flatten())
-    return Schedule("fast", [c.densities for c in curves], index, surface, torch.cat(fidelity).mean().item())
+    return Schedule("fast", [c.densities for c in curves], index, surface, torch.cat(fidelity).mean().item(),
+                    [c.kept for c in curves])
 
 
 def uniform_schedule(heads: list[int], steps: int, density: float, warmup: float) -> Schedule:
