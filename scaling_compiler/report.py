@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from .kernels.bitmask import BLOCK_SIZE, pack_block_mask
+from .kernels.bitmask import BLOCK_SIZE
 from .ops import step_masks
 from .passes.tune import SitePlan
 from .sites import AttentionSite
@@ -68,7 +68,7 @@ class PassReport:
         t = torch.tensor([float(steps[0]) if timestep is None else float(timestep)])
         masks = {}
         for name, plan in self.plans.items():
-            words = pack_block_mask(plan.block_masks)
+            words = plan.words
             step_times = steps if plan.level_index.shape[0] == len(steps) else steps[:1]
             masks[name] = step_masks(words, plan.level_index, t, step_times)
         return masks

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from ..kernels.bitmask import pack_block_mask
 from ..ops import step_masks  # importing ops also registers torch.ops.scaling_compiler
 from ..sites import AttentionSite
 from .tune import SitePlan
@@ -46,7 +45,7 @@ def rewrite_graph(
         plan = plans.get(site.name)
         if plan is None:
             continue
-        words = pack_block_mask(plan.block_masks).to(site.device)  # (L, H, Nq, W)
+        words = plan.words.to(site.device)  # (L, H, Nq, W)
         if plan.static:  # one step: each head's own level
             tensors = [words[plan.level_index[0].to(site.device), torch.arange(site.heads, device=site.device)]]
         else:

@@ -22,6 +22,7 @@ WEST fixes *where* each head's blocks are (threshold maps); this pass fixes *how
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 
@@ -29,7 +30,7 @@ import torch
 
 from ..config import Config, MaskRule, ScheduleKind
 from ..cost_model import CostModel
-from ..kernels.bitmask import BLOCK_SIZE, num_blocks
+from ..kernels.bitmask import BLOCK_SIZE, num_blocks, pack_block_mask
 from ..masks import local_band_mask, window_3d_mask, with_text_dense
 from ..sites import AttentionSite
 from ..topology import SiteTopology, Topology
@@ -199,6 +200,11 @@ class SitePlan:
     @property
     def static(self) -> bool:
         return self.level_index.shape[0] == 1
+
+    @functools.cached_property
+    def words(self) -> torch.Tensor:
+        """int32 (L, H, Nq, W): `block_masks` bit-packed for the kernel."""
+        return pack_block_mask(self.block_masks)
 
     def step_densities(self, bins: int = 10) -> list[float]:
         """Mean kept-block density over heads at `bins` evenly spaced steps (for the report)."""
