@@ -69,11 +69,6 @@ def unpack_block_mask(words: torch.Tensor, num_k_blocks: int) -> torch.Tensor:
     return bits[..., :num_k_blocks].to(torch.bool)
 
 
-def block_density(block_mask: torch.Tensor) -> float:
-    """Fraction of kept blocks of a boolean block mask."""
-    return block_mask.float().mean().item()
-
-
 def to_flex_block_mask(block_mask: torch.Tensor, q_len: int, kv_len: int):
     """FlexAttention ``BlockMask`` that keeps exactly the blocks set in ``block_mask``.
 
