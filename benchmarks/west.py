@@ -23,12 +23,14 @@ import argparse
 import datetime
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scaling_compiler import ScalingAttnBackend, zoo
 from scaling_compiler.models import video_dit
 
@@ -145,36 +147,37 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     builders = {"tiny": lambda: tiny_dit(args.quick, device, dtype),
                 "wan": lambda: wan_1_3b(args.quick, device, dtype, args.wan_layers)}
-    results = []
-    for key in args.models.split(","):
-        name, model, inputs = builders[key]()
-        results.append(measure(name, model, inputs, args.samples, device))
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
-
-    for result in results:
-        print(f"\n{result['model']}: {result['sites']} self-attention sites {result['shape']}, grid "
-              f"{result['token_grid']}; calibration {result['calibration_seconds']:.1f} s "
-              f"({result['calibration_samples']} samples), plain inductor compile "
-              f"{result['plain_inductor_compile_seconds']:.1f} s")
-        print(tabulate([[r["density"], r["heldout_recall"], r["disjoint_iou"], r["transfer_mask_recall"],
-                         r["transfer_heldout_recall"]] for r in result["rows"]],
-                       headers=["density", "held-out recall", "IoU disjoint calib.", "half-res map: mask recall",
-                                "half-res map: held-out recall"], floatfmt=".3f"))
-
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     record = {
         "benchmark": "west", "device": gpu, "torch": torch.__version__,
         "triton": _triton_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "quick": args.quick, "results": results,
+        "quick": args.quick, "results": [],
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"west_{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}{'_quick' if args.quick else ''}.json"
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    for key in args.models.split(","):
+        name, model, inputs = builders[key]()
+        result = measure(name, model, inputs, args.samples, device)
+        record["results"].append(result)
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")  # after each model: a timeout keeps it
+        print_result(result)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
     print(f"\nwrote {path}")
     return record
+
+
+def print_result(result: dict) -> None:
+    print(f"\n{result['model']}: {result['sites']} self-attention sites {result['shape']}, grid "
+          f"{result['token_grid']}; calibration {result['calibration_seconds']:.1f} s "
+          f"({result['calibration_samples']} samples), plain inductor compile "
+          f"{result['plain_inductor_compile_seconds']:.1f} s", flush=True)
+    print(tabulate([[r["density"], r["heldout_recall"], r["disjoint_iou"], r["transfer_mask_recall"],
+                     r["transfer_heldout_recall"]] for r in result["rows"]],
+                   headers=["density", "held-out recall", "IoU disjoint calib.", "half-res map: mask recall",
+                            "half-res map: held-out recall"], floatfmt=".3f"), flush=True)
 
 
 def _triton_version() -> str | None:

@@ -4,8 +4,8 @@
 of query block u in every calibration sample (blocks ranked per query-block row, so every row
 keeps blocks). The mask at density p is `T <= p`: topology (T) is decoupled from sparsity (p).
 
-Files are safetensors (T in float16, the calibration mass in float16) with a JSON metadata
-entry that describes the model fingerprint, the sites, their token grids and the calibration.
+Files are safetensors (T in float16; the calibration's block mass and sampled rows in float32)
+with a JSON metadata entry that describes the model fingerprint, the sites, their token grids and the calibration.
 """
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ class SiteTopology:
     token_grid: Grid | None  # (frames, height, width) of the video tokens
     text_spans: tuple[tuple[int, int], ...]
     source: str  # "calibrated" or "transferred from <grid>"
+    # exact key-block mass of sampled query rows (FAST's fidelity curves); none when transferred
+    row_mass: torch.Tensor | None = None  # float32 (H, R, Nk): each row sums to 1 (0 for a row with no key)
+    row_blocks: torch.Tensor | None = None  # int64 (R,): the query block of each sampled row
 
     def mask(self, p: float) -> torch.Tensor:
         """bool (H, Nq, Nk): blocks with T <= p, plus each row's first block (every row keeps one)."""
@@ -116,6 +119,9 @@ class Topology:
             tensors[f"{name}/thresholds"] = site.thresholds.half().cpu().contiguous()
             if site.mass is not None:
                 tensors[f"{name}/mass"] = site.mass.float().cpu().contiguous()
+            if site.row_mass is not None:
+                tensors[f"{name}/row_mass"] = site.row_mass.float().cpu().contiguous()
+                tensors[f"{name}/row_blocks"] = site.row_blocks.cpu().contiguous()
             sites_meta[name] = {
                 "q_len": site.q_len, "kv_len": site.kv_len, "token_grid": site.token_grid,
                 "text_spans": site.text_spans, "source": site.source, "block_size": BLOCK_SIZE,
@@ -143,11 +149,17 @@ class Topology:
             if thresholds is None or thresholds.dim() != 3 or tuple(thresholds.shape[1:]) != expected:
                 raise TopologyFileError(f"{path}: site {name!r} has no thresholds of block shape {expected}")
             mass = tensors.get(f"{name}/mass")
+            row_mass, row_blocks = tensors.get(f"{name}/row_mass"), tensors.get(f"{name}/row_blocks")
+            if (row_mass is None) != (row_blocks is None) or (row_mass is not None and (
+                    row_mass.shape != (thresholds.shape[0], row_blocks.numel(), expected[1])
+                    or int(row_blocks.max()) >= expected[0])):
+                raise TopologyFileError(f"{path}: site {name!r} has inconsistent sampled rows")
             sites[name] = SiteTopology(
                 thresholds=thresholds.float(), mass=None if mass is None else mass.float(),
                 q_len=meta["q_len"], kv_len=meta["kv_len"],
                 token_grid=tuple(meta["token_grid"]) if meta["token_grid"] else None,
                 text_spans=tuple(tuple(s) for s in meta["text_spans"]), source=meta["source"],
+                row_mass=row_mass, row_blocks=row_blocks,
             )
         return cls(fingerprint=metadata["fingerprint"], sites=sites, calibration=metadata["calibration"])
 

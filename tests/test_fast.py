@@ -173,8 +173,32 @@ def test_table_cost_model_from_measured_h100_table():
 def test_fidelity_curve_needs_native_calibration():
     topo = peaked_topology()
     topo.mass = None
-    with pytest.raises(ValueError, match="calibration block mass"):
+    with pytest.raises(ValueError, match="calibration mass"):
         fidelity_curve(topo)
+
+
+def test_fidelity_curve_uses_sampled_rows():
+    """Two sampled rows of one query block that disagree: the block mean says 0.5 recall for
+    each, the rows say 1.0 and 0.0; the curve is the rows' mean fidelity."""
+    heads, n = 1, 4
+    mass = torch.full((heads, n, n), 1.0 / (n * 128))
+    mass[0, 0] = torch.tensor([0.5, 0.5, 0.0, 0.0]) / 128  # block row 0: half in block 0, half in block 1
+    thresholds = thresholds_from_significance(mass)
+    rows = torch.zeros(heads, 2, n)
+    rows[0, 0, 0], rows[0, 1, 1] = 1.0, 1.0  # row A only looks at key block 0, row B only at block 1
+    by_block = SiteTopology(thresholds, mass, n * 128, n * 128, None, (), "calibrated")
+    by_row = SiteTopology(thresholds, mass, n * 128, n * 128, None, (), "calibrated",
+                          row_mass=rows, row_blocks=torch.tensor([0, 0]))
+    density = 0.25  # one block per row
+    [level] = [i for i, d in enumerate(DENSITY_LADDER) if d == density]
+    kept_block = int(by_row.mask_for_density(density)[0][0, 0].nonzero()[0, 0])
+    assert kept_block in (0, 1)
+    expected_rows = (fidelity_from_recall(torch.tensor(1.0)) + fidelity_from_recall(torch.tensor(0.0))) / 2
+    torch.testing.assert_close(fidelity_curve(by_row).fidelity[0, level].item(), expected_rows.item())
+    # without rows: the mean over query blocks of the fidelity of each block's mean recall
+    block_recall = torch.tensor([0.5, 0.25, 0.25, 0.25], dtype=torch.float64)
+    torch.testing.assert_close(fidelity_curve(by_block).fidelity[0, level].item(),
+                               fidelity_from_recall(block_recall).mean().item())
 
 
 def test_option_validation():

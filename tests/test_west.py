@@ -6,8 +6,9 @@ import torch
 
 from scaling_compiler import ScalingAttnBackend, cli
 from scaling_compiler.kernels.bitmask import BLOCK_SIZE, num_blocks, unpack_block_mask
-from scaling_compiler.kernels.block_mass import block_mass
+from scaling_compiler.kernels.block_mass import block_mass, block_mass_triton, row_block_mass
 from scaling_compiler.topology import SiteTopology, Topology, thresholds_from_significance
+from scaling_compiler.passes.calibrate import sample_rows
 
 from .local_dit import LocalDiT
 
@@ -44,6 +45,45 @@ def test_block_mass_matches_dense_reference(q_len, kv_len, padded):
     mass = block_mass(q, k, 0.2, key_padding, max_chunk_bytes=4 * 2 * 3 * kv_len * 128)
     expected = dense_block_mass_reference(q, k, 0.2, key_padding)
     torch.testing.assert_close(mass.double(), expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("q_len, kv_len, head_dim, dtype", [
+    (256, 256, 64, torch.float32), (300, 389, 48, torch.float16), (77, 130, 128, torch.bfloat16)])
+def test_block_mass_triton_matches_dense_reference(q_len, kv_len, head_dim, dtype):
+    """The Triton kernel (interpreted on CPU, compiled on CUDA); batch 1's keys are all padded."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(q_len * kv_len)
+    q, k = torch.randn(2, 3, q_len, head_dim) * 2, torch.randn(2, 3, kv_len, head_dim) * 2
+    q, k = q.to(dtype), k.to(dtype)
+    key_padding = torch.rand(2, kv_len) > 0.3
+    key_padding[1] = False
+    mass = block_mass_triton(q.to(device), k.to(device), 0.2, key_padding.to(device)).cpu()
+    expected = dense_block_mass_reference(q, k, 0.2, key_padding).nan_to_num(0.0)
+    # low precision: q and k are exact in fp32, products accumulate in fp32
+    torch.testing.assert_close(mass.double(), expected, rtol=1e-4, atol=1e-8)
+    assert (mass[1] == 0).all()
+
+
+def test_row_block_mass_matches_dense_reference():
+    torch.manual_seed(3)
+    q, k = torch.randn(2, 3, 300, 32) * 2, torch.randn(2, 3, 389, 32) * 2
+    key_padding = torch.rand(2, 389) > 0.3
+    rows = torch.tensor([0, 131, 299])
+    got = row_block_mass(q, k, 0.2, rows, key_padding)
+    probs = ((q.double() @ k.double().transpose(-1, -2)) * 0.2).masked_fill(
+        ~key_padding[:, None, None, :], float("-inf")).softmax(-1)[:, :, rows]
+    expected = torch.stack([probs[..., v * 128:(v + 1) * 128].sum(-1) for v in range(4)], dim=-1)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_sample_rows_are_stratified_over_query_blocks():
+    generator = torch.Generator().manual_seed(0)
+    rows = sample_rows(5000, generator)  # 40 query blocks, the last one 8 tokens long
+    blocks = rows // 128
+    assert len(rows) == 16 and blocks.unique().numel() == 16 and blocks[0] == 0 and blocks[-1] == 39
+    assert (rows < 5000).all()
+    assert sample_rows(200, generator).tolist() != [0, 128]  # random offsets inside blocks
+    assert (sample_rows(200, generator) // 128).tolist() == [0, 1]
 
 
 def test_thresholds_from_significance_ranks_per_row():
@@ -152,6 +192,13 @@ def test_topology_file_round_trip_and_transfer_through_backend(tmp_path):
     loaded = Topology.load(path)
     [site_map] = loaded.sites.values()
     assert site_map.token_grid == (4, 8, 8) and site_map.q_len == 256
+    # FAST's sampled rows: 16 per batch entry and sample, spread over the 2 query blocks here,
+    # each an exact softmax row (sums to 1 over key blocks)
+    heads, nq, nk = site_map.thresholds.shape
+    assert site_map.row_mass.shape[0] == heads and site_map.row_mass.shape[2] == nk
+    assert site_map.row_blocks.numel() == site_map.row_mass.shape[1] > 0
+    assert set(site_map.row_blocks.tolist()) == set(range(nq))
+    torch.testing.assert_close(site_map.row_mass.sum(-1), torch.ones(site_map.row_mass.shape[:2]))
 
     _, backend = compile_local(density=0.25, topology_file=path)
     report = backend.report

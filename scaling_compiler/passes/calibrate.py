@@ -3,7 +3,9 @@
 The graph dynamo hands the backend takes the model's weights as inputs, so it can be run
 as it is with `torch.fx.Interpreter`. At each attention site the interpreter computes the
 exact block significance from q and k (`kernels/block_mass.py`) before running the dense
-attention, so later layers see the model's real activations.
+attention, so later layers see the model's real activations. It also keeps the exact
+key-block mass of `SAMPLED_ROWS` query rows per batch entry (one in each of that many query
+blocks spread evenly, at a random offset): FAST's per-row fidelity curves are made from them.
 
 Calibration inputs are prompt-agnostic by default, made from the example inputs (the
 topology is encoded by the weights, not the prompt): weights and buffers are kept; float
@@ -26,11 +28,14 @@ import torch.fx
 from .. import cache
 from ..cache import weights_fingerprint
 from ..config import Config
-from ..kernels.block_mass import block_mass
+from ..kernels.bitmask import BLOCK_SIZE, num_blocks
+from ..kernels.block_mass import block_mass, row_block_mass
 from ..sites import AttentionSite
 from ..topology import SiteTopology, Topology, thresholds_from_significance
 
 log = logging.getLogger(__name__)
+
+SAMPLED_ROWS = 16  # per batch entry and calibration sample, as in the FAST paper
 
 
 def graph_inputs(gm: torch.fx.GraphModule) -> list[tuple[str, bool]]:
@@ -84,7 +89,7 @@ def _randomised(example: torch.Tensor, generator: torch.Generator) -> torch.Tens
 class _SiteCapture(torch.fx.Interpreter):
     """Runs the graph; at each site, accumulates per-sample threshold maps and block mass."""
 
-    def __init__(self, gm: torch.fx.GraphModule, sites: list[AttentionSite]) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, sites: list[AttentionSite], seed: int) -> None:
         super().__init__(gm)
         self.sites = {site.node: site for site in sites}
         # q, k and masks are kept from when they are computed until their site runs: the
@@ -94,6 +99,9 @@ class _SiteCapture(torch.fx.Interpreter):
         self.pinned: dict[torch.fx.Node, torch.Tensor] = {}
         self.thresholds: dict[str, torch.Tensor] = {}  # running minimum over samples
         self.mass_sum: dict[str, torch.Tensor] = {}
+        self.row_mass: dict[str, list[torch.Tensor]] = {site.name: [] for site in sites}  # (H, R, Nk) each
+        self.row_blocks: dict[str, list[torch.Tensor]] = {site.name: [] for site in sites}
+        self.generator = torch.Generator().manual_seed(seed)
 
     def run_node(self, node: torch.fx.Node) -> Any:
         site = self.sites.get(node)
@@ -105,6 +113,10 @@ class _SiteCapture(torch.fx.Interpreter):
             previous = self.thresholds.get(site.name)
             self.thresholds[site.name] = per_sample if previous is None else torch.minimum(previous, per_sample)
             self.mass_sum[site.name] = self.mass_sum.get(site.name, 0) + significance.sum(dim=0)
+            rows = sample_rows(site.q_len, self.generator)
+            per_row = row_block_mass(q, k, site.scale, rows, key_padding)  # (B, H, R, Nk)
+            self.row_mass[site.name].append(per_row.transpose(0, 1).flatten(1, 2).cpu())
+            self.row_blocks[site.name].append((rows // BLOCK_SIZE).repeat(per_row.shape[0]))
             self._unpin(site)
         value = super().run_node(node)
         if node in self.sites_needing:
@@ -131,7 +143,7 @@ def calibrate(
     user_inputs: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> dict[str, SiteTopology]:
     """WEST threshold maps of `sites`, each T = min over samples (and batch entries) of T_i."""
-    capture = _SiteCapture(gm, sites)
+    capture = _SiteCapture(gm, sites, seed)
     start = time.perf_counter()
     batch_total = 0
     with torch.no_grad():
@@ -147,10 +159,18 @@ def calibrate(
         site.name: SiteTopology(
             thresholds=capture.thresholds[site.name], mass=capture.mass_sum[site.name] / batch_total,
             q_len=site.q_len, kv_len=site.kv_len, token_grid=site.token_grid, text_spans=site.text_spans,
-            source="calibrated",
+            source="calibrated", row_mass=torch.cat(capture.row_mass[site.name], dim=1),
+            row_blocks=torch.cat(capture.row_blocks[site.name]),
         )
         for site in sites
     }
+
+
+def sample_rows(q_len: int, generator: torch.Generator, count: int = SAMPLED_ROWS) -> torch.Tensor:
+    """int64 (min(count, Nq),): one query row in each of `count` query blocks spread evenly."""
+    blocks = torch.linspace(0, num_blocks(q_len) - 1, min(count, num_blocks(q_len))).round().long().unique()
+    sizes = (q_len - blocks * BLOCK_SIZE).clamp(max=BLOCK_SIZE)
+    return blocks * BLOCK_SIZE + (torch.rand(len(blocks), generator=generator) * sizes).long()
 
 
 def west_topology(
@@ -165,7 +185,7 @@ def west_topology(
     fingerprint = weights_fingerprint(weights)
     settings = {
         "samples": config.calibration_samples, "seed": config.calibration_seed,
-        "inputs": "user" if config.calibration_inputs else "prompt-agnostic",
+        "inputs": "user" if config.calibration_inputs else "prompt-agnostic", "sampled_rows": SAMPLED_ROWS,
     }
     maps: dict[str, SiteTopology] = {}
     origin, seconds = [], 0.0

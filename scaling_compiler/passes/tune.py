@@ -5,9 +5,11 @@ WEST fixes *where* each head's blocks are (threshold maps); this pass fixes *how
 
 - Fidelity of a sparse row is `1 - Hellinger(P, P_sparse) = 1 - sqrt(1 - sqrt(r))` for a
   row keeping attention mass r (softmax renormalised over kept blocks). r comes from the
-  calibration's exact block mass: for each query block, the mean recall of its rows; a
-  head's fidelity at a density is the mean over query blocks. (The paper samples 16 exact
-  rows per head; the block mass already covers every row.)
+  query rows that calibration sampled with exact softmax (16 per batch entry and sample,
+  stratified over query blocks): a head's fidelity at a density is the mean fidelity of its
+  rows (not the fidelity of a query block's mean recall: rows of one block can disagree,
+  and fidelity is not linear in r). A map without sampled rows
+  (transferred to another grid) falls back to the block means of its calibration mass.
 - The budget surface: with x = (l + w * t) / (N_L + w * N_T) over layer l and step t (cell
   centres: l + 1/2, t + 1/2), the
   target fidelity is `beta * (1 - x)**gamma + (1 - beta)`: strict for early steps and shallow
@@ -60,20 +62,32 @@ class FidelityCurve:
 
 
 def fidelity_curve(site_map: SiteTopology, densities: tuple[float, ...] = DENSITY_LADDER) -> FidelityCurve:
-    if site_map.mass is None:
-        raise ValueError("FAST needs the calibration block mass of the site (a native calibration)")
-    keys = torch.full((site_map.mass.shape[-1],), BLOCK_SIZE, dtype=torch.float64)
-    keys[-1] = site_map.kv_len - BLOCK_SIZE * (len(keys) - 1)
-    row_mass = site_map.mass.double().cpu() * keys  # each query block's row sums to ~1
-    row_mass = row_mass / row_mass.sum(-1, keepdim=True).clamp_min(1e-30)
+    row_mass, row_blocks = _rows(site_map)  # (H, R, Nk), (R,)
     columns, kept = [], []
     for density in densities:
         mask, _ = site_map.mask_for_density(density)
-        recall = (row_mass * mask.cpu()).sum(-1)  # (H, Nq)
+        recall = (row_mass * mask.cpu()[:, row_blocks]).sum(-1)  # (H, R)
         columns.append(fidelity_from_recall(recall).mean(-1))
         kept.append(mask.flatten(1).double().mean(-1).cpu())
     fidelity = torch.stack(columns, dim=1)
     return FidelityCurve(densities, torch.cummin(fidelity, dim=1).values, torch.stack(kept, dim=1))
+
+
+def _rows(site_map: SiteTopology) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (H, R, Nk) key-block mass of each row (summing to 1) and int64 (R,) its query block."""
+    if site_map.row_mass is not None:
+        row_mass = site_map.row_mass.double().cpu()
+        row_blocks = site_map.row_blocks.cpu()
+    elif site_map.mass is not None:  # one "row" per query block: its mean
+        keys = torch.full((site_map.mass.shape[-1],), BLOCK_SIZE, dtype=torch.float64)
+        keys[-1] = site_map.kv_len - BLOCK_SIZE * (len(keys) - 1)
+        row_mass = site_map.mass.double().cpu() * keys
+        row_blocks = torch.arange(row_mass.shape[1])
+    else:
+        raise ValueError("FAST needs the calibration mass of the site (a calibrated or transferred map)")
+    # rows with no key (all padded) carry no mass: they count as fully recalled
+    total = row_mass.sum(-1, keepdim=True)
+    return torch.where(total > 0, row_mass / total.clamp_min(1e-30), 1.0 / row_mass.shape[-1]), row_blocks
 
 
 @dataclasses.dataclass(frozen=True)
