@@ -17,6 +17,15 @@ everywhere after 20% dense warm-up steps: the paper's comparison), "west:uniform
 baseline). Density 1.0 keeps every block: it measures the block-wise path's rounding alone
 (--quick adds it).
 
+"dfsattn[:dense_fraction]" is DFSAttn (policy="dfsattn": masks scored at run time from q and k,
+Hilbert token order) at the same average density, dense steps counted: the first
+`dense_fraction` of the steps run dense (default: the paper's 12/50, at most half the density
+budget), masks are refreshed three times at even intervals over the rest (the paper's 12/24/36
+of 50), and the paper's keep ratios 0.3/0.2/0.1 are scaled by one factor so that the mean kept
+block fraction over all steps meets the density. Every layer is sparse (the paper keeps Wan's
+layer 0 dense, which alone would exceed low densities on a 6-layer model). A "/order" suffix
+("west:fast/hilbert", "local_band/morton", "dfsattn/raster") sets the token order.
+
 Density actually used comes from the backend's PassReport: the attention-FLOP-weighted kept
 fraction over every attention site (cross-attention stays dense and counts as 1.0) and over
 the self-attention sites alone, averaged over the sampling steps ("with dense steps"); and the
@@ -62,6 +71,7 @@ from scaling_compiler.models.sampling import (  # noqa: E402
     DEFAULT_GUIDANCE, DEFAULT_SHIFT, sample, save_contact_sheet, sigma_schedule,
 )
 from scaling_compiler.models.video_dit import load_pretrained  # noqa: E402
+from scaling_compiler.policies.dfsattn import DEFAULT_KEEP_RATIOS, DFSSchedule  # noqa: E402
 from scaling_compiler.quality import psnr, ssim  # noqa: E402
 
 # every shape, colour and motion at least once
@@ -69,9 +79,10 @@ PROMPTS = [
     "red circle bounce", "blue square rotate", "green triangle grow", "yellow cross shrink",
     "cyan ring orbit", "magenta hexagon bounce", "white square orbit", "orange hexagon rotate",
 ]
-VARIANTS = ["west:fast", "west:uniform:0.2", "window_3d"]
+VARIANTS = ["west:fast", "west:uniform:0.2", "window_3d", "dfsattn"]
 DENSITIES = [0.5, 0.25, 0.1]
 SHEET_DENSITY = 0.25
+DFS_DENSE_FRACTION = 12 / 50  # DFSAttn's dense steps (the paper's 12 of 50), at most half the density budget
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # --quick: CI size on the CPU
 QUICK = {"prompts": PROMPTS[:1], "steps": 2, "frames": 3, "height": 32, "width": 32, "densities": [0.5, 1.0]}
@@ -90,7 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=None, help="default: the model's (64), --quick 32")
     p.add_argument("--width", type=int, default=None, help="default: the model's (64), --quick 32")
     p.add_argument("--variants", nargs="+", default=VARIANTS,
-                   help="mask rule (west, window_3d, local_band) [: schedule (fast, uniform) [: warm-up fraction]]")
+                   help="mask rule (west, window_3d, local_band) [: schedule (fast, uniform) [: warm-up fraction]], "
+                        "or dfsattn [: dense-step fraction]; either with /order (raster, morton, hilbert)")
     p.add_argument("--densities", nargs="+", type=float, default=None,
                    help=f"default {DENSITIES}; --quick {QUICK['densities']}")
     p.add_argument("--sheet-density", type=float, default=None,
@@ -118,26 +130,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sv.parse_prompt(prompt)  # fail early on a bad prompt
     if not all(0 < d <= 1 for d in args.densities):
         p.error("densities must be in (0, 1]")
-    for variant in args.variants:
-        backend_options(variant, 0.5, "eager")  # fail early on a bad variant
+    for variant, density in variants(args.variants, args.densities):
+        if variant != "all_blocks":
+            backend_options(variant, density, "eager", args.steps)  # fail early on a bad variant
     return args
 
 
-def backend_options(variant: str, density: float, compiler: str, steps: int = 1) -> dict:
-    """ScalingAttnBackend options of a variant spec "rule[:schedule[:warmup]]" at `density`.
+def backend_options(variant: str, density: float, compiler: str, steps: int = 1, num_k_blocks: int | None = None
+                    ) -> dict:
+    """ScalingAttnBackend options of a variant spec "rule[:schedule[:warmup]][/order]" or
+    "dfsattn[:dense_fraction][/order]" at `density`.
 
     The schedule's steps are the sampler's own timesteps, so warm-up fractions and density
-    targets count the steps that really run.
+    targets count the steps that really run. `num_k_blocks` (key blocks per row) makes DFSAttn's
+    fitted keep ratios count whole blocks, as its top-k does.
     """
-    rule, schedule, warmup = (variant.split(":") + [None, None])[:3]
+    spec, _, order = variant.partition("/")
+    rule, schedule, warmup = (spec.split(":") + [None, None])[:3]
     timesteps = tuple(1000.0 * float(s) for s in sigma_schedule(steps, DEFAULT_SHIFT)[:steps])
-    options = {"density": density, "masks": rule, "compiler": compiler, "timesteps": timesteps}
-    if schedule:
+    options = {"compiler": compiler, "timesteps": timesteps}
+    if order:
+        options["token_order"] = order
+    if rule == "dfsattn":
+        dense_fraction = min(DFS_DENSE_FRACTION, density / 2) if schedule is None else float(schedule)
+        options |= {"policy": "dfsattn", "dense_layers": ()} | dfs_plan(density, steps, dense_fraction, num_k_blocks)
+    else:
+        options |= {"density": density, "masks": rule}
+    if schedule and rule != "dfsattn":
         options["schedule"] = schedule
     if warmup:
         options["warmup"] = float(warmup)
     ScalingAttnBackend(**options)  # validates
     return options
+
+
+def dfs_plan(density: float, steps: int, dense_fraction: float, num_k_blocks: int | None) -> dict:
+    """DFSAttn's dense steps, refresh interval and keep ratios whose mean kept block fraction over
+    all `steps` (dense steps count 1) is nearest `density`: the paper's ratios times one factor."""
+    dense_steps = round(dense_fraction * steps)
+    interval = max(1, (steps - dense_steps) // len(DEFAULT_KEEP_RATIOS))
+
+    def plan(factor: float) -> tuple[dict, float]:
+        options = {"dense_steps": dense_steps, "refresh_interval": interval,
+                   "keep_ratios": tuple(round(min(1.0, factor * r), 4) for r in DEFAULT_KEEP_RATIOS)}
+        schedule = DFSSchedule(num_steps=steps, dense_layers=(), **options)
+        return options, schedule.density_report(1, steps, num_k_blocks).including_dense_steps
+
+    plans = [plan(i / 1000 / min(DEFAULT_KEEP_RATIOS)) for i in range(1, 1001)]  # up to every ratio at 1
+    if plans[0][1] > density + 1e-9:
+        raise ValueError(f"dfsattn at density {density:g}: {dense_steps} dense steps of {steps} already keep "
+                         f"{plans[0][1]:.3f} on average; give a smaller dense fraction (dfsattn:<fraction>)")
+    return min(plans, key=lambda p: abs(p[1] - density))[0]
 
 
 def variants(specs: list[str], densities: list[float]) -> list[tuple[str, float]]:
@@ -193,6 +236,8 @@ def density_used(reports, steps: int) -> dict:
         total = sum(s.dense_flops for s in group)
         return 1.0 - sum(s.flops_saved for s in group) / total if total else None
 
+    if any(report.dfs for report in reports):
+        return _dfs_density_used(reports, steps)
     per_step = _self_density_per_step(reports, steps)
     sparse_steps = [d for d in per_step if d < 1.0]
     heads = [d for s in self_sites for d in s.head_densities]
@@ -206,6 +251,39 @@ def density_used(reports, steps: int) -> dict:
         "head_density_max": max(heads) if heads else None,
         "sites": {"sparse": sum(s.status == "sparse" for s in sites), "dense": sum(s.status == "dense" for s in sites),
                   "self_attention_left_dense": sum(s.status == "dense" for s in self_sites)},
+    }
+
+
+def _dfs_density_used(reports, steps: int) -> dict:
+    """`density_used` for DFSAttn, from the kept block fraction each site really used at each step
+    (its masks are chosen at run time: the last video sampled counts)."""
+    self_flops = cross_flops = 0
+    kept_by_step = [0.0] * steps
+    site_means = []
+    for report in reports:
+        for site in report.sites:
+            if site.kind == "cross":
+                cross_flops += site.dense_flops
+                continue
+            used = report.dfs.density_per_step(site.name) if site.name in report.dfs.site_ids else [1.0] * steps
+            used = [1.0 if d is None else d for d in used[:steps]]
+            self_flops += site.dense_flops
+            site_means.append(sum(used) / steps)
+            kept_by_step = [k + site.dense_flops * d for k, d in zip(kept_by_step, used)]
+    per_step = [round(k / self_flops, 4) for k in kept_by_step]
+    self_kept = sum(kept_by_step) / steps
+    sparse_steps = [d for d in per_step if d < 1.0]
+    return {
+        "all_sites_with_dense_steps": (self_kept + cross_flops) / (self_flops + cross_flops),
+        "self_attention_sites_with_dense_steps": self_kept / self_flops,
+        "self_attention_sites_without_dense_steps": sum(sparse_steps) / len(sparse_steps) if sparse_steps else 1.0,
+        "dense_steps": len(per_step) - len(sparse_steps),
+        "per_step_self_attention": per_step,
+        "head_density_min": min(site_means), "head_density_max": max(site_means),  # DFSAttn: heads alike
+        "sites": {"sparse": sum(s.status == "sparse" for r in reports for s in r.sites),
+                  "dense": sum(s.status == "dense" for r in reports for s in r.sites),
+                  "self_attention_left_dense": sum(s.status == "dense" and s.kind != "cross"
+                                                   for r in reports for s in r.sites)},
     }
 
 
@@ -236,9 +314,12 @@ def mean_recall(reports, west_topology=None) -> float | None:
     """
     values = []
     for report in reports:
+        if report.dfs:
+            return None  # DFSAttn: masks chosen at run time
         for site in report.sparse_sites:
             recall = site.head_recall
-            if recall is None and west_topology is not None and site.name in west_topology.sites:
+            if recall is None and west_topology is not None and site.name in west_topology.sites \
+                    and site.token_order == "raster":  # the calibration's order
                 block_mask = unpack_block_mask(report.masks_at(500.0)[site.name].cpu(), num_blocks(site.kv_len))
                 recall = west_topology.sites[site.name].recall(block_mask)
             if recall is None:
@@ -250,8 +331,10 @@ def mean_recall(reports, west_topology=None) -> float | None:
 def run_variant(model, variant, density, args, jobs, video_shape, device):
     """Compile, sample every job, and return (videos, backend, compile seconds, sampling seconds)."""
     torch._dynamo.reset()
-    options = backend_options("window_3d" if variant == "all_blocks" else variant, density, args.compiler, args.steps)
-    if args.calibration_samples is not None:
+    num_k_blocks = num_blocks(model.config.num_tokens(*video_shape[1:]))
+    options = backend_options("window_3d" if variant == "all_blocks" else variant, density, args.compiler, args.steps,
+                              num_k_blocks)
+    if args.calibration_samples is not None and options.get("policy") != "dfsattn":
         options["calibration_samples"] = args.calibration_samples
     backend = ScalingAttnBackend(**options)
     compiled = torch.compile(model, backend=backend)
@@ -265,6 +348,9 @@ def run_variant(model, variant, density, args, jobs, video_shape, device):
         compiled(x, torch.full((2,), 1000.0, device=device), torch.cat([tokens, sv.null_tokens(1, device)]))
     sync(device)
     compile_s = time.perf_counter() - start
+    for report in backend.reports:
+        if report.dfs:
+            report.dfs.reset()  # DFSAttn: masks scored on this call's noise must not serve the first video
     graphs = len(backend.reports)
     videos, sample_s = generate(compiled, jobs, args, video_shape, device)
     if len(backend.reports) != graphs:
@@ -311,22 +397,25 @@ def _run(args, device, dtype, out) -> dict:
     west_topology = None
     for variant, density in variants(args.variants, args.densities):
         label = f"{variant}@{density:g}"
-        masks = variant.split(":")[0]
+        masks = variant.partition("/")[0].split(":")[0]
         print(f"{label} ...", flush=True)
         videos, backend, compile_s, sample_s = run_variant(model, variant, density, args, jobs, video_shape, device)
         reports = backend.reports
-        if masks == "west" and reports and reports[0].topology is not None:
+        if masks == "west" and reports and reports[0].topology is not None and reports[0].token_order == "raster":
             west_topology = reports[0].topology
         p, s = psnr(videos, dense), ssim(videos, dense)
+        recall = mean_recall(reports, west_topology)
         entry = {
             "variant": label, "masks": masks, "schedule": reports[0].schedule if reports else None,
+            "token_order": reports[0].token_order if reports else None,
             "density_target": density,
             "psnr_mean": float(p.mean()), "ssim_mean": float(s.mean()),
             "psnr_min": float(p.min()), "ssim_min": float(s.min()),
             "density_used": density_used(reports, args.steps),
-            "calibration_recall_mean": mean_recall(reports, west_topology),
-            "recall_source": "WEST per-head report" if masks == "west" else
-                             ("WEST calibration mass" if west_topology is not None else None),
+            "calibration_recall_mean": recall,
+            "recall_source": None if recall is None else "WEST per-head report" if masks == "west" else
+                             "WEST calibration mass",
+            "dfsattn": reports[0].to_dict()["dfsattn"] if reports and reports[0].dfs else None,
             "compile_s": compile_s, "sample_s": sample_s, "sample_s_per_video": sample_s / len(jobs),
             "graphs_compiled": len(reports),
             "backend_config": reports[0].config if reports else None,
@@ -337,7 +426,6 @@ def _run(args, device, dtype, out) -> dict:
         results.append(entry)
         sheet_videos[label] = videos[:2]
         used = entry["density_used"]
-        recall = entry["calibration_recall_mean"]
         print(f"  PSNR {entry['psnr_mean']:.2f} dB  SSIM {entry['ssim_mean']:.4f}  density used "
               f"{used['all_sites_with_dense_steps']:.3f} (self-attn {used['self_attention_sites_with_dense_steps']:.3f}"
               f", {used['dense_steps']} dense steps)  recall "

@@ -1,4 +1,7 @@
-"""The `scalingattn` dynamo backend: detect -> calibrate (WEST) -> tune (FAST) -> rewrite -> inner compiler.
+"""The `scalingattn` dynamo backend: detect -> reorder -> calibrate (WEST) -> tune (FAST) -> rewrite -> inner compiler.
+
+With `policy="dfsattn"` there is no calibration or tuning: the rewrite emits the DFSAttn op,
+which picks its blocks at run time (`policies/dfs_registry.py` holds its state).
 
 `torch.compile(model, backend="scalingattn", options={...})` reaches
 `scalingattn_backend` through the `torch_dynamo_backends` entry point (no import needed).
@@ -19,14 +22,17 @@ import torch
 import torch.fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from .config import Config, InnerCompiler, MaskRule
+from .config import Config, InnerCompiler, MaskRule, Policy
 from .cost_model import CostModel
 from .passes.calibrate import graph_inputs, west_topology
 from .passes.detect import detect_sites
-from .passes.rewrite import rewrite_graph
+from .passes.reorder import reorder_sites
+from .passes.rewrite import rewrite_graph, rewrite_graph_dfs
 from .ops import step_timesteps
 from .passes.tune import SitePlan, plan_sites
-from .report import PassReport, site_report
+from .policies.dfs_registry import DFSRegistry
+from .policies.token_order import TokenOrder
+from .report import PassReport, dfs_site_report, site_report
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +51,10 @@ class ScalingAttnBackend:
         """The report of the most recently compiled graph."""
         return self.reports[-1] if self.reports else None
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> CompiledFn:
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None
+                 ) -> CompiledFn:
+        if mode is not None:  # torch.compile(..., backend=ScalingAttnBackend(...), mode=...)
+            self.config = dataclasses.replace(self.config, mode=mode)
         if any(_is_symbolic(x) for x in example_inputs):
             log.info("graph has symbolic shapes: specialising per concrete shape at call time")
             return _PerShapeCompiled(self, gm)
@@ -55,11 +64,17 @@ class ScalingAttnBackend:
         """Run the passes on a graph whose example inputs have concrete shapes."""
         config = self.config
         sites = detect_sites(gm, config.token_grid)
+        if config.policy is Policy.DFSATTN:
+            return self._compile_dfsattn(gm, example_inputs, sites)
+        gm, sites = reorder_sites(gm, sites, config.token_order)
         rewritable = [site for site in sites if site.rewritable]
         topology, origin, calibration_seconds = None, "no masks needed", 0.0
         if rewritable and config.sparse:
             if config.masks is MaskRule.WEST:
-                topology, origin, calibration_seconds = west_topology(gm, example_inputs, rewritable, config)
+                # the on-disk cache's key has no token order: only raster topologies are cached
+                raster = config.token_order is TokenOrder.RASTER
+                calibration = config if raster else dataclasses.replace(config, cache=False)
+                topology, origin, calibration_seconds = west_topology(gm, example_inputs, rewritable, calibration)
             else:
                 origin = f"{config.masks.value} rule"
         timestep_input, timestep_max = _timestep_input(gm, example_inputs, config)
@@ -87,8 +102,49 @@ class ScalingAttnBackend:
         # asked for explicitly: shown at the default log level; else TORCH_LOGS="+scaling_compiler"
         log.log(logging.WARNING if config.report else logging.DEBUG, "%s", report)
 
-        compiled = _inner_compile(config.compiler, rewritten, example_inputs + extra_inputs)
+        compiled = _inner_compile(config, rewritten, example_inputs + extra_inputs)
         return lambda *args: compiled(*args, *extra_inputs)
+
+    def _compile_dfsattn(self, gm: torch.fx.GraphModule, example_inputs: list[Any], sites: list) -> CompiledFn:
+        """DFSAttn: every rewritable site not in `dense_layers` is reordered and calls the DFSAttn op;
+        nothing is calibrated."""
+        config = self.config
+        rewritable = [site for site in sites if site.rewritable]
+        timestep_input, timestep_max = _timestep_input(gm, example_inputs, config)
+        timesteps = step_timesteps(timestep_max, config.num_steps, config.timesteps)
+        cfg_batch = config.cfg_reuse and all(site.batch % 2 == 0 for site in rewritable)
+        registry = DFSRegistry(config.dfs_schedule(), rewritable if timestep_input is not None else [],
+                               timesteps.tolist(), cfg_batch)
+        gm, sites = reorder_sites(gm, sites, config.token_order, names=registry.site_ids)
+        report = PassReport(
+            graph_index=len(self.reports), config=_config_dict(config), sites=[],
+            topology_origin="DFSAttn: scored at run time from q and k", calibration_seconds=0.0, schedule="dfsattn",
+            step_source=_step_source(timestep_input, config.num_steps, timestep_max, config),
+            step_timesteps=timesteps, dfs=registry,
+        )
+        reasons = {site.name: site.dense_reason for site in sites}
+        for layer, site in enumerate(rewritable):
+            if site.name not in registry.site_ids:
+                reasons[site.name] = (f"DFSAttn dense layer {layer} (option dense_layers)" if timestep_input is not None
+                                      else "DFSAttn needs the model's timestep input to follow its step plan")
+        cost = CostModel.for_device(rewritable[0].device) if rewritable else None
+        for site in sites:
+            report.sites.append(dfs_site_report(site, reasons[site.name] or registry, cost))
+        rewritten = rewrite_graph_dfs(gm, sites, registry.site_ids, timestep_input) if registry.site_ids else gm
+        self.reports.append(report)
+        log.log(logging.WARNING if config.report else logging.DEBUG, "%s", report)
+        return _WithState(_inner_compile(config, rewritten, example_inputs), registry)
+
+
+@dataclasses.dataclass
+class _WithState:
+    """A compiled graph and the run-time state its ops look up by id (alive as long as the graph)."""
+
+    compiled: CompiledFn
+    state: Any
+
+    def __call__(self, *args: Any) -> Any:
+        return self.compiled(*args)
 
 
 class _PerShapeCompiled:
@@ -110,17 +166,21 @@ class _PerShapeCompiled:
 
 
 def scalingattn_backend(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None,
+    mode: str | None = None,
 ) -> CompiledFn:
-    """Entry point for `torch.compile(..., backend="scalingattn", options={...})`."""
-    return ScalingAttnBackend(**(options or {}))(gm, example_inputs)
+    """Entry point for `torch.compile(..., backend="scalingattn", options={...})` (or `mode=...`:
+    torch.compile takes one of the two)."""
+    return ScalingAttnBackend(**(options or {}))(gm, example_inputs, mode)
 
 
-def _inner_compile(compiler: InnerCompiler, gm: torch.fx.GraphModule, inputs: list[Any]) -> CompiledFn:
+def _inner_compile(config: Config, gm: torch.fx.GraphModule, inputs: list[Any]) -> CompiledFn:
+    compiler = config.compiler
     if compiler is InnerCompiler.INDUCTOR:
+        from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, inputs)
+        return compile_fx(gm, inputs, config_patches=list_mode_options(config.mode) if config.mode else None)
     if compiler is InnerCompiler.AOT_EAGER:
         from torch._dynamo.backends.registry import lookup_backend
 

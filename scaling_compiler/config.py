@@ -13,10 +13,28 @@ from typing import Any, Mapping
 
 import torch
 
+from .policies.dfsattn import (
+    DEFAULT_DENSE_LAYERS, DEFAULT_DENSE_STEPS, DEFAULT_KEEP_RATIOS, DEFAULT_REFRESH_INTERVAL, DFSSchedule,
+)
+from .policies.token_order import TokenOrder
+
 DEFAULT_DENSITY = 1.0
 DEFAULT_CALIBRATION_SAMPLES = 8
 DEFAULT_NUM_STEPS = 50
 REPORT_ENV_VAR = "SCALINGATTN_REPORT"
+
+
+class Policy(str, enum.Enum):
+    """How the sparse blocks are chosen."""
+
+    WEST_FAST = "west_fast"  # ScalingAttention: masks from the weights (WEST), densities tuned offline (FAST)
+    DFSATTN = "dfsattn"  # DFSAttn: masks scored at run time from q and k, cached over steps
+
+
+# options that one policy reads and the other does not: giving one to the other policy is an error
+_WEST_FAST_OPTIONS = ("density", "masks", "schedule", "min_fidelity", "warmup", "calibration_samples",
+                      "calibration_seed", "calibration_inputs", "topology_file")
+_DFSATTN_OPTIONS = ("dense_steps", "refresh_interval", "keep_ratios", "dense_layers", "cfg_reuse")
 
 
 class InnerCompiler(str, enum.Enum):
@@ -97,12 +115,49 @@ class Config:
     timestep_max: float | None = None
     """Timestep at the first (noisiest) step; default: 1000 if the example timestep is > 1, else 1."""
 
+    mode: str | None = None
+    """Inductor mode for the rewritten graph, as `torch.compile(mode=...)` takes it (e.g.
+    "reduce-overhead": CUDA graphs). `torch.compile(model, backend="scalingattn", mode=...)` sets it."""
+
+    policy: Policy = Policy.WEST_FAST
+    """Where sparse blocks come from: "west_fast" (ScalingAttention, the default) or "dfsattn"."""
+
+    token_order: TokenOrder | None = None
+    """Order of the video tokens inside each rewritten attention: "raster" (the model's), "morton" or
+    "hilbert" (3-D curves: compact 128-token blocks); default "hilbert" with dfsattn, else "raster".
+    With west_fast a curve order calibrates in that order and without the on-disk cache (its key
+    has no token order yet); it needs masks "west" or "local_band" and no topology_file."""
+
+    dense_steps: int = DEFAULT_DENSE_STEPS
+    """dfsattn: the first steps that run dense attention."""
+
+    refresh_interval: int = DEFAULT_REFRESH_INTERVAL
+    """dfsattn: steps between mask refreshes (refresh i at step dense_steps + i * refresh_interval)."""
+
+    keep_ratios: tuple[float, ...] = DEFAULT_KEEP_RATIOS
+    """dfsattn: fraction of key blocks kept per head and query block at each refresh, in order;
+    the last masks serve to the end."""
+
+    dense_layers: tuple[int, ...] = DEFAULT_DENSE_LAYERS
+    """dfsattn: indices (among the rewritable self/joint attention sites) that always run dense."""
+
+    cfg_reuse: bool = True
+    """dfsattn: an even batch is CFG's [cond, uncond] halves: masks are scored on the cond half
+    and reused by the uncond half."""
+
     @property
     def sparse(self) -> bool:
-        """Whether any mask can drop a block."""
+        """west_fast: whether any mask can drop a block."""
         return self.density < 1.0 or self.min_fidelity is not None
 
+    def dfs_schedule(self) -> DFSSchedule:
+        """DFSAttn's step plan from these options."""
+        return DFSSchedule(num_steps=self.num_steps, dense_steps=self.dense_steps,
+                           refresh_interval=self.refresh_interval, keep_ratios=self.keep_ratios,
+                           dense_layers=self.dense_layers, cfg_reuse=self.cfg_reuse)
+
     def __post_init__(self) -> None:
+        self._check_policy()
         if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
             raise ValueError(f"option 'density' must be a number in (0, 1], got {self.density!r}")
         if not 0.0 < float(self.density) <= 1.0:
@@ -111,6 +166,14 @@ class Config:
         if not isinstance(self.report, bool):
             raise ValueError(f"option 'report' must be True or False, got {self.report!r}")
         _check_choice(self, "compiler", InnerCompiler)
+        if self.mode is not None:
+            from torch._inductor import list_mode_options
+
+            modes = sorted(list_mode_options())
+            if self.mode not in modes:
+                raise ValueError(f"option 'mode' must be one of {modes}, got {self.mode!r}")
+            if self.compiler is not InnerCompiler.INDUCTOR:
+                raise ValueError(f"option 'mode' needs compiler='inductor' (got compiler={self.compiler.value!r})")
         _check_choice(self, "masks", MaskRule)
         for name in ("calibration_samples", "calibration_seed"):
             value = getattr(self, name)
@@ -123,10 +186,11 @@ class Config:
             object.__setattr__(self, "calibration_inputs", inputs)
         if self.topology_file is not None and not os.path.isfile(self.topology_file):
             raise ValueError(f"option 'topology_file': no such file {self.topology_file!r}")
-        if self.schedule is None:
+        if self.schedule is None and self.policy is Policy.WEST_FAST:
             default = ScheduleKind.FAST if self.masks is MaskRule.WEST else ScheduleKind.UNIFORM
             object.__setattr__(self, "schedule", default)
-        _check_choice(self, "schedule", ScheduleKind)
+        if self.schedule is not None:
+            _check_choice(self, "schedule", ScheduleKind)
         if self.schedule is ScheduleKind.FAST and self.masks is not MaskRule.WEST:
             raise ValueError(f"option 'schedule'='fast' needs masks='west' (got masks={self.masks.value!r})")
         if self.min_fidelity is not None:
@@ -164,6 +228,47 @@ class Config:
                     f"option 'token_grid' must be three positive ints (frames, height, width), got {self.token_grid!r}"
                 )
             object.__setattr__(self, "token_grid", grid)
+        self._check_token_order()
+
+    def _check_policy(self) -> None:
+        """The policy, its own options, and no option of the other policy."""
+        _check_choice(self, "policy", Policy)
+        for name in ("keep_ratios", "dense_layers"):  # JSON options arrive as lists
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        foreign = _DFSATTN_OPTIONS if self.policy is Policy.WEST_FAST else _WEST_FAST_OPTIONS
+        for name in foreign:
+            if getattr(self, name) != defaults[name]:
+                raise ValueError(f"option {name!r} does not apply to policy={self.policy.value!r}")
+        for name, least in (("dense_steps", 0), ("refresh_interval", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"option {name!r} must be an int >= {least}, got {value!r}")
+        ratios = self.keep_ratios
+        if not isinstance(ratios, tuple) or not ratios or not all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in ratios):
+            raise ValueError(f"option 'keep_ratios' must be a non-empty list of numbers in (0, 1], got {ratios!r}")
+        layers = self.dense_layers
+        if not isinstance(layers, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                    for i in layers):
+            raise ValueError(f"option 'dense_layers' must be a list of ints >= 0, got {layers!r}")
+        if not isinstance(self.cfg_reuse, bool):
+            raise ValueError(f"option 'cfg_reuse' must be True or False, got {self.cfg_reuse!r}")
+
+    def _check_token_order(self) -> None:
+        if self.token_order is None:
+            default = TokenOrder.HILBERT if self.policy is Policy.DFSATTN else TokenOrder.RASTER
+            object.__setattr__(self, "token_order", default)
+        _check_choice(self, "token_order", TokenOrder)
+        if self.policy is Policy.DFSATTN or self.token_order is TokenOrder.RASTER:
+            return
+        if self.masks is MaskRule.WINDOW_3D:
+            raise ValueError(f"option 'token_order'={self.token_order.value!r} needs masks 'west' or 'local_band' "
+                             "(the 3-D window is built in raster order)")
+        if self.topology_file is not None:
+            raise ValueError(f"option 'token_order'={self.token_order.value!r} cannot use a topology_file "
+                             "(topology files are in raster order)")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None) -> "Config":

@@ -1,18 +1,23 @@
-"""The custom op that rewritten graphs call: `torch.ops.scaling_compiler.block_sparse_attention`.
+"""The custom ops that rewritten graphs call.
 
-A `torch.library.custom_op` with a fake implementation, so dynamo/AOT/inductor treat it as
-one opaque node and compile everything around it (fullgraph=True holds). It dispatches on
-the device: the Triton kernel for CUDA tensors it supports, otherwise a block-wise PyTorch
-implementation that never materialises an Sq x Sk matrix.
+- `torch.ops.scaling_compiler.block_sparse_attention`: attention over given block masks (WEST+FAST).
+- `torch.ops.scaling_compiler.dfs_attention`: DFSAttn, masks chosen at run time from q and k.
+
+Each is a `torch.library.custom_op` with a fake implementation, so dynamo/AOT/inductor treat it
+as one opaque node and compile everything around it (fullgraph=True holds). Sparse attention
+dispatches on the device: the Triton kernel for CUDA tensors it supports, otherwise a block-wise
+PyTorch implementation that never materialises an Sq x Sk matrix.
 """
 from __future__ import annotations
 
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from .kernels.block_sparse_attention import block_sparse_attention, unsupported_reason
 from .kernels.reference import blockwise_attention
+from .policies.dfs_registry import site_handle
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +35,48 @@ def block_sparse_attention_op(
 
     A query row with no kept key returns zeros.
     """
-    if q.is_cuda and key_padding is None and unsupported_reason(q, k, v) is None:
-        out, _ = block_sparse_attention(q, k, v, mask_words, scale)
-    else:
-        out, _ = blockwise_attention(q, k, v, mask_words, scale, key_padding=key_padding)
-    return out.contiguous()
+    return _sparse_attention(q, k, v, mask_words, scale, key_padding)
 
 
 @block_sparse_attention_op.register_fake
 def _(q, k, v, mask_words, scale, key_padding=None):
     return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("scaling_compiler::dfs_attention", mutates_args=())
+def dfs_attention_op(
+    q: torch.Tensor,  # (B, H, Sq, D), tokens in the site's token order
+    k: torch.Tensor,  # (B, H, Sk, D)
+    v: torch.Tensor,  # (B, H, Sk, D)
+    timestep: torch.Tensor,  # the model's timestep input, (B,) or scalar: picks the schedule step
+    site_id: int,  # the site's entry in policies.dfs_registry
+    scale: float,
+    key_padding: torch.Tensor | None = None,  # bool (B or 1, Sk): False marks keys to ignore
+) -> torch.Tensor:  # (B, H, Sq, D), contiguous
+    """DFSAttn at one site: dense SDPA on dense steps and dense layers; otherwise attention over the
+    site's cached block masks, recomputed from this call's q and k when the schedule refreshes them.
+
+    Reads the step from `timestep` on the host: one device sync per call (see policies.dfs_registry).
+    """
+    handle = site_handle(site_id)
+    mask_words = handle.registry.masks(handle.name, timestep, q, k, scale)
+    if mask_words is None:
+        attn_mask = None if key_padding is None else key_padding.reshape(-1, 1, 1, k.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale).contiguous()
+    return _sparse_attention(q, k, v, mask_words.to(q.device), scale, key_padding)
+
+
+@dfs_attention_op.register_fake
+def _(q, k, v, timestep, site_id, scale, key_padding=None):
+    return q.new_empty(q.shape)
+
+
+def _sparse_attention(q, k, v, mask_words, scale, key_padding) -> torch.Tensor:
+    if q.is_cuda and key_padding is None and unsupported_reason(q, k, v) is None:
+        out, _ = block_sparse_attention(q, k, v, mask_words, scale)
+    else:
+        out, _ = blockwise_attention(q, k, v, mask_words, scale, key_padding=key_padding)
+    return out.contiguous()
 
 
 def step_masks(

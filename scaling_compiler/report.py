@@ -8,9 +8,11 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
+from .cost_model import CostModel
 from .kernels.bitmask import BLOCK_SIZE
 from .ops import step_masks
 from .passes.tune import SitePlan
+from .policies.dfs_registry import DFSRegistry
 from .sites import AttentionSite
 from .topology import Topology
 
@@ -41,6 +43,7 @@ class SiteReport:
     flops_saved: int
     predicted_ms: float | None  # cost model, mean over steps (None for dense sites)
     dense_ms: float | None
+    token_order: str  # order of the video tokens the attention sees: raster | morton | hilbert
 
     @property
     def density(self) -> float:
@@ -61,6 +64,31 @@ class PassReport:
     plans: dict[str, SitePlan] = dataclasses.field(default_factory=dict, repr=False)
     step_timesteps: torch.Tensor | None = dataclasses.field(default=None, repr=False)  # (steps,)
     topology: Topology | None = dataclasses.field(default=None, repr=False)
+    # DFSAttn's run-time state: its fields below grow as the compiled graph runs
+    dfs: DFSRegistry | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def policy(self) -> str:
+        return self.config["policy"]
+
+    @property
+    def token_order(self) -> str:
+        return self.config["token_order"]
+
+    @property
+    def refresh_steps(self) -> list[int] | None:
+        """DFSAttn: the steps whose q and k recompute the masks."""
+        return self.dfs.refresh_steps if self.dfs else None
+
+    @property
+    def keep_ratio_per_step(self) -> list[float | None] | None:
+        """DFSAttn: keep ratio of the masks in use at each step (None on dense steps)."""
+        return self.dfs.keep_ratio_per_step if self.dfs else None
+
+    @property
+    def scoring_seconds(self) -> float | None:
+        """DFSAttn: time spent so far scoring blocks and building masks on refresh steps (device-synchronised)."""
+        return self.dfs.scoring_seconds if self.dfs else None
 
     def masks_at(self, timestep: float | None = None) -> dict[str, torch.Tensor]:
         """Packed masks (H, Nq, W) each sparse site uses at `timestep` (None: the first step)."""
@@ -105,6 +133,9 @@ class PassReport:
         return {
             "graph_index": self.graph_index,
             "config": self.config,
+            "policy": self.policy,
+            "token_order": self.token_order,
+            "dfsattn": self.dfs.summary() if self.dfs else None,
             "topology_origin": self.topology_origin,
             "calibration_seconds": self.calibration_seconds,
             "schedule": self.schedule,
@@ -127,14 +158,14 @@ class PassReport:
         rows = [
             [
                 s.name, s.kind, "x".join(map(str, s.shape)) + ("" if s.kv_len == s.shape[2] else f" kv{s.kv_len}"),
-                "x".join(map(str, s.token_grid)) if s.token_grid else "-",
+                "x".join(map(str, s.token_grid)) if s.token_grid else "-", s.token_order,
                 s.status, f"{s.density:.3f}", _heads(s.head_densities),
                 _heads(s.head_recall) if s.head_recall else "-", f"{s.flops_saved / 1e9:.3g}", s.reason,
             ]
             for s in self.sites
         ]
         table = tabulate(
-            rows, headers=["site", "kind", "B x H x S x D", "grid", "status", "density", "per-head density",
+            rows, headers=["site", "kind", "B x H x S x D", "grid", "order", "status", "density", "per-head density",
                    "per-head recall", "GFLOP saved", "reason"]
         )
         saved = self.flops_saved / self.attention_flops if self.attention_flops else 0.0
@@ -144,6 +175,10 @@ class PassReport:
             + (f", predicted attention speedup {self.predicted_speedup:.2f}x" if self.predicted_speedup else "")
             + f"\nmasks: {self.topology_origin} ({self.mask_bytes / 2**20:.2f} MiB on the device); "
             f"schedule: {self.schedule or '-'}; steps: {self.step_source}"
+            + (f"\npolicy: {self.policy}" if not self.dfs else
+               f"\npolicy: dfsattn; refresh steps {self.refresh_steps}, keep ratios "
+               f"{'/'.join(f'{r:g}' for r in self.dfs.schedule.keep_ratios)}; scoring so far "
+               f"{self.scoring_seconds:.3g} s over {len(self.dfs.cache.refreshes)} site refreshes")
         )
         return f"{summary}\n{table}"
 
@@ -168,7 +203,34 @@ def site_report(site: AttentionSite, plan: SitePlan | str) -> SiteReport:
         token_grid=site.token_grid, grid_source=site.grid_source, text_spans=site.text_spans,
         status="dense" if dense else "sparse", reason=plan if dense else plan.reason, head_densities=densities,
         head_recall=recall, step_densities=steps, dense_flops=site.dense_flops, flops_saved=saved,
-        predicted_ms=predicted, dense_ms=dense_ms,
+        predicted_ms=predicted, dense_ms=dense_ms, token_order=site.token_order,
+    )
+
+
+def dfs_site_report(site: AttentionSite, registry: DFSRegistry | str, cost: CostModel) -> SiteReport:
+    """Report one site under DFSAttn: the plan's nominal densities, or the reason (a string) it stays dense.
+
+    Masks are chosen at run time, so the densities here are the schedule's top-k budgets (alike for
+    every head); what really ran is in the report's `dfs` (`density_per_step`).
+    """
+    if isinstance(registry, str):
+        return site_report(site, registry)
+    per_step = registry.nominal_step_densities(site)
+    mean = sum(per_step) / len(per_step)
+    picks = torch.linspace(0, len(per_step) - 1, min(10, len(per_step))).round().long().tolist()
+    dense_ms = cost.dense_ms(site.dense_flops)
+    step_ms = [dense_ms if p.dense else cost.sparse_ms(site.dense_flops, torch.tensor([d]))
+               for p, d in zip(registry.plan, per_step)]
+    schedule = registry.schedule
+    dense = {0: "no dense steps", 1: "dense step 0"}.get(schedule.dense_steps,
+                                                         f"dense steps 0-{schedule.dense_steps - 1}")
+    reason = (f"DFSAttn: {dense}, refresh at steps {registry.refresh_steps} keeping "
+              f"{'/'.join(f'{r:g}' for r in schedule.keep_ratios)}"
+              + (", CFG halves share masks" if registry.cache.cfg_batch and schedule.cfg_reuse else ""))
+    return dataclasses.replace(
+        site_report(site, reason), status="sparse", head_densities=[mean] * site.heads,
+        step_densities=[round(per_step[i], 4) for i in picks], flops_saved=round(site.dense_flops * (1.0 - mean)),
+        predicted_ms=sum(step_ms) / len(step_ms), dense_ms=dense_ms,
     )
 
 

@@ -42,6 +42,7 @@ class AttentionSite:
     grid_source: str  # where token_grid came from, or why it is unknown
     text_spans: tuple[tuple[int, int], ...]  # token ranges [start, end) of text in joint attention
     dense_reason: str | None = None  # why the site cannot be rewritten; None: it can
+    token_order: str = "raster"  # order of the video tokens the attention sees (passes/reorder.py)
     # FX nodes of the call, its q/k/v and mask inputs (graph internals, not reported).
     node: torch.fx.Node | None = dataclasses.field(default=None, repr=False, compare=False)
     q_node: torch.fx.Node | None = dataclasses.field(default=None, repr=False, compare=False)

@@ -18,10 +18,14 @@ def token_mask(words: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
 
 
 class masked_sites(TorchFunctionMode):
-    def __init__(self, report, timestep=None):
-        """`timestep`: the model's timestep input (picks the step's masks; None: the first step)."""
+    def __init__(self, report, timestep=None, token_masks=None):
+        """`timestep`: the model's timestep input (picks the step's masks; None: the first step).
+        `token_masks`: bool (B or 1, H, Sq, Sk) per sparse site, in the model's token order, instead
+        of the report's masks (DFSAttn's run-time masks, masks of a reordered site)."""
         super().__init__()
-        self.sites, self.masks, self.calls = report.sites, report.masks_at(timestep), 0
+        self.sites, self.calls = report.sites, 0
+        self.masks = report.masks_at(timestep) if token_masks is None else {}
+        self.token_masks = token_masks or {}
 
     def _next_site(self):
         site = self.sites[self.calls]
@@ -40,12 +44,17 @@ class masked_sites(TorchFunctionMode):
             site = self._next_site()
             if site.status == "sparse":
                 scores = args[0]
-                allowed = token_mask(self.masks[site.name], scores.shape[-2], scores.shape[-1])
+                allowed = self._allowed(site, scores.shape[-2], scores.shape[-1])
                 return func(scores.masked_fill(~allowed, float("-inf")), *args[1:], **kwargs)
         return func(*args, **kwargs)
 
+    def _allowed(self, site, q_len, kv_len):
+        if site.name in self.token_masks:
+            return self.token_masks[site.name]
+        return token_mask(self.masks[site.name], q_len, kv_len)
+
     def _sparse(self, site, q, k, v, attn_mask, scale):
-        allowed = token_mask(self.masks[site.name], q.shape[-2], k.shape[-2])[None]
+        allowed = self._allowed(site, q.shape[-2], k.shape[-2])
         if attn_mask is not None:  # the key-padding mask the backend honours
             allowed = allowed & attn_mask.bool().cpu()
         out = F.scaled_dot_product_attention(

@@ -41,6 +41,8 @@ def test_string_backend_with_options_matches_eager():
         ({"compiler": "tvm"}, "option 'compiler' must be one of 'inductor', 'aot_eager', 'eager'"),
         ({"report": "yes"}, "option 'report' must be True or False"),
         ({"token_grid": (4, 8)}, "option 'token_grid' must be three positive ints"),
+        ({"mode": "fastest"}, "option 'mode' must be one of"),
+        ({"mode": "reduce-overhead", "compiler": "eager"}, "option 'mode' needs compiler='inductor'"),
     ],
 )
 def test_bad_options_name_the_option(options, message):
@@ -54,6 +56,25 @@ def test_bad_options_through_torch_compile():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="densty"):
         torch.compile(model, backend="scalingattn", options={"densty": 0.5})(**inputs)
+
+
+def test_mode_reaches_the_inner_inductor():
+    """`torch.compile(..., backend="scalingattn", mode=...)`: torch hands the backend `mode`
+    (it takes options or mode, not both); the rewritten graph compiles with that mode's
+    inductor settings (CUDA graphs for "reduce-overhead"; on the CPU inductor skips them)."""
+    model, inputs = tiny_wan()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        out = torch.compile(model, backend="scalingattn", mode="reduce-overhead")(**inputs)[0]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] >= 1  # cudagraphs were asked for
+    backend = ScalingAttnBackend(density=0.5, calibration_samples=1)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, mode="max-autotune-no-cudagraphs")(**inputs)
+    assert backend.config.mode == "max-autotune-no-cudagraphs" and backend.report.config["mode"] == "max-autotune-no-cudagraphs"
 
 
 def test_report_env_var(monkeypatch):

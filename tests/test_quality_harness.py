@@ -9,11 +9,16 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def load_harness():
     spec = importlib.util.spec_from_file_location("benchmark_quality", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    module = load_harness()
     out = tmp_path_factory.mktemp("quality")
     result = module.main(["--quick", "--device", "cpu", "--out", str(out), "--cache-dir", str(out / "cache")])
     return out, result
@@ -35,7 +40,7 @@ def test_writes_json_and_contact_sheet(quick_run):
 def test_variants_and_metrics(quick_run):
     _, data = quick_run
     by_name = {v["variant"]: v for v in data["variants"]}
-    assert set(by_name) == {"all_blocks@1", "west:fast@0.5", "west:uniform:0.2@0.5", "window_3d@0.5"}
+    assert set(by_name) == {"all_blocks@1", "west:fast@0.5", "west:uniform:0.2@0.5", "window_3d@0.5", "dfsattn@0.5"}
     for v in data["variants"]:
         assert len(v["videos"]) == 1
         assert -1 <= v["ssim_mean"] <= 1 + 1e-12
@@ -57,6 +62,11 @@ def test_variants_and_metrics(quick_run):
     # 2 steps with 20% warm-up: round(0.4) = 0 dense steps, so one density everywhere
     assert by_name["west:uniform:0.2@0.5"]["schedule"] == "uniform"
     assert by_name["west:fast@0.5"]["schedule"] == "fast"
+    # DFSAttn: run-time masks in Hilbert order, keep ratios fitted to the density with dense steps counted
+    dfs = by_name["dfsattn@0.5"]
+    assert dfs["schedule"] == "dfsattn" and dfs["token_order"] == "hilbert" and dfs["calibration_recall_mean"] is None
+    assert dfs["density_used"]["self_attention_sites_with_dense_steps"] == pytest.approx(0.5, abs=1 / 6)
+    assert dfs["dfsattn"]["refreshes_run"] > 0 and dfs["dfsattn"]["scoring_seconds"] > 0
     # west calibrates: its compile reports where the topology came from
     assert any("calibrated" in origin for origin in by_name["west:fast@0.5"]["topology_origin"])
 
@@ -70,3 +80,21 @@ def test_density_one_matches_dense(quick_run):
     # platforms' summation orders while failing at once on any masked or misplaced block (< 30 dB).
     assert full["psnr_mean"] >= 40, full["psnr_mean"]
     assert full["ssim_mean"] > 0.999
+
+
+@pytest.mark.parametrize("density", [0.5, 0.25, 0.1])
+def test_dfsattn_variant_matches_the_density_with_dense_steps_counted(density):
+    from scaling_compiler.policies.dfsattn import DFSSchedule
+
+    harness = load_harness()
+    options = harness.backend_options("dfsattn", density, "eager", steps=30, num_k_blocks=72)  # 9x64x64 video
+    assert options["policy"] == "dfsattn" and options["dense_layers"] == ()
+    assert options["dense_steps"] == round(min(12 / 50, density / 2) * 30)
+    assert options["refresh_interval"] == (30 - options["dense_steps"]) // 3
+    ratios = options["keep_ratios"]
+    assert ratios[0] > ratios[1] > ratios[2] and ratios[0] / ratios[2] == pytest.approx(3, rel=0.01)
+    schedule = DFSSchedule(num_steps=30, dense_steps=options["dense_steps"], keep_ratios=ratios, dense_layers=(),
+                           refresh_interval=options["refresh_interval"])
+    assert schedule.density_report(1, 30, 72).including_dense_steps == pytest.approx(density, rel=0.03)
+    with pytest.raises(ValueError, match="dense steps"):
+        harness.backend_options("dfsattn:0.5", density, "eager", steps=30)

@@ -5,6 +5,9 @@ on a copy of the graph (dynamo's own GraphModule must not gain inputs in place).
 passes the returned tensors after the original arguments at every call. A site whose
 masks vary by step gets its masks at every density plus the per-step choice, and the graph
 picks the step's masks from the timestep input (`ops.step_masks`).
+
+With the DFSAttn policy (`rewrite_graph_dfs`) the sites call the DFSAttn op instead, which takes
+the timestep input and an int naming the site's run-time state; the graph gains no input.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from ..sites import AttentionSite
 from .tune import SitePlan
 
 _OP = torch.ops.scaling_compiler.block_sparse_attention.default
+_DFS_OP = torch.ops.scaling_compiler.dfs_attention.default
 
 
 def rewrite_graph(
@@ -67,20 +71,36 @@ def rewrite_graph(
                 extra.append(timesteps.to(site.device))
             with graph.inserting_before(copies[site.node]):
                 mask = graph.call_function(step_masks, (*placeholders, timestep, step_times))
-        _replace_site(graph, site, copies, mask)
+        _replace_site(graph, site, copies, _OP, (mask,))
 
     graph.lint()
     return torch.fx.GraphModule(gm, graph), extra
 
 
-def _replace_site(graph: torch.fx.Graph, site: AttentionSite, copies: dict, mask: torch.fx.Node) -> None:
+def rewrite_graph_dfs(
+    gm: torch.fx.GraphModule, sites: list[AttentionSite], site_ids: dict[str, int], timestep_input: int
+) -> torch.fx.GraphModule:
+    """Copy of `gm` in which the sites in `site_ids` call the DFSAttn op with their id."""
+    graph = torch.fx.Graph()
+    copies: dict[torch.fx.Node, torch.fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, copies))
+    timestep = [n for n in graph.nodes if n.op == "placeholder"][timestep_input]
+    for site in sites:
+        if site.name in site_ids:
+            _replace_site(graph, site, copies, _DFS_OP, (timestep, site_ids[site.name]))
+    graph.lint()
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _replace_site(graph: torch.fx.Graph, site: AttentionSite, copies: dict, op, args: tuple) -> None:
+    """Call `op(q, k, v, *args, scale, key_padding)` in place of the site."""
     node = copies[site.node]
     q, k, v = copies[site.q_node], copies[site.k_node], copies[site.v_node]
     with graph.inserting_before(node):
         key_padding = None
         if site.key_padding:
             key_padding = graph.call_method("reshape", (copies[site.mask_node], -1, site.kv_len))
-        sparse = graph.call_function(_OP, (q, k, v, mask, site.scale, key_padding))
+        sparse = graph.call_function(op, (q, k, v, *args, site.scale, key_padding))
     sparse.meta.update({k_: v_ for k_, v_ in node.meta.items() if k_ in ("nn_module_stack", "stack_trace")})
     node.replace_all_uses_with(sparse)
     _erase_dead_chain(graph, node, stop_at={q, k, v})

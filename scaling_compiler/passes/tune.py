@@ -213,7 +213,8 @@ class SitePlan:
 
     @property
     def static(self) -> bool:
-        return self.level_index.shape[0] == 1
+        """Every step uses the same masks (one step, or a schedule flat over steps)."""
+        return bool((self.level_index == self.level_index[:1]).all())
 
     @functools.cached_property
     def words(self) -> torch.Tensor:

@@ -270,6 +270,11 @@ class MaskCache:
     def reset(self) -> None:
         self._entries.clear()
 
+    def current(self, name: str) -> torch.Tensor | None:
+        """The site's packed masks in use: those of its last refresh, None before one or after a dense step."""
+        entry = self._entries.get(name)
+        return None if entry is None else entry.words
+
     def masks_for(self, name: str, step: int, scores_fn: ScoresFn) -> torch.Tensor | None:
         layer, site = self._sites[name]
         if not 0 <= step < len(self.plan):
