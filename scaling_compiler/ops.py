@@ -79,6 +79,7 @@ def _sparse_attention(q, k, v, mask_words, scale, key_padding) -> torch.Tensor:
     return out.contiguous()
 
 
+@torch.library.custom_op("scaling_compiler::step_masks", mutates_args=())
 def step_masks(
     words: torch.Tensor,  # int32 (L, H, Nq, W): packed masks at each of the site's densities
     level_index: torch.Tensor,  # int64 (steps, H): the density each head uses at each step
@@ -87,15 +88,21 @@ def step_masks(
 ) -> torch.Tensor:  # int32 (H, Nq, W)
     """The masks of the current diffusion step, picked on the device from the timestep.
 
-    Called inside the rewritten graph (inductor compiles it), so masks follow the sampler
-    with no host sync, hook or recompilation: the step is the one whose timestep is nearest.
-    All batch entries share the first entry's step (CFG's two halves run the same step).
+    Called inside the rewritten graph, so masks follow the sampler with no host sync, hook or
+    recompilation: the step is the one whose timestep is nearest. All batch entries share the
+    first entry's step (CFG's two halves run the same step). An opaque op rather than traced
+    indexing: a few tiny kernels per call, and the inner compiler sees plain tensors in and out.
     """
     t = timestep.reshape(-1)[:1].to(step_timesteps.device, torch.float32)
     step = (step_timesteps - t).abs().argmin().reshape(1)
     levels = level_index.index_select(0, step).squeeze(0)  # (H,)
     heads = torch.arange(levels.shape[0], device=words.device)
     return words[levels, heads]
+
+
+@step_masks.register_fake
+def _(words, level_index, timestep, step_timesteps):
+    return words.new_empty(words.shape[1:])
 
 
 def step_timesteps(timestep_max: float, steps: int, timesteps: tuple[float, ...] | None) -> torch.Tensor:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from ..ops import step_masks  # importing ops also registers torch.ops.scaling_compiler
+from .. import ops  # noqa: F401  (registers torch.ops.scaling_compiler)
 from ..sites import AttentionSite
 from .tune import SitePlan
 
 _OP = torch.ops.scaling_compiler.block_sparse_attention.default
 _DFS_OP = torch.ops.scaling_compiler.dfs_attention.default
+_STEP_MASKS_OP = torch.ops.scaling_compiler.step_masks.default
 
 
 def rewrite_graph(
@@ -70,7 +71,7 @@ def rewrite_graph(
                     anchor = step_times = graph.placeholder("scalingattn_timesteps")
                 extra.append(timesteps.to(site.device))
             with graph.inserting_before(copies[site.node]):
-                mask = graph.call_function(step_masks, (*placeholders, timestep, step_times))
+                mask = graph.call_function(_STEP_MASKS_OP, (*placeholders, timestep, step_times))
         _replace_site(graph, site, copies, _OP, (mask,))
 
     graph.lint()
