@@ -218,9 +218,12 @@ def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
 
 
 def _config_dict(config: Config) -> dict[str, Any]:
-    """The config as JSON values (user calibration inputs are summarised by their count)."""
+    """The config as JSON values, the active policy's options only (user calibration inputs are
+    summarised by their count)."""
     result = {}
     for field in dataclasses.fields(config):
+        if field.name in config.foreign_options():
+            continue
         value = getattr(config, field.name)
         if field.name == "calibration_inputs" and value is not None:
             value = f"{len(value)} user inputs"

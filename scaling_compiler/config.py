@@ -230,6 +230,10 @@ class Config:
             object.__setattr__(self, "token_grid", grid)
         self._check_token_order()
 
+    def foreign_options(self) -> tuple[str, ...]:
+        """Options of the other policy: at their defaults, and meaningless for this config."""
+        return _DFSATTN_OPTIONS if self.policy is Policy.WEST_FAST else _WEST_FAST_OPTIONS
+
     def _check_policy(self) -> None:
         """The policy, its own options, and no option of the other policy."""
         _check_choice(self, "policy", Policy)
@@ -237,8 +241,7 @@ class Config:
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        foreign = _DFSATTN_OPTIONS if self.policy is Policy.WEST_FAST else _WEST_FAST_OPTIONS
-        for name in foreign:
+        for name in self.foreign_options():
             if getattr(self, name) != defaults[name]:
                 raise ValueError(f"option {name!r} does not apply to policy={self.policy.value!r}")
         for name, least in (("dense_steps", 0), ("refresh_interval", 1)):
