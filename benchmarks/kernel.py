@@ -19,7 +19,6 @@ import datetime
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scaling_compiler.cost_model import slug  # noqa: E402
 from scaling_compiler.kernels.bitmask import BLOCK_SIZE, num_blocks, pack_block_mask, to_flex_block_mask  # noqa: E402
 
 # name: (B, H, S, D, (frames, height, width) token grid)
@@ -127,10 +127,6 @@ def bench(fn, dry_run=False):
 
 def gpu_name():
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def slug(name):
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def env_info():

@@ -49,7 +49,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -65,6 +64,7 @@ from tabulate import tabulate  # noqa: E402
 from scaling_compiler import ScalingAttnBackend  # noqa: E402
 from scaling_compiler.cache import CACHE_DIR_ENV_VAR  # noqa: E402
 from scaling_compiler.config import DEFAULT_CALIBRATION_SAMPLES  # noqa: E402
+from scaling_compiler.cost_model import slug  # noqa: E402
 from scaling_compiler.kernels.bitmask import num_blocks, unpack_block_mask  # noqa: E402
 from scaling_compiler.models import synthetic_videos as sv  # noqa: E402
 from scaling_compiler.models.sampling import (  # noqa: E402
@@ -197,10 +197,8 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def slug(name: str, device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+def result_slug(name: str, device: torch.device) -> str:
+    return slug(name) if device.type == "cuda" else "cpu"
 
 
 def sync(device: torch.device) -> None:
@@ -446,7 +444,7 @@ def _run(args, device, dtype, out) -> dict:
     print(f"dense: sampled in {dense_s:.1f} s. Self-attention densities are FLOP-weighted over sites and "
           f"averaged over steps; 'w/o dense steps' leaves out the steps where every site is dense.")
 
-    device_slug = slug(name, device) + (f"_{args.tag}" if args.tag else "")
+    device_slug = result_slug(name, device) + (f"_{args.tag}" if args.tag else "")
     result = {
         "benchmark": "quality",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scaling_compiler import ScalingAttnBackend, zoo
+from scaling_compiler.cost_model import slug
 from scaling_compiler.models import video_dit
 
 DENSITIES = (0.05, 0.1, 0.25, 0.5)
@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"west_{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}{'_quick' if args.quick else ''}.json"
+    path = out / f"west_{slug(gpu)}{'_quick' if args.quick else ''}.json"
     for key in args.models.split(","):
         name, model, inputs = builders[key]()
         result = measure(name, model, inputs, args.samples, device)

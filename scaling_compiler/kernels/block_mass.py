@@ -13,15 +13,12 @@ ms on an H100, where the chunked torch path spends ~0.2 s in fp32 scores and the
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .bitmask import BLOCK_SIZE, num_blocks
-
-LOG2E = 1.4426950408889634
+from .block_sparse_attention import LOG2E, interpreting
 
 DEFAULT_CHUNK_BYTES = 1 << 30  # scores held at once (fp32)
 
@@ -40,7 +37,7 @@ def block_mass(
     CUDA tensors go through the Triton kernel (`block_mass_triton`), others through chunked
     torch matmuls in float32.
     """
-    if q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if q.is_cuda and not interpreting():
         return block_mass_triton(q, k, scale, key_padding)
     batch, heads, q_len, _ = q.shape
     kv_len = k.shape[2]
@@ -172,12 +169,11 @@ def block_mass_triton(
         keep_arg, keep_stride = keep, (keep.stride(0) if keep.shape[0] > 1 else 0)
     else:
         keep_arg, keep_stride = mass, 0  # never read
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     _block_mass_kernel[(nq, batch * heads)](
         q, k, keep_arg, mass, *q.stride(), *k.stride(), keep_stride,
         heads, q_len, kv_len, nq, nk, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK=BLOCK_SIZE,
-        HAS_PADDING=key_padding is not None, UPCAST=interpreting and q.dtype != torch.float32,
+        HAS_PADDING=key_padding is not None, UPCAST=interpreting() and q.dtype != torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=8, num_stages=3,
     )

@@ -52,7 +52,8 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -79,7 +80,7 @@ def _patch_interpreter_scalar_index():
     interpreter._patch_lang_tensor = patched
 
 
-if _interpreting():
+if interpreting():
     _patch_interpreter_scalar_index()
 
 
@@ -202,7 +203,7 @@ _SMEM_MARGIN = 1024  # barriers and scratch the compiler adds (40 bytes seen for
 
 
 def _max_shared_mem(device: torch.device) -> int:
-    if _interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         return SMEM_FALLBACK
     return _device_shared_mem(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -489,7 +490,7 @@ def block_sparse_attention(
     reason = unsupported_reason(q, k, v)
     if reason is not None:
         raise ValueError(f"block_sparse_attention cannot take these inputs: {reason}")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError(f"block_sparse_attention runs on CUDA (or with TRITON_INTERPRET=1), got {q.device}; "
                          "use reference.blockwise_attention on the CPU")
     B, H, Sq, D = q.shape
@@ -522,7 +523,7 @@ def block_sparse_attention(
 
     k_tma = v_tma = None
     if use_tma is None:
-        use_tma = TensorDescriptor is not None and (_interpreting() or torch.cuda.get_device_capability(q.device)[0] >= 9)
+        use_tma = TensorDescriptor is not None and (interpreting() or torch.cuda.get_device_capability(q.device)[0] >= 9)
     if use_tma and D == head_dim_pad:
         k_tma, v_tma = _tma_2d_view(k, D), _tma_2d_view(v, D)
     use_tma = k_tma is not None and v_tma is not None
@@ -543,7 +544,7 @@ def block_sparse_attention(
             stride_rz, 1, H, Sq, Sk, nq, nk, k_ld, v_ld)
     const = dict(HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, USE_TMA=use_tma,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    if config is None and not _interpreting():
+    if config is None and not interpreting():
         # K_TAIL_TILES depends on BLOCK_N; the autotuned configs share one BLOCK_N-independent
         # bound (a tail of r keys needs at most ceil(r / 64) tiles), masked by the loop bound.
         _attn_fwd_tuned[grid](*args, K_TAIL_TILES=k_tail_tiles(64), **const)
