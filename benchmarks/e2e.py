@@ -24,10 +24,9 @@ Variants (one process, same weights and inputs, in this order by default):
   (`timesteps=` the 50 flow-matching timesteps, shift 3 at 480p, 5 at 720p). The masks of each
   step are picked in the graph from the timestep input; `--fast-steps` (10) evenly spaced steps of
   the 50 are timed and their latencies averaged.
-- a `+cg` suffix runs the variant under CUDA graphs: `mode="reduce-overhead"` for dense; our
-  backend cannot take `mode` (torch passes it to the backend as a keyword it does not accept), so
-  its inductor call runs under `torch._inductor.config.triton.cudagraphs = True`, which is what
-  `mode="reduce-overhead"` sets. `cudagraph_skips` counts graphs inductor refused to capture.
+- a `+cg` suffix runs the variant under CUDA graphs: `torch.compile(..., mode="reduce-overhead")`
+  for dense and ours alike (torch hands `mode` to our backend, which passes that mode's settings to
+  its inner inductor). `cudagraph_skips` counts graphs inductor refused to capture.
 
 Measured per variant:
 - latency: median of `--reps` synchronised calls after `--warmup` calls (wall clock, host overhead
@@ -87,6 +86,7 @@ sys.path.insert(0, str(ROOT))
 
 from tabulate import tabulate  # noqa: E402
 
+from benchmarks.common import one_thread  # noqa: E402
 from scaling_compiler import PassReport, ScalingAttnBackend  # noqa: E402
 from scaling_compiler.cache import CACHE_DIR_ENV_VAR  # noqa: E402
 from scaling_compiler.cost_model import slug  # noqa: E402
@@ -283,23 +283,11 @@ def backend_options(variant: Variant, settings: Settings, timesteps: list[float]
 
 def compile_model(model: torch.nn.Module, variant: Variant, settings: Settings,
                   options: dict[str, Any]) -> tuple[Callable[..., Any], ScalingAttnBackend | None]:
+    mode = "reduce-overhead" if variant.cuda_graphs else None
     if variant.schedule is None:
-        mode = "reduce-overhead" if variant.cuda_graphs else None
         return torch.compile(model, backend=settings.dense_backend, mode=mode, dynamic=False), None
     backend = ScalingAttnBackend(**options)
-    return torch.compile(model, backend=backend, dynamic=False), backend
-
-
-@contextlib.contextmanager
-def inner_cuda_graphs(enabled: bool) -> Iterator[None]:
-    """CUDA graphs for our backend's inner inductor call (what mode="reduce-overhead" sets)."""
-    if not enabled:
-        yield
-        return
-    import torch._inductor.config as inductor_config
-
-    with inductor_config.patch({"triton.cudagraphs": True}):
-        yield
+    return torch.compile(model, backend=backend, mode=mode, dynamic=False), backend
 
 
 def counters() -> dict[str, int]:
@@ -360,8 +348,7 @@ def measure_variant(model: torch.nn.Module, inputs: Inputs, section_key: str, ba
     backend_name = "scalingattn" if variant.schedule else settings.dense_backend
     result = VariantResult(section_key, batch, variant.name, backend_name, _jsonable(options))
     if variant.cuda_graphs:
-        result.cuda_graphs = ("torch.compile(mode='reduce-overhead')" if backend_name != "scalingattn"
-                              else "inner inductor under torch._inductor.config.triton.cudagraphs=True")
+        result.cuda_graphs = "torch.compile(mode='reduce-overhead')"
     result.timed_timesteps = timed_timesteps(variant, timesteps, settings.fast_steps)
     release()
     compiled, backend = compile_model(model, variant, settings, options)
@@ -372,7 +359,7 @@ def measure_variant(model: torch.nn.Module, inputs: Inputs, section_key: str, ba
         return compiled(**inputs.at(t))
 
     first, cuda = result.timed_timesteps[0], settings.cuda
-    with torch.no_grad(), inner_cuda_graphs(variant.cuda_graphs and backend is not None):
+    with torch.no_grad():
         before = counters()
         reset_peak(cuda)
         result.compile_s = timed_call(lambda: call(first), cuda) / 1e3
@@ -744,16 +731,6 @@ def sdpa_priority(choice: str, device: str) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def one_thread(enabled: bool) -> Iterator[None]:
-    """--quick: one CPU thread; on a busy 2-core machine two threads stall each other (up to 40x slower)."""
-    threads = torch.get_num_threads()
-    if enabled:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def log(message: str) -> None:

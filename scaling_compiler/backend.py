@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
+from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .config import Config, InnerCompiler, MaskRule, Policy
@@ -102,7 +103,7 @@ class ScalingAttnBackend:
         # asked for explicitly: shown at the default log level; else TORCH_LOGS="+scaling_compiler"
         log.log(logging.WARNING if config.report else logging.DEBUG, "%s", report)
 
-        compiled = _inner_compile(config, rewritten, example_inputs + extra_inputs)
+        compiled = _inner_compile(config, rewritten, example_inputs + _static_examples(extra_inputs, example_inputs))
         return lambda *args: compiled(*args, *extra_inputs)
 
     def _compile_dfsattn(self, gm: torch.fx.GraphModule, example_inputs: list[Any], sites: list) -> CompiledFn:
@@ -186,6 +187,19 @@ def _inner_compile(config: Config, gm: torch.fx.GraphModule, inputs: list[Any]) 
 
         return lookup_backend("aot_eager")(gm, inputs)
     return gm.forward
+
+
+def _static_examples(extra_inputs: list[torch.Tensor], example_inputs: list[Any]) -> list[torch.Tensor]:
+    """The mask tensors as fake tensors of fixed shape in dynamo's fake mode.
+
+    Handed over as real tensors, AOT autograd fakeifies them with fresh dynamic size symbols that
+    dynamo's guards cannot name (no source): a guard on one fails the whole compile with
+    "sources must not be empty for symbol sN".
+    """
+    fake_mode = detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        return extra_inputs
+    return [fake_mode.from_tensor(tensor, static_shapes=True) for tensor in extra_inputs]
 
 
 def _timestep_input(gm: torch.fx.GraphModule, example_inputs: list[Any], config: Config) -> tuple[int | None, float]:

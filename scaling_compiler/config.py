@@ -110,7 +110,8 @@ class Config:
     each; at run time the model's timestep input picks the nearest."""
 
     warmup: float = 0.0
-    """Uniform schedule only: the fraction of steps that run dense before the sparse ones."""
+    """The fraction of steps that run dense before the sparse ones (uniform or FAST schedule); the
+    `density` target counts them, so the sparse steps run sparser."""
 
     timestep_max: float | None = None
     """Timestep at the first (noisiest) step; default: 1000 if the example timestep is > 1, else 1."""
@@ -215,8 +216,6 @@ class Config:
             raise ValueError(f"option 'num_steps' must be an int >= 1, got {self.num_steps!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float)) or not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"option 'warmup' must be a fraction in [0, 1), got {self.warmup!r}")
-        if self.warmup and self.schedule is not ScheduleKind.UNIFORM:
-            raise ValueError("option 'warmup' applies to schedule='uniform' only (FAST grades density instead)")
         if self.timestep_max is not None and not (isinstance(self.timestep_max, (int, float)) and self.timestep_max > 0):
             raise ValueError(f"option 'timestep_max' must be a positive number, got {self.timestep_max!r}")
         if not isinstance(self.cache, bool):

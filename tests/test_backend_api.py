@@ -77,6 +77,31 @@ def test_mode_reaches_the_inner_inductor():
     assert backend.config.mode == "max-autotune-no-cudagraphs" and backend.report.config["mode"] == "max-autotune-no-cudagraphs"
 
 
+@pytest.mark.parametrize("schedule", ["uniform", "fast"])
+def test_mask_inputs_add_no_symbols_to_dynamos_shape_env(schedule):
+    """The rewritten graph's extra inputs (masks, per-step levels, timesteps) have fixed shapes.
+
+    A symbol the inner compiler made for one of them has no source among dynamo's inputs, and any
+    guard on it fails the compile ("sources must not be empty for symbol sN", seen on the GPU).
+    """
+    model, inputs = tiny_wan()
+    ours = ScalingAttnBackend(density=0.25, schedule=schedule, calibration_samples=1, cache=False)
+    new_symbols = []
+
+    def backend(gm, example_inputs):
+        shape_env = torch._guards.detect_fake_mode(example_inputs).shape_env
+        before = set(shape_env.backed_var_to_val)
+        compiled = ours(gm, example_inputs)
+        new_symbols.extend(set(shape_env.backed_var_to_val) - before)
+        return compiled
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(**inputs)
+    assert ours.report.schedule == schedule and len(ours.report.plans) == 2
+    assert new_symbols == []
+
+
 def test_report_env_var(monkeypatch):
     monkeypatch.setenv("SCALINGATTN_REPORT", "1")
     assert Config.from_options({}).report is True

@@ -5,6 +5,7 @@ import torch
 from scaling_compiler.kernels.bitmask import unpack_block_mask
 from scaling_compiler.masks import with_text_dense
 from scaling_compiler.policies.dfsattn import (
+    DEFAULT_CHUNK_BYTES,
     DFSSchedule,
     MaskCache,
     block_scores,
@@ -45,6 +46,44 @@ def test_block_scores_chunked_and_low_precision():
                                atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="tile"):
         block_scores(q, k, 0.2, tile=24)
+
+
+# Tolerance on CUDA, fp32 and bf16 inputs alike: block_scores upcasts to fp32 before pooling, so on
+# bf16 inputs it computes in fp32 from the exact bf16 values that the float64 reference sees
+# (upcast); what differs is fp32 rounding, in another order than on the CPU (cuBLAS dot products
+# of length 128, the softmax over ~190 key tiles, sums of 64 tile probabilities per block). Here
+# the logits have std ~4 and the scores reach ~4. Measured on an H100 (seeds 0-4, IEEE fp32
+# matmuls): max abs error 1.2e-6 to 2.5e-6 for fp32 and bf16 inputs alike, ~10 fp32 ulps of the
+# largest scores and above the CPU tests' ATOL. 1e-5 leaves 4x and still fails on reduced-precision
+# arithmetic: TF32 matmuls give 1.1e-3 to 2.0e-3 at this shape.
+CUDA_ATOL = 1e-5
+
+
+def _clustered_qk(q_len: int, kv_len: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 q, k on the CPU with a component shared by runs of 32 tokens: tile means far from 0,
+    peaked tile softmax (logit std ~4), plus token noise."""
+    g = torch.Generator().manual_seed(seed)
+
+    def one(length: int) -> torch.Tensor:
+        shared = torch.randn(1, 2, -(-length // 32), dim, generator=g).repeat_interleave(32, dim=2)[:, :, :length]
+        return 2.0 * shared + 0.5 * torch.randn(1, 2, length, dim, generator=g)
+
+    return one(q_len), one(kv_len)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_block_scores_on_cuda_match_float64_reference(dtype, monkeypatch):
+    # 4100 = 32 * 128 + 4 queries and 3000 = 23 * 128 + 56 keys: tail tiles and tail blocks, D = 128
+    # as in Wan; ~250 x 190 tiles per head (the reference loops over tile pairs in Python: ~2 s)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # the tolerance assumes IEEE fp32
+    q, k = (x.to(dtype) for x in _clustered_qk(4100, 3000, 128, seed=0))
+    scale = 128**-0.5
+    reference = block_scores_reference(q, k, scale)  # from the same (bf16-rounded) values, in float64
+    for chunk in (DEFAULT_CHUNK_BYTES, 1 << 16):  # one chunk; 7 chunks of 5 query blocks
+        scores = block_scores(q.cuda(), k.cuda(), scale, max_chunk_bytes=chunk)
+        assert scores.device.type == "cuda" and scores.dtype == torch.float32
+        torch.testing.assert_close(scores.cpu().double(), reference, atol=CUDA_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("keep", [1.0, 0.3, 0.1, 0.01, 0.29])

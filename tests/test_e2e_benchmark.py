@@ -2,26 +2,16 @@
 
 About 20 s on two cores: three compiles of a 2-layer model at 1024 tokens, one timed call each.
 """
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-E2E = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e.py"
-
-
-def load_e2e():
-    spec = importlib.util.spec_from_file_location("e2e_benchmark", E2E)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+from .benchmark_scripts import load_benchmark
 
 
 def test_quick_mode_measures_each_variant(tmp_path):
-    e2e = load_e2e()
+    e2e = load_benchmark("e2e.py")
     payload = e2e.main(["--quick", "--variants", "dense,uniform-0.25,fast-0.25", "--reps", "1", "--fast-steps", "2",
                         "--no-dense-recompile", "--out-dir", str(tmp_path)])
     results = {r["variant"]: r for r in payload["results"]}

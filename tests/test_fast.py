@@ -81,6 +81,20 @@ def test_uniform_schedule_with_warmup():
         uniform_schedule([2], steps=10, density=0.1, warmup=0.2)
 
 
+@pytest.mark.parametrize("target", [0.3, 0.2])
+def test_fast_schedule_after_dense_warmup(target):
+    """FAST with warm-up: the first 10% of steps dense, the surface fitted over the rest, and the
+    mean over all steps (dense ones counted) on target."""
+    curves = [fidelity_curve(peaked_topology(seed=s)) for s in range(6)]
+    schedule = fast_schedule(curves, steps=30, density=target, min_fidelity=None, warmup=0.1)
+    assert abs(schedule.mean_density - target) <= 0.01 * target
+    for i in range(6):
+        density = schedule.density(i)
+        assert (density[:3] == 1.0).all() and (density[3:] < 1.0).any()
+    with pytest.raises(ValueError, match="warmup"):
+        fast_schedule(curves, steps=10, density=0.1, min_fidelity=None, warmup=0.2)
+
+
 def compile_wan(**options):
     torch.manual_seed(0)
     model = zoo.build("WanTransformer3DModel")
@@ -160,6 +174,21 @@ def test_cost_model_keeps_slow_sites_dense():
     assert not any(isinstance(p, str) for p in ideal_plans.values())
 
 
+@pytest.mark.parametrize("density, sparse_per_flop, sparse", [
+    (1.0, 0.99e-12, False),  # all blocks, 1% faster than dense on paper: not worth it
+    (1.0, 0.90e-12, True),
+    (0.5, 1.88e-12, True),  # 6% faster
+    (0.5, 1.92e-12, False),  # 4% faster: inside the margin
+])
+def test_cost_model_needs_a_margin_over_dense(density, sparse_per_flop, sparse):
+    sites = detected_sites()
+    cost = CostModel("test", sparse_per_flop, 0.0, 1e-12)
+    plans, _ = plan_sites(sites, None, Config(density=density, masks="local_band"), 1, cost)
+    assert all(isinstance(p, str) != sparse for p in plans.values())
+    if not sparse:
+        assert all("not 5% below dense" in p for p in plans.values())
+
+
 def test_table_cost_model_from_measured_h100_table():
     from scaling_compiler.cost_model import TABLES
 
@@ -204,8 +233,8 @@ def test_fidelity_curve_uses_sampled_rows():
 def test_option_validation():
     with pytest.raises(ValueError, match="'density' and 'min_fidelity' are exclusive"):
         Config(density=0.5, min_fidelity=0.9)
-    with pytest.raises(ValueError, match="'warmup' applies to schedule='uniform'"):
-        Config(density=0.5, warmup=0.2)
+    with pytest.raises(ValueError, match="option 'warmup' must be a fraction"):
+        Config(density=0.5, warmup=1.0)
     with pytest.raises(ValueError, match="needs masks='west'"):
         Config(masks="window_3d", schedule="fast")
     with pytest.raises(ValueError, match="'num_steps'"):

@@ -157,7 +157,9 @@ def calibrate(
                      time.perf_counter() - start)
     return {
         site.name: SiteTopology(
-            thresholds=capture.thresholds[site.name], mass=capture.mass_sum[site.name] / batch_total,
+            # on the host: only the tuning pass and the report read them, and on a GPU they would
+            # hold (H, Nq, Nk) floats per site for as long as the compiled model lives
+            thresholds=capture.thresholds[site.name].cpu(), mass=(capture.mass_sum[site.name] / batch_total).cpu(),
             q_len=site.q_len, kv_len=site.kv_len, token_grid=site.token_grid, text_spans=site.text_spans,
             source="calibrated", row_mass=torch.cat(capture.row_mass[site.name], dim=1),
             row_blocks=torch.cat(capture.row_blocks[site.name]),
