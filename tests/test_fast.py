@@ -7,7 +7,7 @@ from scaling_compiler.config import Config
 from scaling_compiler.cost_model import CostModel
 from scaling_compiler.passes.detect import detect_sites
 from scaling_compiler.passes.tune import (
-    DENSITY_LADDER, fast_schedule, fidelity_curve, fidelity_from_recall, plan_sites, uniform_schedule,
+    DENSITY_LADDER, HEAD_FLOOR, fast_schedule, fidelity_curve, fidelity_from_recall, plan_sites, uniform_schedule,
 )
 from scaling_compiler.topology import SiteTopology, thresholds_from_significance
 
@@ -61,6 +61,9 @@ def test_fast_schedule_meets_density_target(target):
         per_step = schedule.density(i).mean(-1)
         assert per_step[0] >= per_step[-1]
     assert schedule.density(0)[0].mean() >= schedule.mean_density  # shallowest layer, first step: strict
+    # the per-head floor: no (layer, step, head) takes a ladder density below half the target
+    for densities, index in zip(schedule.densities, schedule.index):
+        assert torch.tensor(densities)[index].min() >= HEAD_FLOOR * target - 1e-12
 
 
 def test_min_fidelity_floor_holds_everywhere():

@@ -14,9 +14,9 @@ WEST fixes *where* each head's blocks are (threshold maps); this pass fixes *how
   centres: l + 1/2, t + 1/2), the
   target fidelity is `beta * (1 - x)**gamma + (1 - beta)`: strict for early steps and shallow
   layers, looser later. Each (layer, step, head) takes the smallest ladder density whose
-  fidelity meets its target. beta may exceed 1 (up to 16): the target then falls below zero,
-  where any density will do, after the first cells, which is what lets low density targets be
-  met at all. (beta, gamma, w) are fitted so the mean density over all
+  fidelity meets its target, but never one below HEAD_FLOOR x the density target. beta may
+  exceed 1 (up to 16): the target then falls below zero, where any density will do, after the
+  first cells, which is what lets low density targets be met at all. (beta, gamma, w) are fitted so the mean density over all
   (layer, step, head) meets the `density` option, maximising mean fidelity; or, with
   `min_fidelity`, beta = 1 - min_fidelity and (gamma, w) minimise density. With `warmup`, the
   first steps are dense and the surface covers the rest.
@@ -46,6 +46,10 @@ DENSITY_LADDER = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.08
 _GAMMAS = (0.5, 1.0, 2.0, 3.0)
 _OMEGAS = (0.25, 0.5, 1.0, 2.0, 4.0)
 _BETA_MAX = 16.0
+# No head of any (layer, step) below this fraction of the density target. Recall-based fidelity
+# rates some heads as fine with one or two key blocks per row; on the trained tiny DiT those heads
+# matter more than it says (benchmarks/NOTES.md, "per-head floor": 17.25 -> 18.06 dB at 0.25).
+HEAD_FLOOR = 0.5
 MIN_PREDICTED_GAIN = 0.05  # a site goes sparse only if predicted this much faster than dense
 
 
@@ -61,6 +65,11 @@ class FidelityCurve:
     densities: tuple[float, ...]  # descending
     fidelity: torch.Tensor  # float64 (H, len(densities)): non-increasing along densities
     kept: torch.Tensor  # float64 (H, len(densities)): kept-block fraction of each mask (>= 1 block per row)
+
+    def at_least(self, floor: float) -> "FidelityCurve":
+        """The curve over the ladder densities >= floor only."""
+        keep = [i for i, density in enumerate(self.densities) if density >= floor - 1e-12]
+        return FidelityCurve(tuple(self.densities[i] for i in keep), self.fidelity[:, keep], self.kept[:, keep])
 
 
 def fidelity_curve(site_map: SiteTopology, densities: tuple[float, ...] = DENSITY_LADDER) -> FidelityCurve:
@@ -144,6 +153,8 @@ def fast_schedule(curves: list[FidelityCurve], steps: int, density: float | None
         rest = fast_schedule(curves, steps - dense_steps, density, min_fidelity)
         rest.index = [torch.cat([torch.zeros(dense_steps, i.shape[1], dtype=torch.int64), i]) for i in rest.index]
         return rest
+    if density is not None:
+        curves = [curve.at_least(HEAD_FLOOR * density) for curve in curves]
     best: tuple[float, Schedule] | None = None
     for gamma, omega in itertools.product(_GAMMAS, _OMEGAS):
         if min_fidelity is not None:
