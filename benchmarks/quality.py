@@ -14,8 +14,8 @@ Variants: "west:fast" (per-head masks calibrated from the weights, densities gra
 step and head by FAST: the method under test), "west:uniform:0.2" (the same masks, one density
 everywhere after 20% dense warm-up steps: the paper's comparison), "west:uniform", and
 "window_3d" (one 3-D local window shared by every head, uniform: the static Radial/STA-like
-baseline). Density 1.0 goes through the backend too: the cost model keeps every site on dense
-SDPA there, so it checks that the compiled model reproduces the dense video (--quick adds it).
+baseline). Density 1.0 keeps every block: it measures the block-wise path's rounding alone
+(--quick adds it).
 
 "dfsattn[:dense_fraction]" is DFSAttn (policy="dfsattn": masks scored at run time from q and k,
 Hilbert token order) at the same average density, dense steps counted: the first

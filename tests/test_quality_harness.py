@@ -44,10 +44,7 @@ def test_variants_and_metrics(quick_run):
                     "self_attention_sites_without_dense_steps", "head_density_min", "head_density_max"):
             assert 0 < used[key] <= 1, (v["variant"], key, used[key])
         assert len(used["per_step_self_attention"]) == 2
-        if v["density_target"] < 1:
-            assert used["sites"]["sparse"] > 0 and used["sites"]["self_attention_left_dense"] == 0
-        else:  # every block: not worth our kernel, so every site stays on dense SDPA (cost model)
-            assert used["sites"]["sparse"] == 0 and v["ssim_mean"] == pytest.approx(1.0, abs=1e-6)
+        assert used["sites"]["sparse"] > 0 and used["sites"]["self_attention_left_dense"] == 0
         # cross-attention stays dense, so the all-sites density is at least the self-attention one
         assert used["all_sites_with_dense_steps"] >= used["self_attention_sites_with_dense_steps"] - 1e-12
     for name in ("west:fast@0.5", "west:uniform:0.2@0.5", "window_3d@0.5"):
