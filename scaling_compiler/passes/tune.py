@@ -48,7 +48,8 @@ _OMEGAS = (0.25, 0.5, 1.0, 2.0, 4.0)
 _BETA_MAX = 16.0
 # No head of any (layer, step) below this fraction of the density target. Recall-based fidelity
 # rates some heads as fine with one or two key blocks per row; on the trained tiny DiT those heads
-# matter more than it says (benchmarks/NOTES.md, "per-head floor": 17.25 -> 18.06 dB at 0.25).
+# matter more than it says (benchmarks/NOTES.md, "per-head floor": 17.25 -> 18.06 dB at 0.25 on
+# the 10-step CPU proxy).
 HEAD_FLOOR = 0.5
 MIN_PREDICTED_GAIN = 0.05  # a site goes sparse only if predicted this much faster than dense
 
