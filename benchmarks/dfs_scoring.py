@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from tabulate import tabulate  # noqa: E402
 
-from benchmarks.common import one_thread  # noqa: E402
+from benchmarks.common import cudnn_first, one_thread  # noqa: E402
 from scaling_compiler.cost_model import slug  # noqa: E402
 from scaling_compiler.policies.dfs_registry import DFSRegistry  # noqa: E402
 from scaling_compiler.policies.dfsattn import (DFSSchedule, MaskCache, block_scores,  # noqa: E402
@@ -208,26 +208,11 @@ def time_lookup(s: Setup, registry: DFSRegistry, step: int, timer: Timer) -> flo
 # ---------------------------------------------------------------------------------------
 # Attention for scale
 # ---------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def dense_backend(cuda: bool) -> Iterator[str]:
-    """cuDNN attention when the GPU has it (the fastest dense SDPA on an H100), else torch's choice."""
-    if not cuda:
-        yield "default (CPU)"
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        yield "cudnn"
-
-
 def time_dense(s: Setup, timer: Timer) -> tuple[float, str]:
+    """Dense SDPA, cuDNN first in torch's priority order on the GPU."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    try:
-        with dense_backend(s.q.is_cuda) as name:
-            return timer(lambda: sdpa(s.q, s.k, s.v, scale=s.scale)), name
-    except RuntimeError as error:  # no cuDNN attention for this GPU / build
-        print(f"cuDNN SDPA unavailable ({str(error)[:120]}); timing the default backend", flush=True)
-        return timer(lambda: sdpa(s.q, s.k, s.v, scale=s.scale)), "default"
+    with cudnn_first(s.q.device.type):
+        return timer(lambda: sdpa(s.q, s.k, s.v, scale=s.scale)), "cudnn first" if s.q.is_cuda else "default (CPU)"
 
 
 def time_sparse(s: Setup, words: torch.Tensor, timer: Timer) -> float | None:

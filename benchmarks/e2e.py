@@ -86,7 +86,7 @@ sys.path.insert(0, str(ROOT))
 
 from tabulate import tabulate  # noqa: E402
 
-from benchmarks.common import one_thread  # noqa: E402
+from benchmarks.common import cudnn_first, one_thread  # noqa: E402
 from scaling_compiler import PassReport, ScalingAttnBackend  # noqa: E402
 from scaling_compiler.cache import CACHE_DIR_ENV_VAR  # noqa: E402
 from scaling_compiler.cost_model import slug  # noqa: E402
@@ -718,21 +718,6 @@ def fresh_caches(args: argparse.Namespace) -> Iterator[dict[str, str]]:
                     os.environ[k] = v
 
 
-@contextlib.contextmanager
-def sdpa_priority(choice: str, device: str) -> Iterator[None]:
-    """cuDNN attention first (the fastest dense SDPA on an H100), then flash, efficient, math."""
-    if choice == "default" or device != "cuda":
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    with sdpa_kernel(order, set_priority=True):
-        yield
-
-
-
-
 def log(message: str) -> None:
     print(f"[{time.monotonic() - START:6.0f} s] {message}", file=sys.stderr, flush=True)
 
@@ -795,7 +780,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = make_settings(args)
     payload = environment(args, settings)
     out_path = output_path(args, payload)
-    with fresh_caches(args) as dirs, sdpa_priority(args.sdpa, settings.device), one_thread(args.quick):
+    dense_sdpa = cudnn_first(settings.device) if args.sdpa == "cudnn" else contextlib.nullcontext()
+    with fresh_caches(args) as dirs, dense_sdpa, one_thread(args.quick):
         payload["cache_dirs"] = dirs
         log(f"{payload['device']}: sections {args.sections}, batch {args.batch}; results to {out_path}")
         run_all(args, settings, payload, out_path)
