@@ -11,7 +11,8 @@ with the dense one (`scaling_compiler.quality`: PSNR over the whole video, SSIM 
 range 2).
 
 Variants: "west:fast" (per-head masks calibrated from the weights, densities graded per layer,
-step and head by FAST: the method under test), "west:uniform:0.2" (the same masks, one density
+step and head by FAST, which also fits a dense warm-up: the method under test; "west:fast:0"
+without warm-up, "west:fast:0.1" with 10% fixed), "west:uniform:0.2" (the same masks, one density
 everywhere after 20% dense warm-up steps: the paper's comparison), "west:uniform", and
 "window_3d" (one 3-D local window shared by every head, uniform: the static Radial/STA-like
 baseline). Density 1.0 keeps every block: it measures the block-wise path's rounding alone

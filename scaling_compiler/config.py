@@ -111,9 +111,10 @@ class Config:
     """The sampler's timesteps (e.g. `scheduler.timesteps`), noisiest first: one schedule step
     each; at run time the model's timestep input picks the nearest."""
 
-    warmup: float = 0.0
-    """The fraction of steps that run dense before the sparse ones (uniform or FAST schedule); the
-    `density` target counts them, so the sparse steps run sparser."""
+    warmup: float | None = None
+    """The fraction of steps that run dense before the sparse ones; the `density` target counts
+    them, so the sparse steps run sparser. None: uniform has none, and FAST's fit chooses it
+    (`passes/tune.py` FIT_WARMUPS); 0 turns FAST's dense steps off."""
 
     timestep_max: float | None = None
     """Timestep at the first (noisiest) step; default: 1000 if the example timestep is > 1, else 1."""
@@ -216,7 +217,8 @@ class Config:
             object.__setattr__(self, "num_steps", len(values))
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"option 'num_steps' must be an int >= 1, got {self.num_steps!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float)) or not 0.0 <= self.warmup < 1.0:
+        if self.warmup is not None and (isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float))
+                                        or not 0.0 <= self.warmup < 1.0):
             raise ValueError(f"option 'warmup' must be a fraction in [0, 1), got {self.warmup!r}")
         if self.timestep_max is not None and not (isinstance(self.timestep_max, (int, float)) and self.timestep_max > 0):
             raise ValueError(f"option 'timestep_max' must be a positive number, got {self.timestep_max!r}")

@@ -6,8 +6,9 @@ from scaling_compiler import ScalingAttnBackend, zoo
 from scaling_compiler.config import Config
 from scaling_compiler.cost_model import CostModel
 from scaling_compiler.passes.detect import detect_sites
+from scaling_compiler.passes import tune
 from scaling_compiler.passes.tune import (
-    DENSITY_LADDER, HEAD_FLOOR, fast_schedule, fidelity_curve, fidelity_from_recall, plan_sites, uniform_schedule,
+    DENSITY_LADDER, FIT_WARMUPS, HEAD_FLOOR, FidelityCurve, _step_weighted_fidelity, fast_schedule, fidelity_curve, fidelity_from_recall, plan_sites, uniform_schedule,
 )
 from scaling_compiler.topology import SiteTopology, thresholds_from_significance
 
@@ -61,9 +62,57 @@ def test_fast_schedule_meets_density_target(target):
         per_step = schedule.density(i).mean(-1)
         assert per_step[0] >= per_step[-1]
     assert schedule.density(0)[0].mean() >= schedule.mean_density  # shallowest layer, first step: strict
-    # the per-head floor: no (layer, step, head) takes a ladder density below half the target
+    # the per-head floor: no (layer, step, head) after the dense steps takes a ladder density below
+    # HEAD_FLOOR x the density those steps have
+    dense = schedule.dense_steps
+    after = (target * 50 - dense) / (50 - dense)
     for densities, index in zip(schedule.densities, schedule.index):
-        assert torch.tensor(densities)[index].min() >= HEAD_FLOOR * target - 1e-12
+        assert torch.tensor(densities)[index[dense:]].min() >= HEAD_FLOOR * after - 1e-12
+    # density never rises from one step to the next (the surface and the warm-up are both monotone)
+    for i in range(6):
+        assert (schedule.density(i)[1:] <= schedule.density(i)[:-1] + 1e-12).all()
+
+
+@pytest.mark.parametrize("target", [0.3, 0.12])
+def test_fast_fits_the_warmup(target):
+    """Without the `warmup` option the fit tries each of FIT_WARMUPS the target allows and keeps the
+    best step-weighted fidelity; warmup=0 turns the dense steps off."""
+    curves = [fidelity_curve(peaked_topology(seed=s)) for s in range(6)]
+    fitted = fast_schedule(curves, steps=30, density=target, min_fidelity=None)
+    assert abs(fitted.mean_density - target) <= 0.01 * target
+    fixed = {f: fast_schedule(curves, steps=30, density=target, min_fidelity=None, warmup=f)
+             for f in FIT_WARMUPS if round(f * 30) < target * 30}
+    assert len(fixed) == (4 if target == 0.3 else 3)  # 6 dense steps of 30 cannot average 0.12
+    assert fitted.dense_steps in {round(f * 30) for f in fixed}
+    scores = {f: _step_weighted_fidelity(s, curves, 30) for f, s in fixed.items()}
+    assert _step_weighted_fidelity(fitted, curves, 30) == pytest.approx(max(scores.values()))
+    assert fixed[0.0].dense_steps == 0 and (fixed[0.0].density(0)[0] < 1.0).any()
+
+
+def test_fast_chooses_dense_steps_when_sparse_levels_buy_nothing():
+    """Heads whose fidelity is the same at every density below 1: only dense steps add fidelity,
+    and early ones weigh most, so the fit takes the longest warm-up the target allows."""
+    fidelity = torch.linspace(0.3, 0.6, 8, dtype=torch.float64)[:, None].repeat(1, len(DENSITY_LADDER))
+    fidelity[:, 0] = 1.0
+    kept = torch.tensor(DENSITY_LADDER, dtype=torch.float64).expand(8, -1)
+    curves = [FidelityCurve(DENSITY_LADDER, fidelity, kept)] * 6
+    schedule = fast_schedule(curves, steps=20, density=0.3, min_fidelity=None)
+    assert schedule.dense_steps == round(max(FIT_WARMUPS) * 20)
+    assert abs(schedule.mean_density - 0.3) <= 0.01 * 0.3
+
+
+def test_step_weight_moves_density_to_early_steps(monkeypatch):
+    """Unweighted, mean fidelity is blind to when a step runs (the curves are the same at every
+    step); weighting early steps gives them more of the same budget."""
+    curves = [fidelity_curve(peaked_topology(seed=s)) for s in range(6)]
+
+    def early_share(weight):
+        monkeypatch.setattr(tune, "STEP_WEIGHT", weight)
+        schedule = fast_schedule(curves, steps=30, density=0.25, min_fidelity=None, warmup=0.0)
+        per_step = torch.stack([schedule.density(i).mean(-1) for i in range(6)]).mean(0)
+        return float(per_step[:10].mean())
+
+    assert early_share(2.0) > early_share(0.0)
 
 
 def test_min_fidelity_floor_holds_everywhere():

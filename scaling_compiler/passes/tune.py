@@ -17,9 +17,13 @@ WEST fixes *where* each head's blocks are (threshold maps); this pass fixes *how
   fidelity meets its target, but never one below HEAD_FLOOR x the density target. beta may
   exceed 1 (up to 16): the target then falls below zero, where any density will do, after the
   first cells, which is what lets low density targets be met at all. (beta, gamma, w) are fitted so the mean density over all
-  (layer, step, head) meets the `density` option, maximising mean fidelity; or, with
-  `min_fidelity`, beta = 1 - min_fidelity and (gamma, w) minimise density. With `warmup`, the
-  first steps are dense and the surface covers the rest.
+  (layer, step, head) meets the `density` option, maximising mean fidelity with early steps
+  weighted more (STEP_WEIGHT); or, with `min_fidelity`, beta = 1 - min_fidelity and (gamma, w)
+  minimise density.
+- Dense first steps: the surface reaches target 1 only at x = 0, but on the trained tiny DiT
+  fully dense first steps place the objects where the dense video has them (benchmarks/NOTES.md,
+  "FAST's fit on the GPU"). So the fit also chooses a dense warm-up from FIT_WARMUPS, with the
+  surface over the steps after it, by the same step-weighted score (the `warmup` option fixes it).
 - Uniform density (optionally with dense warm-up steps) is the ablation FAST must beat.
 """
 from __future__ import annotations
@@ -43,14 +47,21 @@ log = logging.getLogger(__name__)
 # Densities a head can take at a step: each is one precomputed mask per site, so the ladder
 # length bounds memory (see Schedule.mask_bytes).
 DENSITY_LADDER = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.08, 0.06, 0.05, 0.04, 0.03)
-_GAMMAS = (0.5, 1.0, 2.0, 3.0)
-_OMEGAS = (0.25, 0.5, 1.0, 2.0, 4.0)
+_GAMMAS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
+_OMEGAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 _BETA_MAX = 16.0
-# No head of any (layer, step) below this fraction of the density target. Recall-based fidelity
-# rates some heads as fine with one or two key blocks per row; on the trained tiny DiT those heads
-# matter more than it says (benchmarks/NOTES.md, "per-head floor": 17.25 -> 18.06 dB at 0.25 on
-# the 10-step CPU proxy).
-HEAD_FLOOR = 0.5
+# No head of any (layer, step) below this fraction of the density target (after warm-up). Recall-based
+# fidelity rates some heads as fine with one or two key blocks per row; on the trained tiny DiT those
+# heads matter more than it says. Ablation on the H100 (benchmarks/NOTES.md, "FAST's fit on the GPU"):
+# 0.75 against 0.5 costs 0.4 dB PSNR at density 0.25 and gains 1.2 dB at 0.1.
+HEAD_FLOOR = 0.75
+# The fit scores a surface by its mean predicted fidelity with step t of T weighted by
+# (1 - (t + 1/2) / T) ** STEP_WEIGHT: an error at step t is carried through the T - t later steps,
+# which per-row fidelity (the same curves at every step) cannot see. Unweighted (0), the fit
+# spreads density evenly over steps.
+STEP_WEIGHT = 1.0
+# Dense warm-up fractions the fit chooses from when the `warmup` option is not given.
+FIT_WARMUPS = (0.0, 0.05, 0.1, 0.2)
 MIN_PREDICTED_GAIN = 0.05  # a site goes sparse only if predicted this much faster than dense
 
 
@@ -126,6 +137,7 @@ class Schedule:
     surface: BudgetSurface | None
     fidelity: float | None  # mean predicted fidelity over (layer, step, head), FAST only
     kept: list[torch.Tensor] | None = None  # per site: (H, L) kept-block fraction of each mask, if known
+    dense_steps: int = 0  # the first steps, dense everywhere
 
     def density(self, site: int) -> torch.Tensor:
         """float64 (steps, H) density of each head of `site` at each step (what its masks keep)."""
@@ -141,19 +153,42 @@ class Schedule:
 
 
 def fast_schedule(curves: list[FidelityCurve], steps: int, density: float | None, min_fidelity: float | None,
-                  warmup: float = 0.0) -> Schedule:
+                  warmup: float | None = None) -> Schedule:
     """Fit the budget surface to a density target (or a fidelity floor) and pick per-cell densities.
 
     With `warmup`, the first round(warmup * steps) steps are dense and the surface is fitted over
-    the others, with the density left after the dense steps.
+    the others, with the density left after the dense steps. Without it, a density target fits
+    the warm-up too: of FIT_WARMUPS, those the target allows, the best step-weighted fidelity wins.
     """
+    if warmup is not None or min_fidelity is not None:
+        fractions = (warmup or 0.0,)
+    else:
+        fractions = tuple(f for f in FIT_WARMUPS if round(f * steps) < density * steps)  # dense steps count 1
+    fits = [_after_dense_steps(curves, steps, density, min_fidelity, f) for f in fractions]
+    meeting = [fit for fit, met in fits if met]
+    if meeting:
+        return max(meeting, key=lambda fit: _step_weighted_fidelity(fit, curves, steps))
+    closest = min((fit for fit, _ in fits), key=lambda fit: fit.mean_density)  # all keep too much
+    log.warning("scalingattn: FAST cannot reach density %.3g with ladder %s; using %.3g",
+                density, DENSITY_LADDER, closest.mean_density)
+    return closest
+
+
+def _after_dense_steps(curves, steps, density, min_fidelity, warmup: float) -> tuple[Schedule, bool]:
+    """The fit after round(warmup * steps) dense steps, and whether it meets the density target."""
     dense_steps = round(warmup * steps)
+    if dense_steps and density is not None:
+        density = _after_warmup(density, steps, dense_steps)
+    rest, met = _fit(curves, steps - dense_steps, density, min_fidelity)
     if dense_steps:
-        if density is not None:
-            density = _after_warmup(density, steps, dense_steps)
-        rest = fast_schedule(curves, steps - dense_steps, density, min_fidelity)
         rest.index = [torch.cat([torch.zeros(dense_steps, i.shape[1], dtype=torch.int64), i]) for i in rest.index]
-        return rest
+        rest.dense_steps = dense_steps
+    return rest, met
+
+
+def _fit(curves, steps, density, min_fidelity) -> tuple[Schedule, bool]:
+    """The surface over `steps` (no dense warm-up) that best meets the target, and whether one meets
+    the density (if none does: the loosest surface, the closest there is)."""
     if density is not None:
         curves = [curve.at_least(HEAD_FLOOR * density) for curve in curves]
     best: tuple[float, Schedule] | None = None
@@ -165,15 +200,19 @@ def fast_schedule(curves: list[FidelityCurve], steps: int, density: float | None
             schedule = _fit_beta(curves, steps, gamma, omega, density)
             if schedule is None:
                 continue
-            score = schedule.fidelity
+            score = _step_weighted_fidelity(schedule, curves, steps)
         if best is None or score > best[0]:
             best = (score, schedule)
-    if best is None:  # even the loosest surface keeps too much: it is the closest we get
-        loosest = _cells(curves, steps, BudgetSurface(_BETA_MAX, _GAMMAS[0], _OMEGAS[-1]))
-        log.warning("scalingattn: FAST cannot reach density %.3g with ladder %s; using %.3g",
-                    density, DENSITY_LADDER, loosest.mean_density)
-        return loosest
-    return best[1]
+    if best is None:
+        return _cells(curves, steps, BudgetSurface(_BETA_MAX, _GAMMAS[0], _OMEGAS[-1])), False
+    return best[1], True
+
+
+def _step_weighted_fidelity(schedule: Schedule, curves: list[FidelityCurve], steps: int) -> float:
+    weights = (1.0 - (torch.arange(steps, dtype=torch.float64) + 0.5) / steps) ** STEP_WEIGHT
+    per_step = torch.stack([torch.gather(curve.fidelity.expand(steps, -1, -1), 2, index[..., None]).squeeze(-1).mean(-1)
+                            for curve, index in zip(curves, schedule.index)]).mean(0)  # (steps,)
+    return float((weights * per_step).sum() / weights.sum())
 
 
 def _fit_beta(curves, steps, gamma, omega, density) -> Schedule | None:
@@ -216,7 +255,7 @@ def _after_warmup(density: float, steps: int, dense_steps: int) -> float:
     return (density * steps - dense_steps) / (steps - dense_steps)
 
 
-def uniform_schedule(heads: list[int], steps: int, density: float, warmup: float) -> Schedule:
+def uniform_schedule(heads: list[int], steps: int, density: float, warmup: float = 0.0) -> Schedule:
     """Every head at one density, after `warmup` (a fraction of the steps) of dense steps.
 
     The density after warm-up is lowered so that the mean over all steps meets `density`.
@@ -226,7 +265,8 @@ def uniform_schedule(heads: list[int], steps: int, density: float, warmup: float
     densities = (1.0, sparse) if sparse < 1.0 else (1.0,)
     index = torch.full((steps, 1), len(densities) - 1, dtype=torch.int64)
     index[:dense_steps] = 0
-    return Schedule("uniform", [densities] * len(heads), [index.expand(steps, h).clone() for h in heads], None, None)
+    return Schedule("uniform", [densities] * len(heads), [index.expand(steps, h).clone() for h in heads], None, None,
+                    dense_steps=dense_steps)
 
 
 @dataclasses.dataclass
@@ -270,7 +310,7 @@ def plan_sites(
         schedule = fast_schedule(curves, steps, None if config.min_fidelity else config.density, config.min_fidelity,
                                  config.warmup)
     else:
-        schedule = uniform_schedule([site.heads for site in sites], steps, config.density, config.warmup)
+        schedule = uniform_schedule([site.heads for site in sites], steps, config.density, config.warmup or 0.0)
     plans: dict[str, SitePlan | str] = {}
     for i, site in enumerate(sites):
         densities, index = schedule.densities[i], schedule.index[i]
@@ -336,7 +376,9 @@ def _describe(site, config: Config, site_map, schedule: Schedule) -> str:
     rule = {MaskRule.WEST: f"WEST ({site_map.source})" if site_map else "WEST",
             MaskRule.LOCAL_BAND: "local band", MaskRule.WINDOW_3D: "3-D window" if site.token_grid else
             "3-D window (no grid: 1-D band)"}[config.masks]
-    warm = f" after {config.warmup:.0%} dense steps" if config.warmup else ""
+    warm = f" after {schedule.dense_steps} dense steps" if schedule.dense_steps else ""
+    if schedule.kind == "fast" and config.warmup is None and config.min_fidelity is None:
+        warm += " (warm-up fitted)"
     if schedule.kind == "fast":
         return f"{rule}, FAST beta={schedule.surface.beta:.3f} gamma={schedule.surface.gamma:g} " \
                f"omega={schedule.surface.omega:g}{warm}"
