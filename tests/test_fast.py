@@ -115,6 +115,17 @@ def test_step_weight_moves_density_to_early_steps(monkeypatch):
     assert early_share(2.0) > early_share(0.0)
 
 
+def test_unreachable_density_warns_and_comes_closest(caplog):
+    """The ladder's sparsest mask keeps one of 16 blocks per row: 0.02 cannot be met; FAST says so and
+    takes the sparsest schedule it has (no dense warm-up: that would only move further away)."""
+    curves = [fidelity_curve(peaked_topology(seed=s)) for s in range(3)]
+    with caplog.at_level("WARNING", logger="scaling_compiler.passes.tune"):
+        schedule = fast_schedule(curves, steps=10, density=0.02, min_fidelity=None)
+    assert "cannot meet density 0.02" in caplog.text
+    assert schedule.dense_steps == 0
+    assert schedule.mean_density == pytest.approx(min(c.kept.min().item() for c in curves), rel=0.05)
+
+
 def test_min_fidelity_floor_holds_everywhere():
     curves = [fidelity_curve(peaked_topology(seed=s)) for s in range(3)]
     schedule = fast_schedule(curves, steps=10, density=None, min_fidelity=0.9)

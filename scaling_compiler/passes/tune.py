@@ -168,8 +168,8 @@ def fast_schedule(curves: list[FidelityCurve], steps: int, density: float | None
     meeting = [fit for fit, met in fits if met]
     if meeting:
         return max(meeting, key=lambda fit: _step_weighted_fidelity(fit, curves, steps))
-    closest = min((fit for fit, _ in fits), key=lambda fit: fit.mean_density)  # all keep too much
-    log.warning("scalingattn: FAST cannot reach density %.3g with ladder %s; using %.3g",
+    closest = min((fit for fit, _ in fits), key=lambda fit: _miss(fit, density))
+    log.warning("scalingattn: FAST cannot meet density %.3g within 1%% with ladder %s; using %.3g",
                 density, DENSITY_LADDER, closest.mean_density)
     return closest
 
@@ -187,25 +187,34 @@ def _after_dense_steps(curves, steps, density, min_fidelity, warmup: float) -> t
 
 
 def _fit(curves, steps, density, min_fidelity) -> tuple[Schedule, bool]:
-    """The surface over `steps` (no dense warm-up) that best meets the target, and whether one meets
-    the density (if none does: the loosest surface, the closest there is)."""
+    """The surface over `steps` (no dense warm-up) that best meets the target, and whether it meets
+    the density within 1% (if none does: the surface whose density comes closest)."""
     if density is not None:
         curves = [curve.at_least(HEAD_FLOOR * density) for curve in curves]
     best: tuple[float, Schedule] | None = None
+    closest: Schedule | None = None
     for gamma, omega in itertools.product(_GAMMAS, _OMEGAS):
         if min_fidelity is not None:
             schedule = _cells(curves, steps, BudgetSurface(1.0 - min_fidelity, gamma, omega))
             score = -schedule.mean_density  # the floor holds everywhere: be as sparse as possible
         else:
             schedule = _fit_beta(curves, steps, gamma, omega, density)
-            if schedule is None:
+            if not _meets(schedule, density):
+                if closest is None or _miss(schedule, density) < _miss(closest, density):
+                    closest = schedule
                 continue
             score = _step_weighted_fidelity(schedule, curves, steps)
         if best is None or score > best[0]:
             best = (score, schedule)
-    if best is None:
-        return _cells(curves, steps, BudgetSurface(_BETA_MAX, _GAMMAS[0], _OMEGAS[-1])), False
-    return best[1], True
+    return (closest, False) if best is None else (best[1], True)
+
+
+def _miss(schedule: Schedule, density: float) -> float:
+    return abs(schedule.mean_density - density)
+
+
+def _meets(schedule: Schedule, density: float) -> bool:
+    return _miss(schedule, density) <= 0.01 * density
 
 
 def _step_weighted_fidelity(schedule: Schedule, curves: list[FidelityCurve], steps: int) -> float:
@@ -215,13 +224,13 @@ def _step_weighted_fidelity(schedule: Schedule, curves: list[FidelityCurve], ste
     return float((weights * per_step).sum() / weights.sum())
 
 
-def _fit_beta(curves, steps, gamma, omega, density) -> Schedule | None:
-    """Bisect beta so the mean density meets `density` within 1% (relative); None if infeasible."""
+def _fit_beta(curves, steps, gamma, omega, density) -> Schedule:
+    """Bisect beta so the mean density meets `density` within 1% (relative); if no beta does, the
+    loosest surface when even it keeps too much, else the closest below the target."""
     low, high = 0.0, _BETA_MAX  # density decreases as beta grows
-    loosest = _cells(curves, steps, BudgetSurface(high, gamma, omega))
-    if loosest.mean_density > density * 1.01:
-        return None
-    best = loosest
+    best = _cells(curves, steps, BudgetSurface(high, gamma, omega))
+    if best.mean_density > density:
+        return best
     for _ in range(40):
         beta = (low + high) / 2
         schedule = _cells(curves, steps, BudgetSurface(beta, gamma, omega))
@@ -229,9 +238,9 @@ def _fit_beta(curves, steps, gamma, omega, density) -> Schedule | None:
             low = beta
         else:
             high, best = beta, schedule
-        if abs(best.mean_density - density) <= 0.01 * density:
+        if _meets(best, density):
             break
-    return best if abs(best.mean_density - density) <= 0.01 * density else None
+    return best
 
 
 def _cells(curves: list[FidelityCurve], steps: int, surface: BudgetSurface) -> Schedule:
