@@ -69,7 +69,7 @@ from scaling_compiler.cost_model import slug  # noqa: E402
 from scaling_compiler.kernels.bitmask import num_blocks, unpack_block_mask  # noqa: E402
 from scaling_compiler.models import synthetic_videos as sv  # noqa: E402
 from scaling_compiler.models.sampling import (  # noqa: E402
-    DEFAULT_GUIDANCE, DEFAULT_SHIFT, sample, save_contact_sheet, sigma_schedule,
+    DEFAULT_GUIDANCE, DEFAULT_SHIFT, sample, sampler_timesteps, save_contact_sheet,
 )
 from scaling_compiler.models.video_dit import load_pretrained  # noqa: E402
 from scaling_compiler.policies.dfsattn import DEFAULT_KEEP_RATIOS, DFSSchedule  # noqa: E402
@@ -148,8 +148,7 @@ def backend_options(variant: str, density: float, compiler: str, steps: int = 1,
     """
     spec, _, order = variant.partition("/")
     rule, schedule, warmup = (spec.split(":") + [None, None])[:3]
-    timesteps = tuple(1000.0 * float(s) for s in sigma_schedule(steps, DEFAULT_SHIFT)[:steps])
-    options = {"compiler": compiler, "timesteps": timesteps}
+    options = {"compiler": compiler, "timesteps": sampler_timesteps(steps, DEFAULT_SHIFT)}
     if order:
         options["token_order"] = order
     if rule == "dfsattn":
@@ -288,12 +287,11 @@ def _dfs_density_used(reports, steps: int) -> dict:
 
 def _self_density_per_step(reports, steps: int) -> list[float]:
     """FLOP-weighted self-attention block density at each sampling step (dense sites count 1)."""
-    sigmas = sigma_schedule(steps, DEFAULT_SHIFT)
     result = []
-    for i in range(steps):
+    for timestep in sampler_timesteps(steps, DEFAULT_SHIFT):
         kept = total = 0.0
         for report in reports:
-            masks = report.masks_at(1000.0 * float(sigmas[i]))
+            masks = report.masks_at(timestep)
             for site in report.sites:
                 if site.kind == "cross":
                     continue

@@ -105,7 +105,8 @@ def _demo(args: argparse.Namespace) -> int:
           f"{model.config.num_attention_heads} heads) on {device}, {dtype}, video {frames}x{height}x{width} = "
           f"{model.config.num_tokens(frames, height, width)} tokens, prompt {DEMO_PROMPT!r}, {steps} steps")
 
-    backend = ScalingAttnBackend(density=args.density)
+    # the sampler's own timesteps: FAST fits its per-step densities to the steps that run
+    backend = ScalingAttnBackend(density=args.density, timesteps=sampling.sampler_timesteps(steps))
     sparse = torch.compile(model, backend=backend, fullgraph=True)
     dense = torch.compile(model, fullgraph=True)  # inductor with dense SDPA: the fair baseline
     with torch.no_grad():

@@ -33,6 +33,12 @@ def sigma_schedule(steps: int, shift: float = DEFAULT_SHIFT) -> torch.Tensor:
     return shift_sigmas(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
 
 
+def sampler_timesteps(steps: int, shift: float = DEFAULT_SHIFT) -> tuple[float, ...]:
+    """The model's timestep input at each of the `steps` sampling steps (1000 x sigma): the
+    backend's `timesteps` option, so that a step-dependent schedule is fitted to the steps that run."""
+    return tuple(1000.0 * float(sigma) for sigma in sigma_schedule(steps, shift)[:steps])
+
+
 def seeded_noise(shape: Sequence[int], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 Gaussian noise drawn on the CPU from `seed`, so it is the same on every device."""
     generator = torch.Generator().manual_seed(seed)
@@ -69,7 +75,7 @@ def sample(
     for i in range(steps):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x_in = torch.cat([x, x]) if guided else x
-        timestep = torch.full((x_in.shape[0],), 1000.0 * sigma, device=device)
+        timestep = torch.full((x_in.shape[0],), 1000.0 * sigma, device=device)  # = sampler_timesteps(...)[i]
         v = model(x_in, timestep, cond).float()
         if guided:
             v_cond, v_uncond = v.chunk(2)

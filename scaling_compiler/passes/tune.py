@@ -23,7 +23,8 @@ WEST fixes *where* each head's blocks are (threshold maps); this pass fixes *how
 - Dense first steps: the surface reaches target 1 only at x = 0, but on the trained tiny DiT
   fully dense first steps place the objects where the dense video has them (benchmarks/NOTES.md,
   "FAST's fit on the GPU"). So the fit also chooses a dense warm-up from FIT_WARMUPS, with the
-  surface over the steps after it, by the same step-weighted score (the `warmup` option fixes it).
+  surface over the steps after it, by the same step-weighted score, among those that leave the
+  sparse steps at least HEAD_FLOOR x the target (the `warmup` option fixes it).
 - Uniform density (optionally with dense warm-up steps) is the ablation FAST must beat.
 """
 from __future__ import annotations
@@ -158,12 +159,13 @@ def fast_schedule(curves: list[FidelityCurve], steps: int, density: float | None
 
     With `warmup`, the first round(warmup * steps) steps are dense and the surface is fitted over
     the others, with the density left after the dense steps. Without it, a density target fits
-    the warm-up too: of FIT_WARMUPS, those the target allows, the best step-weighted fidelity wins.
+    the warm-up too: of FIT_WARMUPS, those that leave the sparse steps HEAD_FLOOR x the target, the
+    best step-weighted fidelity wins.
     """
     if warmup is not None or min_fidelity is not None:
         fractions = (warmup or 0.0,)
     else:
-        fractions = tuple(f for f in FIT_WARMUPS if round(f * steps) < density * steps)  # dense steps count 1
+        fractions = tuple(f for f in FIT_WARMUPS if _leaves_floor(density, steps, round(f * steps)))
     fits = [_after_dense_steps(curves, steps, density, min_fidelity, f) for f in fractions]
     meeting = [fit for fit, met in fits if met]
     if meeting:
@@ -172,6 +174,13 @@ def fast_schedule(curves: list[FidelityCurve], steps: int, density: float | None
     log.warning("scalingattn: FAST cannot meet density %.3g within 1%% with ladder %s; using %.3g",
                 density, DENSITY_LADDER, closest.mean_density)
     return closest
+
+
+def _leaves_floor(density: float, steps: int, dense_steps: int) -> bool:
+    """Whether the steps after `dense_steps` dense ones keep HEAD_FLOOR x `density` on average. A fitted
+    warm-up must: the score overrates dense steps bought with starved sparse ones (on the tiny DiT,
+    20% at 0.25 and 5% at 0.1 lost 3-4 dB; benchmarks/NOTES.md)."""
+    return dense_steps == 0 or (density * steps - dense_steps) / (steps - dense_steps) >= HEAD_FLOOR * density - 1e-12
 
 
 def _after_dense_steps(curves, steps, density, min_fidelity, warmup: float) -> tuple[Schedule, bool]:
@@ -387,7 +396,7 @@ def _describe(site, config: Config, site_map, schedule: Schedule) -> str:
             "3-D window (no grid: 1-D band)"}[config.masks]
     warm = f" after {schedule.dense_steps} dense steps" if schedule.dense_steps else ""
     if schedule.kind == "fast" and config.warmup is None and config.min_fidelity is None:
-        warm += " (warm-up fitted)"
+        warm = f"{warm or ', no dense steps'} (fitted)"
     if schedule.kind == "fast":
         return f"{rule}, FAST beta={schedule.surface.beta:.3f} gamma={schedule.surface.gamma:g} " \
                f"omega={schedule.surface.omega:g}{warm}"
