@@ -14,7 +14,7 @@ WEST fixes *where* each head's blocks are (threshold maps); this pass fixes *how
   centres: l + 1/2, t + 1/2), the
   target fidelity is `beta * (1 - x)**gamma + (1 - beta)`: strict for early steps and shallow
   layers, looser later. Each (layer, step, head) takes the smallest ladder density whose
-  fidelity meets its target, but never one below HEAD_FLOOR x the density target. beta may
+  fidelity meets its target, but never one below HEAD_FLOOR x the density of the sparse steps. beta may
   exceed 1 (up to 16): the target then falls below zero, where any density will do, after the
   first cells, which is what lets low density targets be met at all. (beta, gamma, w) are fitted so the mean density over all
   (layer, step, head) meets the `density` option, maximising mean fidelity with early steps
