@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import sys
 import tempfile
 from pathlib import Path
-
-import json
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         nonlocal header
         with fit_constants(values):
             result = quality.main(common + ["--variants", *variants, "--densities", *map(str, densities)])
-        header = header or {k: result[k] for k in ("device", "versions", "settings")}
+        header = header or {k: result[k] for k in ("device", "device_slug", "versions", "settings")}
         for entry in result["variants"]:
             used = entry["density_used"]
             per_step = used["per_step_self_attention"]
@@ -96,8 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(tabulate(rows, headers=["design", "variant", "PSNR dB", "min PSNR", "SSIM", "self-attn density",
                                   "per-step density (every 5th step)"]))
-    device_slug = quality.result_slug(header["device"], quality.torch.device(quality.parse_args(common).device))
-    device_slug += f"_{args.tag}" if args.tag else ""
+    device_slug = header["device_slug"] + (f"_{args.tag}" if args.tag else "")  # quality.py runs untagged
     result = {"benchmark": "fast_ablation", "date": datetime.datetime.now().isoformat(timespec="seconds"),
               **header, "designs": DESIGNS, "results": entries}
     out = Path(args.out)

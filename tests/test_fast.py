@@ -86,8 +86,8 @@ def test_fast_fits_the_warmup(target):
     allowed = {0.3: (0.0, 0.05), 0.12: (0.0,)}[target]
     fixed = {f: fast_schedule(curves, steps=30, density=target, min_fidelity=None, warmup=f) for f in allowed}
     assert fitted.dense_steps in {round(f * 30) for f in fixed}
-    scores = {f: _step_weighted_fidelity(s, curves, 30) for f, s in fixed.items()}
-    assert _step_weighted_fidelity(fitted, curves, 30) == pytest.approx(max(scores.values()))
+    scores = {f: _step_weighted_fidelity(s) for f, s in fixed.items()}
+    assert _step_weighted_fidelity(fitted) == pytest.approx(max(scores.values()))
     assert fixed[0.0].dense_steps == 0 and (fixed[0.0].density(0)[0] < 1.0).any()
 
 

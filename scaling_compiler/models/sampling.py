@@ -72,10 +72,11 @@ def sample(
     guided = guidance_scale != 1.0
     cond = torch.cat([tokens, null_tokens]) if guided else tokens
     sigmas = sigma_schedule(steps, shift)
+    timesteps = sampler_timesteps(steps, shift)
     for i in range(steps):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x_in = torch.cat([x, x]) if guided else x
-        timestep = torch.full((x_in.shape[0],), 1000.0 * sigma, device=device)  # = sampler_timesteps(...)[i]
+        timestep = torch.full((x_in.shape[0],), timesteps[i], device=device)
         v = model(x_in, timestep, cond).float()
         if guided:
             v_cond, v_uncond = v.chunk(2)

@@ -136,7 +136,7 @@ class Schedule:
     densities: list[tuple[float, ...]]  # per site: the densities its masks are built at, descending
     index: list[torch.Tensor]  # per site: int64 (steps, H) into its densities
     surface: BudgetSurface | None
-    fidelity: float | None  # mean predicted fidelity over (layer, step, head), FAST only
+    step_fidelity: torch.Tensor | None  # float64 (steps,): mean predicted fidelity over layers and heads, FAST only
     kept: list[torch.Tensor] | None = None  # per site: (H, L) kept-block fraction of each mask, if known
     dense_steps: int = 0  # the first steps, dense everywhere
 
@@ -169,7 +169,7 @@ def fast_schedule(curves: list[FidelityCurve], steps: int, density: float | None
     fits = [_after_dense_steps(curves, steps, density, min_fidelity, f) for f in fractions]
     meeting = [fit for fit, met in fits if met]
     if meeting:
-        return max(meeting, key=lambda fit: _step_weighted_fidelity(fit, curves, steps))
+        return max(meeting, key=_step_weighted_fidelity)
     closest = min((fit for fit, _ in fits), key=lambda fit: _miss(fit, density))
     log.warning("scalingattn: FAST cannot meet density %.3g within 1%% with ladder %s; using %.3g",
                 density, DENSITY_LADDER, closest.mean_density)
@@ -180,7 +180,9 @@ def _leaves_floor(density: float, steps: int, dense_steps: int) -> bool:
     """Whether the steps after `dense_steps` dense ones keep HEAD_FLOOR x `density` on average. A fitted
     warm-up must: the score overrates dense steps bought with starved sparse ones (on the tiny DiT,
     20% at 0.25 and 5% at 0.1 lost 3-4 dB; benchmarks/NOTES.md)."""
-    return dense_steps == 0 or (density * steps - dense_steps) / (steps - dense_steps) >= HEAD_FLOOR * density - 1e-12
+    if dense_steps == 0:
+        return True
+    return density * steps > dense_steps and _after_warmup(density, steps, dense_steps) >= HEAD_FLOOR * density - 1e-12
 
 
 def _after_dense_steps(curves, steps, density, min_fidelity, warmup: float) -> tuple[Schedule, bool]:
@@ -191,6 +193,7 @@ def _after_dense_steps(curves, steps, density, min_fidelity, warmup: float) -> t
     rest, met = _fit(curves, steps - dense_steps, density, min_fidelity)
     if dense_steps:
         rest.index = [torch.cat([torch.zeros(dense_steps, i.shape[1], dtype=torch.int64), i]) for i in rest.index]
+        rest.step_fidelity = torch.cat([torch.ones(dense_steps, dtype=torch.float64), rest.step_fidelity])
         rest.dense_steps = dense_steps
     return rest, met
 
@@ -212,7 +215,7 @@ def _fit(curves, steps, density, min_fidelity) -> tuple[Schedule, bool]:
                 if closest is None or _miss(schedule, density) < _miss(closest, density):
                     closest = schedule
                 continue
-            score = _step_weighted_fidelity(schedule, curves, steps)
+            score = _step_weighted_fidelity(schedule)
         if best is None or score > best[0]:
             best = (score, schedule)
     return (closest, False) if best is None else (best[1], True)
@@ -226,11 +229,10 @@ def _meets(schedule: Schedule, density: float) -> bool:
     return _miss(schedule, density) <= 0.01 * density
 
 
-def _step_weighted_fidelity(schedule: Schedule, curves: list[FidelityCurve], steps: int) -> float:
+def _step_weighted_fidelity(schedule: Schedule) -> float:
+    steps = len(schedule.step_fidelity)
     weights = (1.0 - (torch.arange(steps, dtype=torch.float64) + 0.5) / steps) ** STEP_WEIGHT
-    per_step = torch.stack([torch.gather(curve.fidelity.expand(steps, -1, -1), 2, index[..., None]).squeeze(-1).mean(-1)
-                            for curve, index in zip(curves, schedule.index)]).mean(0)  # (steps,)
-    return float((weights * per_step).sum() / weights.sum())
+    return float((weights * schedule.step_fidelity).sum() / weights.sum())
 
 
 def _fit_beta(curves, steps, gamma, omega, density) -> Schedule:
@@ -261,8 +263,8 @@ def _cells(curves: list[FidelityCurve], steps: int, surface: BudgetSurface) -> S
         position = torch.arange(len(curve.densities))
         chosen = torch.where(meets, position, 0).amax(dim=-1)  # (steps, H)
         index.append(chosen)
-        fidelity.append(torch.gather(curve.fidelity.expand(steps, -1, -1), 2, chosen[..., None]).flatten())
-    return Schedule("fast", [c.densities for c in curves], index, surface, torch.cat(fidelity).mean().item(),
+        fidelity.append(torch.gather(curve.fidelity.expand(steps, -1, -1), 2, chosen[..., None]).squeeze(-1).mean(-1))
+    return Schedule("fast", [c.densities for c in curves], index, surface, torch.stack(fidelity).mean(0),
                     [c.kept for c in curves])
 
 
