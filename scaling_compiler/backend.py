@@ -1,11 +1,14 @@
-"""The `scalingattn` dynamo backend: detect -> reorder -> calibrate (WEST) -> tune (FAST) -> rewrite -> inner compiler.
+"""The `scalingattn` dynamo backend: the passes, in order, over one graph record, then the inner compiler.
 
-With `policy="dfsattn"` there is no calibration or tuning: the rewrite emits the DFSAttn op,
-which picks its blocks at run time (`policies/dfs_registry.py` holds its state).
+    detect -> admit (policy) -> reorder -> plan (policy: calibrate + tune) -> rewrite -> inner compiler
 
-`torch.compile(model, backend="scalingattn", options={...})` reaches
-`scalingattn_backend` through the `torch_dynamo_backends` entry point (no import needed).
-`ScalingAttnBackend(**options)` is the same backend as an object that keeps the reports.
+Each pass takes the `GraphRecord` (sites.py) and adds to it; the report is built from the final
+record. The policy (`policies/`, chosen by the `policy` option) decides which blocks each site
+keeps; nothing here depends on which policy runs.
+
+`torch.compile(model, backend="scalingattn", options={...})` reaches `scalingattn_backend`
+through the `torch_dynamo_backends` entry point (no import needed). `ScalingAttnBackend(**options)`
+is the same backend as an object that keeps the reports.
 
 Masks depend on sequence lengths. When dynamo hands over a graph with symbolic shapes
 (its automatic-dynamic recompile after a shape change), the backend specialises it per
@@ -14,7 +17,6 @@ concrete input shape at call time, so every shape runs with masks made for it.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 from typing import Any, Callable, Sequence
 
@@ -23,17 +25,16 @@ import torch.fx
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from .config import Config, InnerCompiler, MaskRule, Policy
+from . import ops  # noqa: F401  (registers torch.ops.scaling_compiler)
+from .config import Config, InnerCompiler
 from .cost_model import CostModel
-from .passes.calibrate import graph_inputs, west_topology
-from .passes.detect import detect_sites
-from .passes.reorder import reorder_sites
-from .passes.rewrite import rewrite_graph, rewrite_graph_dfs
-from .ops import step_timesteps
-from .passes.tune import SitePlan, plan_sites
-from .policies.dfs_registry import DFSRegistry
-from .policies.token_order import TokenOrder
-from .report import PassReport, dfs_site_report, site_report
+from .passes.detect import detect
+from .passes.reorder import reorder
+from .passes.rewrite import rewrite
+from .policies import policy_class
+from .policies.west_fast.fast import FitSettings
+from .report import PassReport, build_report
+from .sites import GraphRecord
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,19 @@ CompiledFn = Callable[..., Any]
 
 
 class ScalingAttnBackend:
-    """A torch.compile backend object: `torch.compile(model, backend=ScalingAttnBackend(density=0.5))`."""
+    """A torch.compile backend object: `torch.compile(model, backend=ScalingAttnBackend(density=0.5))`.
 
-    def __init__(self, **options: Any) -> None:
+    Besides the options: `fast_fit` sets the constants of FAST's fit (west_fast; the ablation
+    benchmark varies them) and `cost_model` fixes the cost model (e.g. `CostModel.ideal(...)` to
+    measure mask quality with every site sparse, whatever the device's measured costs).
+    """
+
+    def __init__(self, *, fast_fit: FitSettings | None = None, cost_model: CostModel | None = None,
+                 **options: Any) -> None:
         self.config = Config.from_options(options)
         self.reports: list[PassReport] = []
+        extensions = {"fast_fit": fast_fit} if fast_fit is not None else {}
+        self.policy = policy_class(self.config.policy)(self.config, cost_model, **extensions)
 
     @property
     def report(self) -> PassReport | None:
@@ -63,89 +72,29 @@ class ScalingAttnBackend:
 
     def compile_static(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> CompiledFn:
         """Run the passes on a graph whose example inputs have concrete shapes."""
-        config = self.config
-        sites = detect_sites(gm, config.token_grid)
-        if config.policy is Policy.DFSATTN:
-            return self._compile_dfsattn(gm, example_inputs, sites)
-        gm, sites = reorder_sites(gm, sites, config.token_order)
-        rewritable = [site for site in sites if site.rewritable]
-        topology, origin, calibration_seconds = None, "no masks needed", 0.0
-        if rewritable and config.sparse:
-            if config.masks is MaskRule.WEST:
-                # the on-disk cache's key has no token order: only raster topologies are cached
-                raster = config.token_order is TokenOrder.RASTER
-                calibration = config if raster else dataclasses.replace(config, cache=False)
-                topology, origin, calibration_seconds = west_topology(gm, example_inputs, rewritable, calibration)
-            else:
-                origin = f"{config.masks.value} rule"
-        timestep_input, timestep_max = _timestep_input(gm, example_inputs, config)
-        steps = config.num_steps if timestep_input is not None else 1
-        timesteps = step_timesteps(timestep_max, steps, config.timesteps if timestep_input is not None else None)
-        plans, schedule = ({}, None)
-        if rewritable:
-            cost = CostModel.for_device(rewritable[0].device)
-            plans, schedule = plan_sites(rewritable, topology, config, steps, cost)
-        sparse_plans = {name: plan for name, plan in plans.items() if isinstance(plan, SitePlan)}
-
-        report = PassReport(
-            graph_index=len(self.reports), config=_config_dict(config), sites=[], topology_origin=origin,
-            calibration_seconds=calibration_seconds,
-            schedule=schedule.kind if schedule else None,
-            step_source=_step_source(timestep_input, steps, timestep_max, config),
-            plans=sparse_plans, step_timesteps=timesteps, topology=topology,
-        )
-        for site in sites:
-            plan = plans.get(site.name, site.dense_reason)
-            report.sites.append(site_report(site, plan))
-        rewritten, extra_inputs = rewrite_graph(gm, sites, sparse_plans, timestep_input, timesteps)
-        report.mask_bytes = sum(t.numel() * t.element_size() for t in extra_inputs)
+        graph = GraphRecord(gm, example_inputs, self.config)
+        for compile_pass in (detect, self.policy.admit, reorder, self.policy.plan, rewrite):
+            compile_pass(graph)
+        report = build_report(graph, len(self.reports))
         self.reports.append(report)
         # asked for explicitly: shown at the default log level; else TORCH_LOGS="+scaling_compiler"
-        log.log(logging.WARNING if config.report else logging.DEBUG, "%s", report)
-
-        compiled = _inner_compile(config, rewritten, example_inputs + _static_examples(extra_inputs, example_inputs))
-        return lambda *args: compiled(*args, *extra_inputs)
-
-    def _compile_dfsattn(self, gm: torch.fx.GraphModule, example_inputs: list[Any], sites: list) -> CompiledFn:
-        """DFSAttn: every rewritable site not in `dense_layers` is reordered and calls the DFSAttn op;
-        nothing is calibrated."""
-        config = self.config
-        rewritable = [site for site in sites if site.rewritable]
-        timestep_input, timestep_max = _timestep_input(gm, example_inputs, config)
-        timesteps = step_timesteps(timestep_max, config.num_steps, config.timesteps)
-        cfg_batch = config.cfg_reuse and all(site.batch % 2 == 0 for site in rewritable)
-        registry = DFSRegistry(config.dfs_schedule(), rewritable if timestep_input is not None else [],
-                               timesteps.tolist(), cfg_batch)
-        gm, sites = reorder_sites(gm, sites, config.token_order, names=registry.site_ids)
-        report = PassReport(
-            graph_index=len(self.reports), config=_config_dict(config), sites=[],
-            topology_origin="DFSAttn: scored at run time from q and k", calibration_seconds=0.0, schedule="dfsattn",
-            step_source=_step_source(timestep_input, config.num_steps, timestep_max, config),
-            step_timesteps=timesteps, dfs=registry,
-        )
-        reasons = {site.name: site.dense_reason for site in sites}
-        for layer, site in enumerate(rewritable):
-            if site.name not in registry.site_ids:
-                reasons[site.name] = (f"DFSAttn dense layer {layer} (option dense_layers)" if timestep_input is not None
-                                      else "DFSAttn needs the model's timestep input to follow its step plan")
-        cost = CostModel.for_device(rewritable[0].device) if rewritable else None
-        for site in sites:
-            report.sites.append(dfs_site_report(site, reasons[site.name] or registry, cost))
-        rewritten = rewrite_graph_dfs(gm, sites, registry.site_ids, timestep_input) if registry.site_ids else gm
-        self.reports.append(report)
-        log.log(logging.WARNING if config.report else logging.DEBUG, "%s", report)
-        return _WithState(_inner_compile(config, rewritten, example_inputs), registry)
+        log.log(logging.WARNING if self.config.report else logging.DEBUG, "%s", report)
+        extra = graph.extra_inputs
+        compiled = _inner_compile(self.config, graph.gm, example_inputs + _static_examples(extra, example_inputs))
+        return _Compiled(compiled, extra, graph.policy_state)
 
 
 @dataclasses.dataclass
-class _WithState:
-    """A compiled graph and the run-time state its ops look up by id (alive as long as the graph)."""
+class _Compiled:
+    """A compiled graph, the extra inputs it takes after the original ones, and the policy's run-time
+    state its ops look up (alive as long as the graph)."""
 
     compiled: CompiledFn
-    state: Any
+    extra_inputs: list[torch.Tensor]
+    policy_state: Any
 
     def __call__(self, *args: Any) -> Any:
-        return self.compiled(*args)
+        return self.compiled(*args, *self.extra_inputs)
 
 
 class _PerShapeCompiled:
@@ -202,23 +151,6 @@ def _static_examples(extra_inputs: list[torch.Tensor], example_inputs: list[Any]
     return [fake_mode.from_tensor(tensor, static_shapes=True) for tensor in extra_inputs]
 
 
-def _timestep_input(gm: torch.fx.GraphModule, example_inputs: list[Any], config: Config) -> tuple[int | None, float]:
-    """Position of the model's `timestep` input among the graph inputs, and its value at step 0."""
-    for position, ((name, is_weight), example) in enumerate(zip(graph_inputs(gm), example_inputs)):
-        if name == "timestep" and not is_weight and isinstance(example, torch.Tensor) and example.numel() >= 1:
-            default = 1000.0 if float(example.float().abs().max()) > 1.0 else 1.0
-            return position, config.timestep_max or default
-    return None, config.timestep_max or 1000.0
-
-
-def _step_source(timestep_input: int | None, steps: int, timestep_max: float, config: Config) -> str:
-    if timestep_input is None:
-        return "no timestep input: one schedule for every step"
-    if config.timesteps is not None:
-        return f"timestep input #{timestep_input}, nearest of the {steps} given timesteps"
-    return f"timestep input #{timestep_input}, nearest of {steps} even bins from {timestep_max:g} to 0"
-
-
 def _is_symbolic(x: Any) -> bool:
     if isinstance(x, torch.SymInt):
         return True
@@ -229,17 +161,3 @@ def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     copy = torch.fx.Graph()
     copy.output(copy.graph_copy(graph, {}))
     return copy
-
-
-def _config_dict(config: Config) -> dict[str, Any]:
-    """The config as JSON values, the active policy's options only (user calibration inputs are
-    summarised by their count)."""
-    result = {}
-    for field in dataclasses.fields(config):
-        if field.name in config.foreign_options():
-            continue
-        value = getattr(config, field.name)
-        if field.name == "calibration_inputs" and value is not None:
-            value = f"{len(value)} user inputs"
-        result[field.name] = value.value if isinstance(value, enum.Enum) else value
-    return result

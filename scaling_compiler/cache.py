@@ -1,37 +1,58 @@
-"""On-disk cache of WEST topologies, so a second compile of the same model and shape skips calibration.
+"""On-disk cache of what compiling costs time to find (WEST topologies), keyed by everything that changes it.
 
-Directory: `$SCALINGATTN_CACHE_DIR`, default `~/.cache/scaling_compiler`. One safetensors file
-per key; the key hashes everything that changes the result: the weights fingerprint, each
-site's signature (name, shapes, dtype, grid, text spans), the calibration settings, and the
-package and torch versions. Writes are atomic (temporary file + rename) under a file lock. A
-file that fails to load or does not describe what was asked for is reported, removed and
-recomputed, never used.
+Directory: `$SCALINGATTN_CACHE_DIR`, default `~/.cache/scaling_compiler`. One file per key; the key
+hashes the caller's payload (for WEST: the weights fingerprint, each site's signature with its
+token order, the calibration settings) with the package, torch and Triton versions and the GPU
+name, so an entry from another setup is never reused. Writes are atomic (temporary file + rename)
+under a file lock. An entry that fails to load or does not describe what was asked for is
+reported, removed and recomputed, never used.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
-
-from .topology import Topology, TopologyFileError
 
 log = logging.getLogger(__name__)
 
 CACHE_DIR_ENV_VAR = "SCALINGATTN_CACHE_DIR"
-PACKAGE_VERSION = "0.1.0"
+PACKAGE = "scaling-compiler"
 _FINGERPRINT_SAMPLES = 4096  # values read per weight tensor
+T = TypeVar("T")
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV_VAR) or Path.home() / ".cache" / "scaling_compiler")
+
+
+@functools.cache
+def versions() -> dict[str, str]:
+    """The package's version (from its installed metadata), torch's and Triton's."""
+    try:
+        package = importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        package = "unknown"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {"package": package, "torch": torch.__version__.split("+")[0], "triton": triton_version}
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def weights_fingerprint(weights: Sequence[torch.Tensor]) -> str:
@@ -50,44 +71,42 @@ def weights_fingerprint(weights: Sequence[torch.Tensor]) -> str:
     return digest.hexdigest()[:32]
 
 
-def cache_key(fingerprint: str, sites: list[dict[str, Any]], calibration: dict[str, Any]) -> str:
-    payload = {
-        "fingerprint": fingerprint, "sites": sites, "calibration": calibration,
-        "package": PACKAGE_VERSION, "torch": torch.__version__.split("+")[0],
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+def cache_key(payload: dict[str, Any], device: torch.device) -> str:
+    """A key for `payload` made on `device` with this package, torch and Triton."""
+    full = {**payload, **versions(), "device": device_name(device)}
+    return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def load(key: str, fingerprint: str, site_names: list[str]) -> Topology | None:
-    """The cached topology for `key`, or None (missing, corrupted or mismatched: then removed)."""
-    path = cache_dir() / f"{key}.safetensors"
+def entry_path(key: str, suffix: str = ".safetensors") -> Path:
+    return cache_dir() / f"{key}{suffix}"
+
+
+def load(path: Path, read: Callable[[str], T], problem: Callable[[T], str | None]) -> T | None:
+    """The entry at `path` read by `read`, or None (missing; unreadable or `problem` says it does not
+    match: then removed, with a warning)."""
     if not path.exists():
         return None
     with _locked(path):
         try:
-            topology = Topology.load(str(path))
-            problem = None
-            if topology.fingerprint != fingerprint:
-                problem = f"weights fingerprint {topology.fingerprint} != {fingerprint}"
-            elif sorted(topology.sites) != sorted(site_names):
-                problem = f"sites {sorted(topology.sites)} != {sorted(site_names)}"
-        except TopologyFileError as error:
-            topology, problem = None, str(error)
-        if problem is not None:
-            log.warning("scalingattn: ignoring and removing cached topology %s: %s; recalibrating", path, problem)
+            value = read(str(path))
+            reason = problem(value)
+        except (OSError, ValueError) as error:
+            value, reason = None, str(error)
+        if reason is not None:
+            log.warning("scalingattn: ignoring and removing cache entry %s: %s; recomputing", path, reason)
             path.unlink(missing_ok=True)
             return None
-    return topology
+    return value
 
 
-def store(key: str, topology: Topology) -> Path:
-    path = cache_dir() / f"{key}.safetensors"
+def store(path: Path, write: Callable[[str], None]) -> Path:
+    """Write the entry at `path` with `write(temporary path)`, then rename it into place atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
         try:
-            topology.save(tmp)
+            write(tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -1,7 +1,9 @@
 """The custom ops that rewritten graphs call.
 
 - `torch.ops.scaling_compiler.block_sparse_attention`: attention over given block masks (WEST+FAST).
-- `torch.ops.scaling_compiler.dfs_attention`: DFSAttn, masks chosen at run time from q and k.
+- `torch.ops.scaling_compiler.step_masks`: the current step's masks, picked from the timestep in-graph.
+
+(A policy's own run-time op lives with the policy: `policies/dfsattn/op.py`.)
 
 Each is a `torch.library.custom_op` with a fake implementation, so dynamo/AOT/inductor treat it
 as one opaque node and compile everything around it (fullgraph=True holds). Sparse attention
@@ -13,11 +15,9 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
 from .kernels.block_sparse_attention import block_sparse_attention, unsupported_reason
 from .kernels.reference import blockwise_attention
-from .policies.dfs_registry import site_handle
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def block_sparse_attention_op(
 
     A query row with no kept key returns zeros.
     """
-    return _sparse_attention(q, k, v, mask_words, scale, key_padding)
+    return sparse_attention(q, k, v, mask_words, scale, key_padding)
 
 
 @block_sparse_attention_op.register_fake
@@ -43,35 +43,8 @@ def _(q, k, v, mask_words, scale, key_padding=None):
     return q.new_empty(q.shape)
 
 
-@torch.library.custom_op("scaling_compiler::dfs_attention", mutates_args=())
-def dfs_attention_op(
-    q: torch.Tensor,  # (B, H, Sq, D), tokens in the site's token order
-    k: torch.Tensor,  # (B, H, Sk, D)
-    v: torch.Tensor,  # (B, H, Sk, D)
-    timestep: torch.Tensor,  # the model's timestep input, (B,) or scalar: picks the schedule step
-    site_id: int,  # the site's entry in policies.dfs_registry
-    scale: float,
-    key_padding: torch.Tensor | None = None,  # bool (B or 1, Sk): False marks keys to ignore
-) -> torch.Tensor:  # (B, H, Sq, D), contiguous
-    """DFSAttn at one site: dense SDPA on dense steps and dense layers; otherwise attention over the
-    site's cached block masks, recomputed from this call's q and k when the schedule refreshes them.
-
-    Reads the step from `timestep` on the host: one device sync per call (see policies.dfs_registry).
-    """
-    handle = site_handle(site_id)
-    mask_words = handle.registry.masks(handle.name, timestep, q, k, scale)
-    if mask_words is None:
-        attn_mask = None if key_padding is None else key_padding.reshape(-1, 1, 1, k.shape[2])
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale).contiguous()
-    return _sparse_attention(q, k, v, mask_words.to(q.device), scale, key_padding)
-
-
-@dfs_attention_op.register_fake
-def _(q, k, v, timestep, site_id, scale, key_padding=None):
-    return q.new_empty(q.shape)
-
-
-def _sparse_attention(q, k, v, mask_words, scale, key_padding) -> torch.Tensor:
+def sparse_attention(q, k, v, mask_words, scale, key_padding) -> torch.Tensor:
+    """The op's body (also DFSAttn's on its sparse steps): (B, H, Sq, D), contiguous."""
     if q.is_cuda and key_padding is None and unsupported_reason(q, k, v) is None:
         out, _ = block_sparse_attention(q, k, v, mask_words, scale)
     else:
@@ -93,11 +66,7 @@ def step_masks(
     first entry's step (CFG's two halves run the same step). An opaque op rather than traced
     indexing: a few tiny kernels per call, and the inner compiler sees plain tensors in and out.
     """
-    t = timestep.reshape(-1)[:1].to(step_timesteps.device, torch.float32)
-    step = (step_timesteps - t).abs().argmin().reshape(1)
-    levels = level_index.index_select(0, step).squeeze(0)  # (H,)
-    heads = torch.arange(levels.shape[0], device=words.device)
-    return words[levels, heads]
+    return pick_step_masks(words, level_index, timestep, step_timesteps)
 
 
 @step_masks.register_fake
@@ -105,8 +74,11 @@ def _(words, level_index, timestep, step_timesteps):
     return words.new_empty(words.shape[1:])
 
 
-def step_timesteps(timestep_max: float, steps: int, timesteps: tuple[float, ...] | None) -> torch.Tensor:
-    """float32 (steps,): the given sampler timesteps, else `steps` even bins from timestep_max to 0."""
-    if timesteps is not None:
-        return torch.tensor(timesteps, dtype=torch.float32)
-    return timestep_max * (1.0 - (torch.arange(steps, dtype=torch.float32) + 0.5) / steps)
+def pick_step_masks(words: torch.Tensor, level_index: torch.Tensor, timestep: torch.Tensor,
+                    step_timesteps: torch.Tensor) -> torch.Tensor:
+    """`step_masks` as a plain function (the report's `masks_at` calls it outside any graph)."""
+    t = timestep.reshape(-1)[:1].to(step_timesteps.device, torch.float32)
+    step = (step_timesteps - t).abs().argmin().reshape(1)
+    levels = level_index.index_select(0, step).squeeze(0)  # (H,)
+    heads = torch.arange(levels.shape[0], device=words.device)
+    return words[levels, heads]

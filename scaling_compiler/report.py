@@ -8,13 +8,9 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from .cost_model import CostModel
-from .kernels.bitmask import BLOCK_SIZE
-from .ops import step_masks
-from .passes.tune import SitePlan
-from .policies.dfs_registry import DFSRegistry
-from .sites import AttentionSite
-from .topology import Topology
+from .policies import POLICIES
+from .policies.base import PolicyState
+from .sites import GraphRecord, Site, SitePlan
 
 
 @dataclasses.dataclass
@@ -60,12 +56,12 @@ class PassReport:
     schedule: str | None  # "fast" | "uniform" | None (no sparse site)
     step_source: str  # what picks the step's masks at run time
     mask_bytes: int = 0  # device memory of the masks and step tables the graph takes as inputs
-    # the plans of the sparse sites and the WEST topology (not in the JSON)
+    # the plans of the sparse sites, the step timesteps, WEST's topology (not in the JSON)
     plans: dict[str, SitePlan] = dataclasses.field(default_factory=dict, repr=False)
     step_timesteps: torch.Tensor | None = dataclasses.field(default=None, repr=False)  # (steps,)
-    topology: Topology | None = dataclasses.field(default=None, repr=False)
-    # DFSAttn's run-time state: its fields below grow as the compiled graph runs
-    dfs: DFSRegistry | None = dataclasses.field(default=None, repr=False)
+    topology: Any = dataclasses.field(default=None, repr=False)
+    # the policy's run-time state (DFSAttn: its DFSRegistry, whose figures grow as the graph runs)
+    policy_state: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def policy(self) -> str:
@@ -75,31 +71,12 @@ class PassReport:
     def token_order(self) -> str:
         return self.config["token_order"]
 
-    @property
-    def refresh_steps(self) -> list[int] | None:
-        """DFSAttn: the steps whose q and k recompute the masks."""
-        return self.dfs.refresh_steps if self.dfs else None
-
-    @property
-    def keep_ratio_per_step(self) -> list[float | None] | None:
-        """DFSAttn: keep ratio of the masks in use at each step (None on dense steps)."""
-        return self.dfs.keep_ratio_per_step if self.dfs else None
-
-    @property
-    def scoring_seconds(self) -> float | None:
-        """DFSAttn: time spent so far scoring blocks and building masks on refresh steps (device-synchronised)."""
-        return self.dfs.scoring_seconds if self.dfs else None
-
     def masks_at(self, timestep: float | None = None) -> dict[str, torch.Tensor]:
-        """Packed masks (H, Nq, W) each sparse site uses at `timestep` (None: the first step)."""
-        steps = self.step_timesteps
-        t = torch.tensor([float(steps[0]) if timestep is None else float(timestep)])
-        masks = {}
-        for name, plan in self.plans.items():
-            words = plan.words
-            step_times = steps if plan.level_index.shape[0] == len(steps) else steps[:1]
-            masks[name] = step_masks(words, plan.level_index, t, step_times)
-        return masks
+        """Packed masks (H, Nq, W) each sparse site uses at `timestep` (None: the first step); sites
+        whose masks are chosen at run time are left out."""
+        t = float(self.step_timesteps[0]) if timestep is None else float(timestep)
+        masks = {name: plan.masks_at(t) for name, plan in self.plans.items()}
+        return {name: mask for name, mask in masks.items() if mask is not None}
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -135,7 +112,8 @@ class PassReport:
             "config": self.config,
             "policy": self.policy,
             "token_order": self.token_order,
-            "dfsattn": self.dfs.summary() if self.dfs else None,
+            **{policy.report_key: None for policy in POLICIES.values() if policy.report_key},
+            **(self.policy_state.report_json() if isinstance(self.policy_state, PolicyState) else {}),
             "topology_origin": self.topology_origin,
             "calibration_seconds": self.calibration_seconds,
             "schedule": self.schedule,
@@ -175,75 +153,43 @@ class PassReport:
             + (f", predicted attention speedup {self.predicted_speedup:.2f}x" if self.predicted_speedup else "")
             + f"\nmasks: {self.topology_origin} ({self.mask_bytes / 2**20:.2f} MiB on the device); "
             f"schedule: {self.schedule or '-'}; steps: {self.step_source}"
-            + (f"\npolicy: {self.policy}" if not self.dfs else
-               f"\npolicy: dfsattn; refresh steps {self.refresh_steps}, keep ratios "
-               f"{'/'.join(f'{r:g}' for r in self.dfs.schedule.keep_ratios)}; scoring so far "
-               f"{self.scoring_seconds:.3g} s over {len(self.dfs.cache.refreshes)} site refreshes")
+            + "\n" + (self.policy_state.report_line() if isinstance(self.policy_state, PolicyState)
+                      else f"policy: {self.policy}")
         )
         return f"{summary}\n{table}"
 
 
-def site_report(site: AttentionSite, plan: SitePlan | str) -> SiteReport:
-    """Report one site: its plan, or the reason (a string) why it stays dense."""
+def build_report(graph: GraphRecord, graph_index: int) -> PassReport:
+    """The report of one compiled graph, from its final sites."""
+    return PassReport(
+        graph_index=graph_index, config=graph.config.as_dict(), sites=[site_report(site) for site in graph.sites],
+        topology_origin=graph.masks_origin, calibration_seconds=graph.calibration_seconds, schedule=graph.schedule,
+        step_source=graph.step_source, mask_bytes=sum(t.numel() * t.element_size() for t in graph.extra_inputs),
+        plans={site.name: site.plan for site in graph.sites if site.plan is not None},
+        step_timesteps=graph.step_timesteps, topology=graph.topology, policy_state=graph.policy_state,
+    )
+
+
+def site_report(site: Site) -> SiteReport:
+    """Report one site: its plan's summary, or why it stays dense."""
     shape = (site.batch, site.heads, site.q_len, site.head_dim)
-    dense = isinstance(plan, str)
-    if dense:
-        densities, recall, steps, saved, predicted, dense_ms = [1.0] * max(site.heads, 1), None, None, 0, None, None
-    else:
-        per_level = kept_pair_fraction(plan.block_masks, site.q_len, site.kv_len)  # (L, H)
-        per_step = torch.gather(per_level, 0, plan.level_index)  # (steps, H)
-        densities = per_step.mean(0).tolist()
-        recall, steps = plan.recall, plan.step_densities()
-        saved = round(site.dense_flops * (1.0 - sum(densities) / len(densities)))
-        predicted, dense_ms = plan.predicted_ms, plan.dense_ms
-    return SiteReport(
+    fields = dict(
         name=site.name, kind=site.kind.value, pattern=site.pattern.value, shape=shape, q_stride=site.q_stride,
         kv_len=site.kv_len, kv_heads=site.kv_heads, dtype=str(site.dtype).removeprefix("torch."), scale=site.scale,
         attn_mask=site.attn_mask, is_causal=site.is_causal, dropout_p=site.dropout_p,
         token_grid=site.token_grid, grid_source=site.grid_source, text_spans=site.text_spans,
-        status="dense" if dense else "sparse", reason=plan if dense else plan.reason, head_densities=densities,
-        head_recall=recall, step_densities=steps, dense_flops=site.dense_flops, flops_saved=saved,
-        predicted_ms=predicted, dense_ms=dense_ms, token_order=site.token_order,
+        dense_flops=site.dense_flops, token_order=site.token_order,
     )
-
-
-def dfs_site_report(site: AttentionSite, registry: DFSRegistry | str, cost: CostModel) -> SiteReport:
-    """Report one site under DFSAttn: the plan's nominal densities, or the reason (a string) it stays dense.
-
-    Masks are chosen at run time, so the densities here are the schedule's top-k budgets (alike for
-    every head); what really ran is in the report's `dfs` (`density_per_step`).
-    """
-    if isinstance(registry, str):
-        return site_report(site, registry)
-    per_step = registry.nominal_step_densities(site)
-    mean = sum(per_step) / len(per_step)
-    picks = torch.linspace(0, len(per_step) - 1, min(10, len(per_step))).round().long().tolist()
-    dense_ms = cost.dense_ms(site.dense_flops)
-    step_ms = [dense_ms if p.dense else cost.sparse_ms(site.dense_flops, torch.tensor([d]))
-               for p, d in zip(registry.plan, per_step)]
-    schedule = registry.schedule
-    dense = {0: "no dense steps", 1: "dense step 0"}.get(schedule.dense_steps,
-                                                         f"dense steps 0-{schedule.dense_steps - 1}")
-    reason = (f"DFSAttn: {dense}, refresh at steps {registry.refresh_steps} keeping "
-              f"{'/'.join(f'{r:g}' for r in schedule.keep_ratios)}"
-              + (", CFG halves share masks" if registry.cache.cfg_batch and schedule.cfg_reuse else ""))
-    return dataclasses.replace(
-        site_report(site, reason), status="sparse", head_densities=[mean] * site.heads,
-        step_densities=[round(per_step[i], 4) for i in picks], flops_saved=round(site.dense_flops * (1.0 - mean)),
-        predicted_ms=sum(step_ms) / len(step_ms), dense_ms=dense_ms,
+    if site.plan is None:
+        return SiteReport(**fields, status="dense", reason=site.dense_reason, head_densities=[1.0] * max(site.heads, 1),
+                          head_recall=None, step_densities=None, flops_saved=0, predicted_ms=None, dense_ms=None)
+    summary = site.plan.summary(site)
+    densities = summary.head_densities
+    return SiteReport(
+        **fields, status="sparse", reason=summary.reason, head_densities=densities, head_recall=summary.head_recall,
+        step_densities=summary.step_densities, flops_saved=round(site.dense_flops * (1.0 - sum(densities) / len(densities))),
+        predicted_ms=summary.predicted_ms, dense_ms=summary.dense_ms,
     )
-
-
-def kept_pair_fraction(block_mask: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
-    """Per head, the fraction of (query, key) token pairs inside kept blocks (tails counted exactly)."""
-
-    def block_sizes(n: int) -> torch.Tensor:
-        sizes = torch.full((-(-n // BLOCK_SIZE),), BLOCK_SIZE, dtype=torch.float64)
-        sizes[-1] = n - BLOCK_SIZE * (len(sizes) - 1)
-        return sizes
-
-    pairs = block_sizes(q_len)[:, None] * block_sizes(kv_len)[None, :]
-    return (block_mask.to(torch.float64) * pairs).sum(dim=(-2, -1)) / (q_len * kv_len)
 
 
 def _heads(densities: list[float]) -> str:

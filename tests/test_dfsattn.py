@@ -3,17 +3,12 @@ import pytest
 import torch
 
 from scaling_compiler.kernels.bitmask import unpack_block_mask
-from scaling_compiler.masks import with_text_dense
-from scaling_compiler.policies.dfsattn import (
-    DEFAULT_CHUNK_BYTES,
-    DFSSchedule,
-    MaskCache,
-    block_scores,
-    block_scores_reference,
-    text_block_indices,
-    topk_block_mask,
+from scaling_compiler.policies.block_masks import with_text_dense
+from scaling_compiler.policies.dfsattn.schedule import DFSSchedule, MaskCache
+from scaling_compiler.policies.dfsattn.scoring import (
+    DEFAULT_CHUNK_BYTES, block_scores, block_scores_reference, text_block_indices, topk_block_mask,
 )
-from scaling_compiler.sites import AttentionSite, Pattern, SiteKind
+from scaling_compiler.sites import Site, Pattern, SiteKind
 
 # (q_len, kv_len, head_dim, magnitude): tails of tiles and blocks, a single token, peaky softmax
 SHAPES = [(300, 200, 64, 1.0), (300, 200, 64, 4.0), (129, 1000, 32, 3.0), (256, 256, 16, 1.0), (1, 5, 8, 1.0)]
@@ -135,7 +130,7 @@ def test_schedule_reproduces_the_published_plan():
                                          ("keep_ratios", ()), ("keep_ratios", (0.3, 1.5)),
                                          ("dense_layers", (-1,)), ("cfg_reuse", "yes")])
 def test_schedule_errors_name_the_field(field, value):
-    with pytest.raises(ValueError, match=f"DFSSchedule.{field}"):
+    with pytest.raises(ValueError, match=f"option '{field}'"):
         DFSSchedule(**{field: value})
 
 
@@ -155,8 +150,8 @@ def test_density_with_and_without_dense_steps():
 # ---------------------------------------------------------------------------------------
 # Mask cache
 # ---------------------------------------------------------------------------------------
-def _site(name: str, batch: int = 2, heads: int = 2, seq: int = 1000, text_spans=()) -> AttentionSite:
-    return AttentionSite(
+def _site(name: str, batch: int = 2, heads: int = 2, seq: int = 1000, text_spans=()) -> Site:
+    return Site(
         name=name, pattern=Pattern.SDPA, kind=SiteKind.JOINT if text_spans else SiteKind.SELF, batch=batch,
         heads=heads, kv_heads=heads, q_len=seq, kv_len=seq, head_dim=32, dtype=torch.float32,
         device=torch.device("cpu"), q_stride=(), scale=32**-0.5, attn_mask=None, key_padding=False,

@@ -11,11 +11,13 @@ from scaling_compiler import ScalingAttnBackend, zoo
 from scaling_compiler.kernels.bitmask import BLOCK_SIZE, num_blocks, unpack_block_mask
 from scaling_compiler.kernels.reference import masked_attention_reference
 from scaling_compiler.models.sampling import sigma_schedule
-from scaling_compiler.ops import dfs_attention_op, step_timesteps
-from scaling_compiler.policies.dfs_registry import DFSRegistry
-from scaling_compiler.policies.dfsattn import DFSSchedule, block_scores, topk_block_mask
+from scaling_compiler.passes.inputs import step_timesteps
+from scaling_compiler.policies.dfsattn.op import dfs_attention_op
+from scaling_compiler.policies.dfsattn.registry import DFSRegistry
+from scaling_compiler.policies.dfsattn.schedule import DFSSchedule
+from scaling_compiler.policies.dfsattn.scoring import block_scores, topk_block_mask
 from scaling_compiler.policies.token_order import inverse_permutation, sequence_order
-from scaling_compiler.sites import AttentionSite, Pattern, SiteKind
+from scaling_compiler.sites import Site, Pattern, SiteKind
 
 from .attention_reference import masked_sites
 
@@ -61,7 +63,7 @@ def model_order_mask(words, site):
 
 def reference(model, inputs, report, timestep):
     """The eager model with each sparse site's attention in float64 over the DFSAttn masks in use."""
-    masks = {site.name: model_order_mask(report.dfs.cache.current(site.name), site) for site in report.sparse_sites}
+    masks = {site.name: model_order_mask(report.policy_state.cache.current(site.name), site) for site in report.sparse_sites}
     with masked_sites(report, token_masks=masks):
         return run(model, inputs, timestep)
 
@@ -107,7 +109,7 @@ def test_steps_match_dense_eager_and_masked_reference_without_recompiling():
         torch.testing.assert_close(out, reference(model, inputs, backend.report, timestep), atol=SPARSE_ATOL, rtol=0)
         assert (out - run(model, inputs, timestep)).abs().max() > 1e-3  # the masks changed the computation
         if step == 2:
-            check_cfg_reuse(model, inputs, backend.report.dfs.cache.current("blocks.1.attn1"))
+            check_cfg_reuse(model, inputs, backend.report.policy_state.cache.current("blocks.1.attn1"))
     assert compiles() == 1 and len(backend.reports) == 1
 
     report = backend.report
@@ -116,13 +118,13 @@ def test_steps_match_dense_eager_and_masked_reference_without_recompiling():
     assert dense_layer.status == "dense" and "dense layer 0" in dense_layer.reason
     assert sparse.status == "sparse" and sparse.token_order == "hilbert" and sparse.name == "blocks.1.attn1"
     assert all(s.status == "dense" and "cross-attention" in s.reason for s in report.sites if s.kind == "cross")
-    registry = report.dfs
+    registry = report.policy_state
     assert list(registry.site_ids) == ["blocks.1.attn1"]
     assert [(r.site, r.step, r.keep_ratio) for r in registry.cache.refreshes] == [
         ("blocks.1.attn1", 2, 0.5), ("blocks.1.attn1", 4, 0.25)]
     assert registry.density_per_step("blocks.1.attn1") == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
     assert sparse.step_densities == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]  # the plan's nominal top-k budgets
-    assert report.scoring_seconds > 0
+    assert report.policy_state.scoring_seconds > 0
     data = report.to_dict()["dfsattn"]
     assert data["refresh_steps"] == [2, 4] and data["refreshes_run"] == 2 and data["cfg_reuse"]
     assert data["keep_ratio_per_step"] == [None, None, 0.5, 0.5, 0.25, 0.25]
@@ -150,7 +152,7 @@ def test_schedule_follows_the_published_plan_at_the_sampler_timesteps():
     for step in visited:
         run(compiled, inputs, timesteps[step])
     assert compiles() == 1 and len(backend.reports) == 1
-    registry = backend.report.dfs
+    registry = backend.report.policy_state
     assert registry.refresh_steps == [12, 24, 36]
     assert registry.keep_ratio_per_step == [None] * 12 + [0.3] * 12 + [0.2] * 12 + [0.1] * 14
     assert [(r.step, r.keep_ratio) for r in registry.cache.refreshes] == [(12, 0.3), (24, 0.2), (36, 0.1)]
@@ -184,7 +186,7 @@ def test_joint_attention_keeps_text_in_place_and_its_blocks(name):
     joint = [s for s in backend.report.sparse_sites if s.kind == "joint"]
     assert joint and all(s.token_order == "hilbert" for s in joint)
     for site in joint:
-        mask = unpack_block_mask(backend.report.dfs.cache.current(site.name), num_blocks(site.shape[2]))
+        mask = unpack_block_mask(backend.report.policy_state.cache.current(site.name), num_blocks(site.shape[2]))
         text = sorted({t // BLOCK_SIZE for start, end in site.text_spans for t in range(start, end)})
         assert mask[..., text].all() and mask[..., text, :].all()  # text keys kept, text queries dense
         assert not mask.all()
@@ -193,7 +195,7 @@ def test_joint_attention_keeps_text_in_place_and_its_blocks(name):
 def test_op_registration_and_output():
     """torch.library.opcheck of the DFSAttn op on a dense and a sparse step; the sparse step equals
     float64 attention over the masks it cached (tail blocks of 300 tokens, CFG halves sharing them)."""
-    site = AttentionSite(
+    site = Site(
         name="s", pattern=Pattern.SDPA, kind=SiteKind.SELF, batch=2, heads=2, kv_heads=2, q_len=300, kv_len=300,
         head_dim=32, dtype=torch.float32, device=torch.device("cpu"), q_stride=(), scale=32**-0.5, attn_mask=None,
         key_padding=False, is_causal=False, dropout_p=0.0, token_grid=None, grid_source="test", text_spans=())
@@ -246,7 +248,7 @@ def test_west_policy_in_hilbert_order(masks, options):
     ({"policy": "dfsattn", "density": 0.25}, "option 'density' does not apply to policy='dfsattn'"),
     ({"policy": "dfsattn", "masks": "window_3d"}, "option 'masks' does not apply to policy='dfsattn'"),
     ({"dense_steps": 5}, "option 'dense_steps' does not apply to policy='west_fast'"),
-    ({"density": 0.5, "masks": "window_3d", "token_order": "hilbert"}, "option 'token_order'='hilbert' needs masks"),
+    ({"density": 0.5, "masks": "window_3d", "token_order": "hilbert"}, "option 'token_order'='hilbert' needs a rule built in any order"),
 ])
 def test_bad_options_name_the_option(options, message):
     with pytest.raises(ValueError, match=message):
@@ -255,8 +257,8 @@ def test_bad_options_name_the_option(options, message):
 
 def test_defaults_are_the_papers():
     config = ScalingAttnBackend(policy="dfsattn").config
-    assert config.token_order.value == "hilbert" and config.schedule is None
-    schedule = config.dfs_schedule()
+    assert config.token_order.value == "hilbert" and "schedule" not in config.as_dict()
+    schedule = config.options.schedule(config.num_steps)
     assert (schedule.num_steps, schedule.dense_steps, schedule.refresh_interval) == (50, 12, 12)
     assert schedule.keep_ratios == (0.3, 0.2, 0.1) and schedule.dense_layers == (0,) and schedule.cfg_reuse
     assert ScalingAttnBackend().config.token_order.value == "raster"

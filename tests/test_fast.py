@@ -1,4 +1,6 @@
 """FAST: fidelity curves, the fitted schedule, step-dependent masks in one compiled graph, the cost model."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -6,12 +8,13 @@ from scaling_compiler import ScalingAttnBackend, zoo
 from scaling_compiler.config import Config
 from scaling_compiler.cost_model import CostModel
 from scaling_compiler.passes.detect import detect_sites
-from scaling_compiler.passes import tune
-from scaling_compiler.passes.tune import (
-    DENSITY_LADDER, FIT_WARMUPS, HEAD_FLOOR, FidelityCurve, _step_weighted_fidelity, fast_schedule, fidelity_curve,
-    fidelity_from_recall, plan_sites, uniform_schedule,
+from scaling_compiler.policies.west_fast.fast import (
+    DENSITY_LADDER, FidelityCurve, FitSettings, fast_schedule, fidelity_curve, fidelity_from_recall,
+    step_weighted_fidelity, uniform_schedule,
 )
-from scaling_compiler.topology import SiteTopology, thresholds_from_significance
+from scaling_compiler.policies.west_fast.policy import WestFastPolicy
+from scaling_compiler.sites import GraphRecord
+from scaling_compiler.policies.west_fast.topology import SiteTopology, thresholds_from_significance
 
 from .attention_reference import masked_sites
 
@@ -64,11 +67,11 @@ def test_fast_schedule_meets_density_target(target):
         assert per_step[0] >= per_step[-1]
     assert schedule.density(0)[0].mean() >= schedule.mean_density  # shallowest layer, first step: strict
     # the per-head floor: no (layer, step, head) after the dense steps takes a ladder density below
-    # HEAD_FLOOR x the density those steps have
+    # FitSettings().head_floor x the density those steps have
     dense = schedule.dense_steps
     after = (target * 50 - dense) / (50 - dense)
     for densities, index in zip(schedule.densities, schedule.index):
-        assert torch.tensor(densities)[index[dense:]].min() >= HEAD_FLOOR * after - 1e-12
+        assert torch.tensor(densities)[index[dense:]].min() >= FitSettings().head_floor * after - 1e-12
     # density never rises from one step to the next (the surface and the warm-up are both monotone)
     for i in range(6):
         assert (schedule.density(i)[1:] <= schedule.density(i)[:-1] + 1e-12).all()
@@ -76,8 +79,8 @@ def test_fast_schedule_meets_density_target(target):
 
 @pytest.mark.parametrize("target", [0.3, 0.12])
 def test_fast_fits_the_warmup(target):
-    """Without the `warmup` option the fit tries each of FIT_WARMUPS that leaves the sparse steps
-    HEAD_FLOOR x the target, and keeps the best step-weighted fidelity; warmup=0 turns the dense
+    """Without the `warmup` option the fit tries each of FitSettings.warmups that leaves the sparse steps
+    FitSettings().head_floor x the target, and keeps the best step-weighted fidelity; warmup=0 turns the dense
     steps off."""
     curves = [fidelity_curve(peaked_topology(seed=s)) for s in range(6)]
     fitted = fast_schedule(curves, steps=30, density=target, min_fidelity=None)
@@ -86,8 +89,8 @@ def test_fast_fits_the_warmup(target):
     allowed = {0.3: (0.0, 0.05), 0.12: (0.0,)}[target]
     fixed = {f: fast_schedule(curves, steps=30, density=target, min_fidelity=None, warmup=f) for f in allowed}
     assert fitted.dense_steps in {round(f * 30) for f in fixed}
-    scores = {f: _step_weighted_fidelity(s) for f, s in fixed.items()}
-    assert _step_weighted_fidelity(fitted) == pytest.approx(max(scores.values()))
+    scores = {f: step_weighted_fidelity(s, FitSettings().step_weight) for f, s in fixed.items()}
+    assert step_weighted_fidelity(fitted, FitSettings().step_weight) == pytest.approx(max(scores.values()))
     assert fixed[0.0].dense_steps == 0 and (fixed[0.0].density(0)[0] < 1.0).any()
 
 
@@ -100,20 +103,20 @@ def test_fast_chooses_dense_steps_when_sparse_levels_buy_nothing():
     kept = torch.tensor(DENSITY_LADDER, dtype=torch.float64).expand(8, -1)
     curves = [FidelityCurve(DENSITY_LADDER, fidelity, kept)] * 6
     schedule = fast_schedule(curves, steps=20, density=0.6, min_fidelity=None)
-    assert schedule.dense_steps == round(max(FIT_WARMUPS) * 20) == 4
+    assert schedule.dense_steps == round(max(FitSettings().warmups) * 20) == 4
     assert abs(schedule.mean_density - 0.6) <= 0.01 * 0.6
     # at 0.3 only 1 dense step keeps it (2 would leave 0.222 < 0.225)
     assert fast_schedule(curves, steps=20, density=0.3, min_fidelity=None).dense_steps == 1
 
 
-def test_step_weight_moves_density_to_early_steps(monkeypatch):
+def test_step_weight_moves_density_to_early_steps():
     """Unweighted, mean fidelity is blind to when a step runs (the curves are the same at every
     step); weighting early steps gives them more of the same budget."""
     curves = [fidelity_curve(peaked_topology(seed=s)) for s in range(6)]
 
     def early_share(weight):
-        monkeypatch.setattr(tune, "STEP_WEIGHT", weight)
-        schedule = fast_schedule(curves, steps=30, density=0.25, min_fidelity=None, warmup=0.0)
+        schedule = fast_schedule(curves, steps=30, density=0.25, min_fidelity=None, warmup=0.0,
+                                 settings=FitSettings(step_weight=weight))
         per_step = torch.stack([schedule.density(i).mean(-1) for i in range(6)]).mean(0)
         return float(per_step[:10].mean())
 
@@ -124,7 +127,7 @@ def test_unreachable_density_warns_and_comes_closest(caplog):
     """The ladder's sparsest mask keeps one of 16 blocks per row: 0.02 cannot be met; FAST says so and
     takes the sparsest schedule it has (no dense warm-up: that would only move further away)."""
     curves = [fidelity_curve(peaked_topology(seed=s)) for s in range(3)]
-    with caplog.at_level("WARNING", logger="scaling_compiler.passes.tune"):
+    with caplog.at_level("WARNING", logger="scaling_compiler.policies.west_fast.fast"):
         schedule = fast_schedule(curves, steps=10, density=0.02, min_fidelity=None)
     assert "cannot meet density 0.02" in caplog.text
     assert schedule.dense_steps == 0
@@ -231,15 +234,20 @@ def detected_sites():
     return sites
 
 
+def planned(options: dict, cost: CostModel) -> list:
+    """The detected sites of the Wan model as the west_fast policy plans them with `cost`."""
+    config = Config.from_options(options)
+    graph = GraphRecord(None, [], config, sites=[dataclasses.replace(site) for site in detected_sites()])
+    WestFastPolicy(config, cost).plan(graph)
+    return graph.sites
+
+
 def test_cost_model_keeps_slow_sites_dense():
-    sites = detected_sites()
-    config = Config(density=0.5, masks="local_band")
+    options = {"density": 0.5, "masks": "local_band"}
     slow = CostModel("test: huge launch overhead", 1e-12, 1e3, 1e-12)
     ideal = CostModel("test: ideal", 1e-12, 0.0, 1e-12)
-    slow_plans, _ = plan_sites(sites, None, config, 1, slow)
-    ideal_plans, _ = plan_sites(sites, None, config, 1, ideal)
-    assert all(isinstance(p, str) and "cost model" in p for p in slow_plans.values())
-    assert not any(isinstance(p, str) for p in ideal_plans.values())
+    assert all(site.plan is None and "cost model" in site.dense_reason for site in planned(options, slow))
+    assert all(site.plan is not None for site in planned(options, ideal))
 
 
 @pytest.mark.parametrize("density, sparse_per_flop, sparse", [
@@ -250,12 +258,11 @@ def test_cost_model_keeps_slow_sites_dense():
     (1.0, 2.00e-12, True),  # density 1 always runs the op (the exactness check), even when slower
 ])
 def test_cost_model_needs_a_margin_over_dense(density, sparse_per_flop, sparse):
-    sites = detected_sites()
     cost = CostModel("test", sparse_per_flop, 0.0, 1e-12)
-    plans, _ = plan_sites(sites, None, Config(density=density, masks="local_band"), 1, cost)
-    assert all(isinstance(p, str) != sparse for p in plans.values())
+    sites = planned({"density": density, "masks": "local_band"}, cost)
+    assert all((site.plan is not None) == sparse for site in sites)
     if not sparse:
-        assert all("not 5% below dense" in p for p in plans.values())
+        assert all("not 5% below dense" in site.dense_reason for site in sites)
 
 
 def test_table_cost_model_from_measured_h100_table():
@@ -301,11 +308,11 @@ def test_fidelity_curve_uses_sampled_rows():
 
 def test_option_validation():
     with pytest.raises(ValueError, match="'density' and 'min_fidelity' are exclusive"):
-        Config(density=0.5, min_fidelity=0.9)
+        Config.from_options({"density": 0.5, "min_fidelity": 0.9})
     with pytest.raises(ValueError, match="option 'warmup' must be a fraction"):
-        Config(density=0.5, warmup=1.0)
+        Config.from_options({"density": 0.5, "warmup": 1.0})
     with pytest.raises(ValueError, match="needs masks='west'"):
-        Config(masks="window_3d", schedule="fast")
+        Config.from_options({"masks": "window_3d", "schedule": "fast"})
     with pytest.raises(ValueError, match="'num_steps'"):
-        Config(num_steps=0)
+        Config.from_options({"num_steps": 0})
 

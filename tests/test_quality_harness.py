@@ -75,7 +75,7 @@ def test_density_one_matches_dense(quick_run):
 
 @pytest.mark.parametrize("density", [0.5, 0.25, 0.1])
 def test_dfsattn_variant_matches_the_density_with_dense_steps_counted(density):
-    from scaling_compiler.policies.dfsattn import DFSSchedule
+    from scaling_compiler.policies.dfsattn.schedule import DFSSchedule
 
     harness = load_benchmark("quality.py")
     options = harness.backend_options("dfsattn", density, "eager", steps=30, num_k_blocks=72)  # 9x64x64 video

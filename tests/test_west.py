@@ -7,8 +7,8 @@ import torch
 from scaling_compiler import ScalingAttnBackend, cli
 from scaling_compiler.kernels.bitmask import BLOCK_SIZE, num_blocks, unpack_block_mask
 from scaling_compiler.kernels.block_mass import block_mass, block_mass_triton, row_block_mass
-from scaling_compiler.topology import SiteTopology, Topology, thresholds_from_significance
-from scaling_compiler.passes.calibrate import sample_rows
+from scaling_compiler.policies.west_fast.topology import SiteTopology, Topology, thresholds_from_significance
+from scaling_compiler.policies.west_fast.calibrate import sample_rows
 
 from .local_dit import LocalDiT
 
@@ -99,15 +99,15 @@ def random_site_topology(heads=3, n=7, seed=0):
     return SiteTopology(t, samples.mean(0), n * 128, n * 128, None, (), "calibrated")
 
 
-def test_masks_grow_with_p_and_keep_a_block_per_row():
+def test_masks_grow_with_density_and_keep_a_block_per_row():
     topo = random_site_topology()
     previous = torch.zeros_like(topo.thresholds, dtype=torch.bool)
-    for p in torch.linspace(0, 1, 15).tolist():
-        mask = topo.mask(p)
-        assert (mask >= previous).all()  # monotone in p
+    for density in torch.linspace(0.05, 1, 15).tolist():
+        mask, _ = topo.mask_for_density(density)
+        assert (mask >= previous).all()  # nested: a denser mask keeps every block of a sparser one
         assert mask.any(-1).all()  # every query-block row keeps a block
         previous = mask
-    assert topo.mask(1.0).all()
+    assert topo.mask_for_density(1.0)[0].all()
 
 
 @pytest.mark.parametrize("density", [0.05, 0.25, 0.5, 0.9])
@@ -223,7 +223,7 @@ def test_cache_hit_miss_corruption_and_mismatch(cache_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="scaling_compiler"):
         _, third = compile_local(density=0.25)
     assert "calibrated" in third.report.topology_origin
-    assert any("ignoring and removing cached topology" in r.message for r in caplog.records)
+    assert any("ignoring and removing cache entry" in r.message for r in caplog.records)
     assert Topology.load(str(cached_file)).sites
 
     stale = Topology.load(str(cached_file))  # mismatch: a file that describes other weights

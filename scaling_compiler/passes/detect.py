@@ -8,7 +8,8 @@ before AOT lowers them to device-specific aten ops, and hand-written
 For each site it decides self / joint / cross attention from where q and k come from:
 the inputs of the nearest `linear` projections upstream of each. It also infers the video
 token grid from the patch embedding (conv3d, or conv2d over frames) and, for joint
-text+video attention, the text token spans from the concatenation that builds q.
+text+video attention, the text token spans from the concatenation that builds q. And it finds the model's timestep input
+(`inputs.find_timestep`), which step-aware plans read at run time.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from ..kernels.block_sparse_attention import unsupported_reason
-from ..sites import AttentionSite, Pattern, SiteKind
+from ..sites import GraphRecord, Pattern, Site, SiteKind
+from .inputs import find_timestep
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +41,16 @@ _CONV_IMAGE = {torch.conv2d, F.conv2d}
 _MAX_BACKWARD_NODES = 400  # bound on the upstream search from q/k (a few layers of ops)
 
 
-def detect_sites(gm: torch.fx.GraphModule, token_grid: tuple[int, int, int] | None = None) -> list[AttentionSite]:
+def detect(graph: GraphRecord) -> None:
+    """The detection pass: the graph's attention sites and its timestep input."""
+    graph.sites = detect_sites(graph.gm, graph.config.token_grid)
+    graph.timestep = find_timestep(graph.gm, graph.example_inputs, graph.config.timestep_max)
+
+
+def detect_sites(gm: torch.fx.GraphModule, token_grid: tuple[int, int, int] | None = None) -> list[Site]:
     """All attention sites of `gm` in graph (= execution) order."""
     grids = [(token_grid, "option")] if token_grid else _patch_embedding_grids(gm)
-    sites: list[AttentionSite] = []
+    sites: list[Site] = []
     for node in gm.graph.nodes:
         site = _sdpa_site(node) if _is_call(node, ({_SDPA}, ())) else _softmax_site(node)
         if site is None:
@@ -60,7 +68,7 @@ def detect_sites(gm: torch.fx.GraphModule, token_grid: tuple[int, int, int] | No
 # ---------------------------------------------------------------------------------------
 
 
-def _sdpa_site(node: torch.fx.Node) -> AttentionSite | None:
+def _sdpa_site(node: torch.fx.Node) -> Site | None:
     bound = dict(zip(_SDPA_PARAMS, node.args))
     bound.update(node.kwargs)
     q, k, v = bound["query"], bound["key"], bound["value"]
@@ -77,7 +85,7 @@ def _sdpa_site(node: torch.fx.Node) -> AttentionSite | None:
     return site
 
 
-def _softmax_site(node: torch.fx.Node) -> AttentionSite | None:
+def _softmax_site(node: torch.fx.Node) -> Site | None:
     """Match `out = matmul(softmax(matmul(q, k^T) * c, dim=-1), v)` ending at `node`."""
     if not _is_call(node, _MATMUL) or len(node.args) != 2:
         return None
@@ -100,13 +108,13 @@ def _softmax_site(node: torch.fx.Node) -> AttentionSite | None:
     return site
 
 
-def _new_site(node, pattern, q, k, v, scale) -> AttentionSite | None:
+def _new_site(node, pattern, q, k, v, scale) -> Site | None:
     qv, kv, vv = (_value(x) for x in (q, k, v))
     if not all(isinstance(t, torch.Tensor) for t in (qv, kv, vv)):
         return None
     if qv.dim() != 4 or kv.dim() != 4 or vv.dim() != 4:
         shape = tuple(qv.shape)
-        site = AttentionSite(
+        site = Site(
             name=_module_path(node), pattern=pattern, kind=SiteKind.SELF, batch=0, heads=0, kv_heads=0,
             q_len=0, kv_len=0, head_dim=int(qv.shape[-1]), dtype=qv.dtype, device=qv.device, q_stride=tuple(qv.stride()),
             scale=None, attn_mask=None, key_padding=False, is_causal=False, dropout_p=0.0, token_grid=None,
@@ -116,7 +124,7 @@ def _new_site(node, pattern, q, k, v, scale) -> AttentionSite | None:
         return site
     batch, heads, q_len, head_dim = (int(s) for s in qv.shape)
     resolved_scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    return AttentionSite(
+    return Site(
         name=_module_path(node), pattern=pattern, kind=SiteKind.SELF, batch=batch, heads=heads,
         kv_heads=int(kv.shape[1]), q_len=q_len, kv_len=int(kv.shape[2]), head_dim=head_dim, dtype=qv.dtype, device=qv.device,
         q_stride=tuple(int(s) for s in qv.stride()),
@@ -126,7 +134,7 @@ def _new_site(node, pattern, q, k, v, scale) -> AttentionSite | None:
     )
 
 
-def _describe_mask(mask: Any, site: AttentionSite) -> tuple[str | None, bool]:
+def _describe_mask(mask: Any, site: Site) -> tuple[str | None, bool]:
     if mask is None:
         return None, False
     mv = _value(mask)
@@ -145,7 +153,7 @@ def _describe_mask(mask: Any, site: AttentionSite) -> tuple[str | None, bool]:
 # ---------------------------------------------------------------------------------------
 
 
-def _classify(site: AttentionSite, grids: list[tuple[tuple[int, int, int], str]]) -> None:
+def _classify(site: Site, grids: list[tuple[tuple[int, int, int], str]]) -> None:
     if site.batch == 0:  # bad layout: nothing more to learn
         return
     q_sources, k_sources = _projection_inputs(site.q_node), _projection_inputs(site.k_node)
@@ -190,7 +198,7 @@ def _projection_inputs(node: Any) -> frozenset[torch.fx.Node]:
     return frozenset(found)
 
 
-def _sequence_segments(site: AttentionSite) -> list[int]:
+def _sequence_segments(site: Site) -> list[int]:
     """Lengths of the pieces q's token sequence was concatenated from, or [q_len].
 
     Searches upstream of q, inside q's transformer block, for a `cat` along the sequence
@@ -211,7 +219,7 @@ def _sequence_segments(site: AttentionSite) -> list[int]:
     return [site.q_len]
 
 
-def _cat_sequence_lengths(cat: torch.fx.Node, site: AttentionSite) -> list[int] | None:
+def _cat_sequence_lengths(cat: torch.fx.Node, site: Site) -> list[int] | None:
     pieces = cat.args[0] if cat.args else cat.kwargs.get("tensors")
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     out = _value(cat)
@@ -259,7 +267,7 @@ def _conv_input_batch(conv: torch.fx.Node) -> int | None:
 # ---------------------------------------------------------------------------------------
 
 
-def _dense_reason(site: AttentionSite) -> str | None:
+def _dense_reason(site: Site) -> str | None:
     if site.dense_reason:
         return site.dense_reason
     if site.kind is SiteKind.CROSS:
@@ -364,7 +372,7 @@ def _module_path(node: torch.fx.Node) -> str:
     return path.strip(".") or "<model>"
 
 
-def _make_names_unique(sites: list[AttentionSite]) -> None:
+def _make_names_unique(sites: list[Site]) -> None:
     counts = Counter(s.name for s in sites)
     seen: Counter = Counter()
     for site in sites:

@@ -24,7 +24,7 @@ import torch
 import torch.fx
 
 from ..policies.token_order import TokenOrder, inverse_permutation, sequence_order
-from ..sites import AttentionSite, Pattern
+from ..sites import GraphRecord, Pattern, Site
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,14 @@ _MAX_CHAIN_NODES = 64  # a hand-written softmax(q @ k^T * c) @ v chain is a hand
 _NODE_FIELDS = ("node", "q_node", "k_node", "v_node", "mask_node")
 
 
+def reorder(graph: GraphRecord) -> None:
+    """The reorder pass: every rewritable site with a token grid sees its tokens in the configured order."""
+    graph.gm, graph.sites = reorder_sites(graph.gm, graph.sites, graph.config.token_order)
+
+
 def reorder_sites(
-    gm: torch.fx.GraphModule, sites: list[AttentionSite], order: TokenOrder | str, names: Collection[str] | None = None
-) -> tuple[torch.fx.GraphModule, list[AttentionSite]]:
+    gm: torch.fx.GraphModule, sites: list[Site], order: TokenOrder | str, names: Collection[str] | None = None
+) -> tuple[torch.fx.GraphModule, list[Site]]:
     """A copy of `gm` whose rewritable sites with a token grid (those in `names`, if given) see their
     tokens in `order`, and the sites pointing at the copy's nodes. Raster order (or no such site)
     returns both unchanged."""
@@ -84,8 +89,8 @@ def _add_permutation(gm: torch.fx.GraphModule, first_op: torch.fx.Node, index: i
     return nodes[0], nodes[1]
 
 
-def _reorder(graph: torch.fx.Graph, site: AttentionSite, perm: torch.fx.Node, inverse: torch.fx.Node,
-             order: TokenOrder) -> AttentionSite:
+def _reorder(graph: torch.fx.Graph, site: Site, perm: torch.fx.Node, inverse: torch.fx.Node,
+             order: TokenOrder) -> Site:
     """Gather the site's inputs by `perm` where the attention reads them, and its output back by `inverse`."""
     node = site.node
     sources = {site.q_node: _SEQ_DIM, site.k_node: _SEQ_DIM, site.v_node: _SEQ_DIM}

@@ -1,109 +1,70 @@
-"""Rewrite pass: replace each planned attention site by the block-sparse custom op.
+"""Rewrite pass: replace each planned attention site by the op its plan emits.
 
-The packed masks enter the graph as extra placeholders appended after the original inputs,
-on a copy of the graph (dynamo's own GraphModule must not gain inputs in place). The caller
-passes the returned tensors after the original arguments at every call. A site whose
-masks vary by step gets its masks at every density plus the per-step choice, and the graph
-picks the step's masks from the timestep input (`ops.step_masks`).
-
-With the DFSAttn policy (`rewrite_graph_dfs`) the sites call the DFSAttn op instead, which takes
-the timestep input and an int naming the site's run-time state; the graph gains no input.
+Works on a copy of the graph (dynamo's own GraphModule must not gain inputs in place). A plan
+emits its op call through a `Rewriter`, which can append extra placeholders after the original
+inputs (packed masks, step tables: `GraphRecord.extra_inputs`, passed after the original
+arguments at every call) and hands out the model's timestep node. The site's softmax chain (or
+SDPA call) is then erased.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx
 
-from .. import ops  # noqa: F401  (registers torch.ops.scaling_compiler)
-from ..sites import AttentionSite
-from .tune import SitePlan
-
-_OP = torch.ops.scaling_compiler.block_sparse_attention.default
-_DFS_OP = torch.ops.scaling_compiler.dfs_attention.default
-_STEP_MASKS_OP = torch.ops.scaling_compiler.step_masks.default
+from ..sites import GraphRecord, Site
 
 
-def rewrite_graph(
-    gm: torch.fx.GraphModule,
-    sites: list[AttentionSite],
-    plans: dict[str, SitePlan],
-    timestep_input: int | None = None,
-    timesteps: torch.Tensor | None = None,
-) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
-    """Copy of `gm` in which the sites in `plans` call the sparse op, and its extra inputs.
+class Rewriter:
+    """The copied graph being rewritten, and the tensors its new placeholders stand for."""
 
-    `timestep_input` is the position of the model's timestep among the graph inputs, and
-    `timesteps` (steps,) the timestep of each schedule step; both are needed when a plan
-    varies by step.
-    """
-    graph = torch.fx.Graph()
+    def __init__(self, graph: torch.fx.Graph, timestep: torch.fx.Node | None) -> None:
+        self.graph = graph
+        self.timestep = timestep  # the model's timestep placeholder, if the graph has one
+        self.extra_inputs: list[torch.Tensor] = []
+        self._anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        self._shared: dict[str, torch.fx.Node] = {}
+
+    def add_input(self, tensor: torch.Tensor, name: str | None = None) -> torch.fx.Node:
+        """A new placeholder, after the others, fed `tensor` at every call. A named input is added once
+        and shared by every site that asks for the same name."""
+        if name is not None and name in self._shared:
+            return self._shared[name]
+        with self.graph.inserting_after(self._anchor):
+            self._anchor = self.graph.placeholder(name or f"scalingattn_{len(self.extra_inputs)}")
+        self.extra_inputs.append(tensor)
+        if name is not None:
+            self._shared[name] = self._anchor
+        return self._anchor
+
+
+def rewrite(graph: GraphRecord) -> None:
+    """The rewrite pass: sites with a plan call their op; `graph.gm` becomes the rewritten copy."""
+    planned = [site for site in graph.sites if site.plan is not None]
+    if not planned:
+        return
+    copy = torch.fx.Graph()
     copies: dict[torch.fx.Node, torch.fx.Node] = {}
-    output = graph.graph_copy(gm.graph, copies)
-    graph.output(output)
-
-    inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    timestep = inputs[timestep_input] if timestep_input is not None else None
-    extra: list[torch.Tensor] = []
-    anchor = inputs[-1]
-    step_times = None  # placeholder of `timesteps`, added with the first step-varying site
-    for site in sites:
-        plan = plans.get(site.name)
-        if plan is None:
-            continue
-        words = plan.words.to(site.device)  # (L, H, Nq, W)
-        if plan.static:  # one step: each head's own level
-            tensors = [words[plan.level_index[0].to(site.device), torch.arange(site.heads, device=site.device)]]
-        else:
-            tensors = [words, plan.level_index.to(site.device)]
-        placeholders = []
-        for tensor in tensors:
-            with graph.inserting_after(anchor):
-                anchor = graph.placeholder(f"scalingattn_{len(extra)}")
-            placeholders.append(anchor)
-            extra.append(tensor)
-        if plan.static:
-            mask = placeholders[0]
-        else:
-            if timestep is None or timesteps is None:
-                raise ValueError(f"site {site.name}: masks vary by step but the graph has no timestep input")
-            if step_times is None:
-                with graph.inserting_after(anchor):
-                    anchor = step_times = graph.placeholder("scalingattn_timesteps")
-                extra.append(timesteps.to(site.device))
-            with graph.inserting_before(copies[site.node]):
-                mask = graph.call_function(_STEP_MASKS_OP, (*placeholders, timestep, step_times))
-        _replace_site(graph, site, copies, _OP, (mask,))
-
-    graph.lint()
-    return torch.fx.GraphModule(gm, graph), extra
+    copy.output(copy.graph_copy(graph.gm.graph, copies))
+    placeholders = [n for n in copy.nodes if n.op == "placeholder"]
+    rewriter = Rewriter(copy, placeholders[graph.timestep.position] if graph.timestep else None)
+    for site in planned:
+        _replace_site(rewriter, site, copies)
+    copy.lint()
+    graph.gm = torch.fx.GraphModule(graph.gm, copy)
+    graph.extra_inputs = rewriter.extra_inputs
 
 
-def rewrite_graph_dfs(
-    gm: torch.fx.GraphModule, sites: list[AttentionSite], site_ids: dict[str, int], timestep_input: int
-) -> torch.fx.GraphModule:
-    """Copy of `gm` in which the sites in `site_ids` call the DFSAttn op with their id."""
-    graph = torch.fx.Graph()
-    copies: dict[torch.fx.Node, torch.fx.Node] = {}
-    graph.output(graph.graph_copy(gm.graph, copies))
-    timestep = [n for n in graph.nodes if n.op == "placeholder"][timestep_input]
-    for site in sites:
-        if site.name in site_ids:
-            _replace_site(graph, site, copies, _DFS_OP, (timestep, site_ids[site.name]))
-    graph.lint()
-    return torch.fx.GraphModule(gm, graph)
-
-
-def _replace_site(graph: torch.fx.Graph, site: AttentionSite, copies: dict, op, args: tuple) -> None:
-    """Call `op(q, k, v, *args, scale, key_padding)` in place of the site."""
+def _replace_site(rewriter: Rewriter, site: Site, copies: dict) -> None:
+    graph = rewriter.graph
     node = copies[site.node]
     q, k, v = copies[site.q_node], copies[site.k_node], copies[site.v_node]
     with graph.inserting_before(node):
         key_padding = None
         if site.key_padding:
             key_padding = graph.call_method("reshape", (copies[site.mask_node], -1, site.kv_len))
-        sparse = graph.call_function(op, (q, k, v, *args, site.scale, key_padding))
-    sparse.meta.update({k_: v_ for k_, v_ in node.meta.items() if k_ in ("nn_module_stack", "stack_trace")})
-    node.replace_all_uses_with(sparse)
+        replacement = site.plan.emit(rewriter, site, q, k, v, key_padding)
+    replacement.meta.update({k_: v_ for k_, v_ in node.meta.items() if k_ in ("nn_module_stack", "stack_trace")})
+    node.replace_all_uses_with(replacement)
     _erase_dead_chain(graph, node, stop_at={q, k, v})
 
 

@@ -1,4 +1,4 @@
-"""Calibration pass (WEST): threshold maps from running the captured graph on calibration inputs.
+"""Calibration (WEST): threshold maps from running the captured graph on calibration inputs.
 
 The graph dynamo hands the backend takes the model's weights as inputs, so it can be run
 as it is with `torch.fx.Interpreter`. At each attention site the interpreter computes the
@@ -25,32 +25,16 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.fx
 
-from .. import cache
-from ..cache import weights_fingerprint
-from ..config import Config
-from ..kernels.bitmask import BLOCK_SIZE, num_blocks
-from ..kernels.block_mass import block_mass, row_block_mass
-from ..sites import AttentionSite
-from ..topology import SiteTopology, Topology, thresholds_from_significance
+from ... import cache
+from ...kernels.bitmask import BLOCK_SIZE, num_blocks
+from ...kernels.block_mass import block_mass, row_block_mass
+from ...passes.inputs import graph_inputs
+from ...sites import GraphRecord, Site
+from .topology import SiteTopology, Topology, thresholds_from_significance
 
 log = logging.getLogger(__name__)
 
 SAMPLED_ROWS = 16  # per batch entry and calibration sample, as in the FAST paper
-
-
-def graph_inputs(gm: torch.fx.GraphModule) -> list[tuple[str, bool]]:
-    """(argument name, is weight) of each placeholder, from dynamo's source of it."""
-    result = []
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        grapharg = node.meta.get("grapharg")
-        source = grapharg.source.name if grapharg is not None else node.name
-        source = source() if callable(source) else source  # a method in torch 2.11, a property in 2.13
-        is_weight = "._parameters[" in source or "._buffers[" in source
-        name = source.rsplit("['", 1)[-1].rstrip("']") if "['" in source else node.name
-        result.append((name, is_weight))
-    return result
 
 
 def calibration_inputs(
@@ -64,10 +48,10 @@ def calibration_inputs(
     generator = torch.Generator().manual_seed(seed * 100_003 + sample)
     overrides = user_inputs[sample % len(user_inputs)] if user_inputs else {}
     inputs = []
-    for (name, is_weight), example in zip(graph_inputs(gm), example_inputs):
-        if name in overrides:
-            inputs.append(overrides[name].to(example.device, example.dtype))
-        elif is_weight or user_inputs or not isinstance(example, torch.Tensor):
+    for graph_input, example in zip(graph_inputs(gm), example_inputs):
+        if graph_input.name in overrides:
+            inputs.append(overrides[graph_input.name].to(example.device, example.dtype))
+        elif graph_input.is_weight or user_inputs or not isinstance(example, torch.Tensor):
             inputs.append(example)
         else:
             inputs.append(_randomised(example, generator))
@@ -89,7 +73,7 @@ def _randomised(example: torch.Tensor, generator: torch.Generator) -> torch.Tens
 class _SiteCapture(torch.fx.Interpreter):
     """Runs the graph; at each site, accumulates per-sample threshold maps and block mass."""
 
-    def __init__(self, gm: torch.fx.GraphModule, sites: list[AttentionSite], seed: int) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, sites: list[Site], seed: int) -> None:
         super().__init__(gm)
         self.sites = {site.node: site for site in sites}
         # q, k and masks are kept from when they are computed until their site runs: the
@@ -123,7 +107,7 @@ class _SiteCapture(torch.fx.Interpreter):
             self.pinned[node] = value
         return value
 
-    def _unpin(self, site: AttentionSite) -> None:
+    def _unpin(self, site: Site) -> None:
         for needed in {site.q_node, site.k_node, site.mask_node} - {None}:
             self.remaining[needed] -= 1
             if self.remaining[needed] == 0:
@@ -137,7 +121,7 @@ class _SiteCapture(torch.fx.Interpreter):
 def calibrate(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
-    sites: list[AttentionSite],
+    sites: list[Site],
     samples: int,
     seed: int,
     user_inputs: Sequence[Mapping[str, torch.Tensor]] | None = None,
@@ -175,46 +159,58 @@ def sample_rows(q_len: int, generator: torch.Generator, count: int = SAMPLED_ROW
     return blocks * BLOCK_SIZE + (torch.rand(len(blocks), generator=generator) * sizes).long()
 
 
-def west_topology(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], sites: list[AttentionSite], config: Config
-) -> tuple[Topology, str, float]:
+def west_topology(graph: GraphRecord, sites: list[Site], options: Any) -> tuple[Topology, str, float]:
     """Threshold maps for `sites`: from the topology file, else the cache, else calibration.
 
-    Returns the topology, a sentence saying where it came from (for the report) and the
-    seconds spent calibrating.
+    `options` are the west_fast policy's. Returns the topology, a sentence saying where it came
+    from (for the report) and the seconds spent calibrating.
     """
-    weights = [x for (_, is_weight), x in zip(graph_inputs(gm), example_inputs) if is_weight]
-    fingerprint = weights_fingerprint(weights)
+    gm, example_inputs, config = graph.gm, graph.example_inputs, graph.config
+    weights = [x for graph_input, x in zip(graph_inputs(gm), example_inputs) if graph_input.is_weight]
+    fingerprint = cache.weights_fingerprint(weights)
     settings = {
-        "samples": config.calibration_samples, "seed": config.calibration_seed,
-        "inputs": "user" if config.calibration_inputs else "prompt-agnostic", "sampled_rows": SAMPLED_ROWS,
+        "samples": options.calibration_samples, "seed": options.calibration_seed,
+        "inputs": "user" if options.calibration_inputs else "prompt-agnostic", "sampled_rows": SAMPLED_ROWS,
     }
     maps: dict[str, SiteTopology] = {}
     origin, seconds = [], 0.0
-    if config.topology_file:
-        maps.update(_from_file(config.topology_file, sites))
-        origin.append(f"{len(maps)} sites from {config.topology_file}")
+    if options.topology_file:
+        maps.update(_from_file(options.topology_file, sites))
+        origin.append(f"{len(maps)} sites from {options.topology_file}")
     missing = [site for site in sites if site.name not in maps]
     if missing:
-        key = cache.cache_key(fingerprint, [_signature(s) for s in missing], settings)
-        cached = cache.load(key, fingerprint, [s.name for s in missing]) if config.cache else None
+        key = cache.cache_key({"fingerprint": fingerprint, "sites": [_signature(s) for s in missing],
+                               "calibration": settings}, sites[0].device)
+        path = cache.entry_path(key)
+        cached = _load_cached(path, fingerprint, [s.name for s in missing]) if config.cache else None
         if cached is not None:
             maps.update(cached.sites)
             origin.append(f"{len(missing)} sites from cache {cache.cache_dir() / key}")
         else:
             start = time.perf_counter()
-            calibrated = calibrate(gm, example_inputs, missing, config.calibration_samples,
-                                   config.calibration_seed, config.calibration_inputs)
+            calibrated = calibrate(gm, example_inputs, missing, options.calibration_samples,
+                                   options.calibration_seed, options.calibration_inputs)
             maps.update(calibrated)
             seconds = time.perf_counter() - start
-            origin.append(f"{len(missing)} sites calibrated on {config.calibration_samples} "
+            origin.append(f"{len(missing)} sites calibrated on {options.calibration_samples} "
                           f"{settings['inputs']} samples in {seconds:.1f} s")
             if config.cache:
-                cache.store(key, Topology(fingerprint, calibrated, settings))
+                cache.store(path, Topology(fingerprint, calibrated, settings).save)
     return Topology(fingerprint, maps, settings), "; ".join(origin), seconds
 
 
-def _from_file(path: str, sites: list[AttentionSite]) -> dict[str, SiteTopology]:
+def _load_cached(path, fingerprint: str, site_names: list[str]) -> Topology | None:
+    def problem(topology: Topology) -> str | None:
+        if topology.fingerprint != fingerprint:
+            return f"weights fingerprint {topology.fingerprint} != {fingerprint}"
+        if sorted(topology.sites) != sorted(site_names):
+            return f"sites {sorted(topology.sites)} != {sorted(site_names)}"
+        return None
+
+    return cache.load(path, Topology.load, problem)
+
+
+def _from_file(path: str, sites: list[Site]) -> dict[str, SiteTopology]:
     """Maps of `sites` found in the file, resized to the site's grid when the shapes differ."""
     stored = Topology.load(path).sites
     maps = {}
@@ -232,8 +228,9 @@ def _from_file(path: str, sites: list[AttentionSite]) -> dict[str, SiteTopology]
     return maps
 
 
-def _signature(site: AttentionSite) -> dict[str, Any]:
+def _signature(site: Site) -> dict[str, Any]:
     return {
         "name": site.name, "shape": [site.batch, site.heads, site.q_len, site.kv_len, site.head_dim],
         "dtype": str(site.dtype), "grid": site.token_grid, "text_spans": site.text_spans,
+        "token_order": site.token_order,
     }

@@ -22,9 +22,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ..kernels.bitmask import num_blocks
-from ..sites import AttentionSite
-from .dfsattn import DFSSchedule, MaskCache, block_scores, text_block_indices
+from ...kernels.bitmask import num_blocks
+from ...sites import Site
+from .schedule import DFSSchedule, MaskCache
+from .scoring import block_scores, text_block_indices
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class DFSRegistry:
     are dropped (so are they on every dense step; :meth:`reset` does it by hand).
     """
 
-    def __init__(self, schedule: DFSSchedule, sites: Sequence[AttentionSite], step_timesteps: Sequence[float],
+    def __init__(self, schedule: DFSSchedule, sites: Sequence[Site], step_timesteps: Sequence[float],
                  cfg_batch: bool) -> None:
         self.schedule = schedule
         self.step_timesteps = tuple(float(t) for t in step_timesteps)
@@ -126,7 +127,7 @@ class DFSRegistry:
         """Kept block fraction site `name` used at each step when last run (None: step not run yet)."""
         return [self.step_density.get((name, step)) for step in range(len(self.plan))]
 
-    def nominal_step_densities(self, site: AttentionSite) -> list[float]:
+    def nominal_step_densities(self, site: Site) -> list[float]:
         """Kept block fraction the plan gives `site` at each step: 1 on dense steps, else the top-k
         budget ``max(1, floor(keep * Nk))`` per row (text blocks counted, text rows dense)."""
         nq, nk = num_blocks(site.q_len), num_blocks(site.kv_len)
@@ -153,6 +154,16 @@ class DFSRegistry:
             "refreshes_run": len(refreshes), "scoring_seconds": self.scoring_seconds,
             "scoring_seconds_per_refresh": self.scoring_seconds / len(refreshes) if refreshes else None,
         }
+
+
+    def report_line(self) -> str:
+        """The report's policy line (run-time figures so far)."""
+        return (f"policy: dfsattn; refresh steps {self.refresh_steps}, keep ratios "
+                f"{'/'.join(f'{r:g}' for r in self.schedule.keep_ratios)}; scoring so far "
+                f"{self.scoring_seconds:.3g} s over {len(self.cache.refreshes)} site refreshes")
+
+    def report_json(self) -> dict[str, Any]:
+        return {"dfsattn": self.summary()}
 
 
 def _sync(x: torch.Tensor) -> None:

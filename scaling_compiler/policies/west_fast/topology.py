@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .kernels.bitmask import BLOCK_SIZE, num_blocks
+from ...kernels.bitmask import BLOCK_SIZE, num_blocks
 
 FORMAT = "scalingattn-topology/1"
 Grid = tuple[int, int, int]
@@ -40,10 +40,6 @@ class SiteTopology:
     # exact key-block mass of sampled query rows (FAST's fidelity curves); none when transferred
     row_mass: torch.Tensor | None = None  # float32 (H, R, Nk): each row sums to 1 (0 for a row with no key)
     row_blocks: torch.Tensor | None = None  # int64 (R,): the query block of each sampled row
-
-    def mask(self, p: float) -> torch.Tensor:
-        """bool (H, Nq, Nk): blocks with T <= p, plus each row's first block (every row keeps one)."""
-        return (self.thresholds <= p) | self._row_first()
 
     def mask_for_density(self, density: float) -> tuple[torch.Tensor, list[float]]:
         """Per head, the `floor(density * Nq * Nk)` blocks of lowest T, each row's first block among them.

@@ -1,0 +1,1 @@
+"""The dfsattn policy (DFSAttn): block masks scored at run time from q and k, cached over steps."""
