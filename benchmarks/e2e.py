@@ -90,9 +90,9 @@ from benchmarks.common import cudnn_first, one_thread  # noqa: E402
 from scaling_compiler import PassReport, ScalingAttnBackend  # noqa: E402
 from scaling_compiler.cache import CACHE_DIR_ENV_VAR  # noqa: E402
 from scaling_compiler.cost_model import slug  # noqa: E402
-from scaling_compiler.models.sampling import sigma_schedule  # noqa: E402
+from scaling_compiler.demo.sampling import sigma_schedule  # noqa: E402
 from scaling_compiler.report import kept_pair_fraction  # noqa: E402
-from scaling_compiler.zoo import ZOO  # noqa: E402
+from scaling_compiler.demo.zoo import ZOO  # noqa: E402
 
 START = time.monotonic()
 SAMPLER_STEPS = 50

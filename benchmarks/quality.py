@@ -67,13 +67,13 @@ from scaling_compiler.cache import CACHE_DIR_ENV_VAR  # noqa: E402
 from scaling_compiler.config import DEFAULT_CALIBRATION_SAMPLES  # noqa: E402
 from scaling_compiler.cost_model import slug  # noqa: E402
 from scaling_compiler.kernels.bitmask import num_blocks, unpack_block_mask  # noqa: E402
-from scaling_compiler.models import synthetic_videos as sv  # noqa: E402
-from scaling_compiler.models.sampling import (  # noqa: E402
+from scaling_compiler.demo import synthetic_videos as sv  # noqa: E402
+from scaling_compiler.demo.sampling import (  # noqa: E402
     DEFAULT_GUIDANCE, DEFAULT_SHIFT, sample, sampler_timesteps, save_contact_sheet,
 )
-from scaling_compiler.models.video_dit import load_pretrained  # noqa: E402
+from scaling_compiler.demo.video_dit import load_pretrained  # noqa: E402
 from scaling_compiler.policies.dfsattn import DEFAULT_KEEP_RATIOS, DFSSchedule  # noqa: E402
-from scaling_compiler.quality import psnr, ssim  # noqa: E402
+from scaling_compiler.demo.metrics import psnr, ssim  # noqa: E402
 
 # every shape, colour and motion at least once
 PROMPTS = [

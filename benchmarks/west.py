@@ -30,9 +30,10 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scaling_compiler import ScalingAttnBackend, zoo
+from scaling_compiler import ScalingAttnBackend
+from scaling_compiler.demo import zoo
 from scaling_compiler.cost_model import slug
-from scaling_compiler.models import video_dit
+from scaling_compiler.demo import video_dit
 
 DENSITIES = (0.05, 0.1, 0.25, 0.5)
 WAN_1_3B = dict(num_attention_heads=12, attention_head_dim=128, num_layers=30, ffn_dim=8960, text_dim=4096,

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from scaling_compiler.quality import psnr, ssim
+from scaling_compiler.demo.metrics import psnr, ssim
 
 # (B, C, F, H, W): odd and non-square frames, the 11x11 minimum, a 1-frame video
 SHAPES = [(2, 3, 2, 13, 17), (1, 1, 3, 11, 11), (1, 3, 1, 16, 12), (2, 2, 2, 19, 14)]

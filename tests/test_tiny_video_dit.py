@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from scaling_compiler.models import synthetic_videos as sv
-from scaling_compiler.models.sampling import sample, save_contact_sheet, save_video_strip, sigma_schedule
-from scaling_compiler.models.video_dit import (
+from scaling_compiler.demo import synthetic_videos as sv
+from scaling_compiler.demo.sampling import sample, save_contact_sheet, save_video_strip, sigma_schedule
+from scaling_compiler.demo.video_dit import (
     DEFAULT_CHECKPOINT,
     TinyVideoDiTConfig,
     attention_entropy,

@@ -25,7 +25,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file, save_file
 
-from scaling_compiler.models import synthetic_videos as sv
+from scaling_compiler.demo import synthetic_videos as sv
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def load_checkpoint(
 
 
 def load_pretrained(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> TinyVideoDiT:
-    """The checkpoint committed in scaling_compiler/models/checkpoints/ (trained by
+    """The checkpoint committed in scaling_compiler/demo/checkpoints/ (trained by
     examples/train_video_dit.py on synthetic_videos)."""
     if not DEFAULT_CHECKPOINT.exists():
         raise FileNotFoundError(f"{DEFAULT_CHECKPOINT} is missing: run examples/train_video_dit.py")

@@ -189,7 +189,7 @@ def make_batch(
 
 def main() -> None:
     """Write a strip of one video per motion to synthetic_videos.png."""
-    from scaling_compiler.models.sampling import save_video_strip
+    from scaling_compiler.demo.sampling import save_video_strip
 
     generator = torch.Generator().manual_seed(0)
     labels = torch.tensor([[s % len(SHAPES), s, s % len(MOTIONS)] for s in range(8)])
