@@ -100,10 +100,10 @@ def sites_summary(reports: Iterable[Any]) -> str:
     dense = collections.Counter((s.kind, s.reason) for s in sites if s.status != "sparse")
     text = f"scalingattn made {len(sparse)} of {len(sites)} attention sites sparse"
     if not dense:
-        return text + ", none dense"
-    kept = "; ".join(f"{n} {kind}-attention site{'s' if n > 1 else ''} ({reason})"
+        return text + " and kept none dense"
+    kept = "; ".join(f"{n} {kind}-attention site{'s' if n > 1 else ''}, why: {reason}"
                      for (kind, reason), n in sorted(dense.items(), key=lambda item: -item[1]))
-    return f"{text} and kept dense {kept}"
+    return f"{text} and kept {len(sites) - len(sparse)} dense: {kept}"
 
 
 def attention_times(shape: tuple[int, int, int, int], density: float, device: str, dtype: torch.dtype,
