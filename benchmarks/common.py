@@ -1,10 +1,13 @@
-"""Helpers shared by the benchmark scripts (each puts the repository root on sys.path first)."""
+"""Helpers shared by the benchmarks (run from the repository root as `python -m benchmarks.<module>`)."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Iterator
 
 import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # where every benchmark writes by default
 
 
 @contextlib.contextmanager

@@ -1,13 +1,13 @@
 """Quality of sparse attention on the tiny video DiT: PSNR/SSIM of sparse vs dense videos.
 
-    python benchmarks/quality.py                        # 8 prompts, 30 steps, every variant at 0.5/0.25/0.1
-    python benchmarks/quality.py --quick --out /tmp/q   # CI size on the CPU: 1 prompt, 2 steps, 3x32x32
-    python benchmarks/quality.py --variants west:fast --densities 0.25 --prompts "red circle bounce" --seeds 0 1
+    python -m benchmarks.quality                       # 8 prompts, 30 steps, every variant at 0.5/0.25/0.1
+    python -m benchmarks.quality --quick --out /tmp/q  # CI size on the CPU: 1 prompt, 2 steps, 3x32x32
+    python -m benchmarks.quality --variants west:fast --densities 0.25 --prompts "red circle bounce" --seeds 0 1
 
 Each video (prompt, seed) is generated from the noise of `seed` twice: by the plain model
 (dense SDPA attention, eager) and by `torch.compile(model, backend=ScalingAttnBackend(...))`
 under each variant (mask rule : schedule [: warm-up] x density). The sparse video is compared
-with the dense one (`scaling_compiler.quality`: PSNR over the whole video, SSIM per frame, data
+with the dense one (`scaling_compiler.demo.metrics`: PSNR over the whole video, SSIM per frame, data
 range 2).
 
 Variants: "west:fast" (per-head masks calibrated from the weights, densities graded per layer,
@@ -50,30 +50,25 @@ import datetime
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from tabulate import tabulate
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tabulate import tabulate  # noqa: E402
-
-from scaling_compiler import ScalingAttnBackend  # noqa: E402
-from scaling_compiler.cache import CACHE_DIR_ENV_VAR  # noqa: E402
-from scaling_compiler.config import DEFAULT_CALIBRATION_SAMPLES  # noqa: E402
-from scaling_compiler.cost_model import slug  # noqa: E402
-from scaling_compiler.kernels.bitmask import num_blocks, unpack_block_mask  # noqa: E402
-from scaling_compiler.models import synthetic_videos as sv  # noqa: E402
-from scaling_compiler.models.sampling import (  # noqa: E402
-    DEFAULT_GUIDANCE, DEFAULT_SHIFT, sample, sampler_timesteps, save_contact_sheet,
-)
-from scaling_compiler.models.video_dit import load_pretrained  # noqa: E402
-from scaling_compiler.policies.dfsattn import DEFAULT_KEEP_RATIOS, DFSSchedule  # noqa: E402
-from scaling_compiler.quality import psnr, ssim  # noqa: E402
+from benchmarks.common import RESULTS_DIR
+from benchmarks.variants import backend_options, variants
+from scaling_compiler import ScalingAttnBackend
+from scaling_compiler.cache import CACHE_DIR_ENV_VAR
+from scaling_compiler.cost_model import CostModel, slug
+from scaling_compiler.demo import synthetic_videos as sv
+from scaling_compiler.demo.metrics import psnr, ssim
+from scaling_compiler.demo.sampling import (DEFAULT_GUIDANCE, DEFAULT_SHIFT, sample, sampler_timesteps,
+                                            save_contact_sheet)
+from scaling_compiler.demo.video_dit import load_pretrained
+from scaling_compiler.kernels.bitmask import num_blocks, unpack_block_mask
+from scaling_compiler.policies.west_fast.policy import DEFAULT_CALIBRATION_SAMPLES
 
 # every shape, colour and motion at least once
 PROMPTS = [
@@ -83,7 +78,6 @@ PROMPTS = [
 VARIANTS = ["west:fast", "west:uniform:0.2", "window_3d", "dfsattn"]
 DENSITIES = [0.5, 0.25, 0.1]
 SHEET_DENSITY = 0.25
-DFS_DENSE_FRACTION = 12 / 50  # DFSAttn's dense steps (the paper's 12 of 50), at most half the density budget
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # --quick: CI size on the CPU
 QUICK = {"prompts": PROMPTS[:1], "steps": 2, "frames": 3, "height": 32, "width": 32, "densities": [0.5, 1.0]}
@@ -115,7 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 otherwise")
     p.add_argument("--cache-dir", default=None, help="WEST topology cache (default: a fresh temporary directory)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON and PNG")
+    p.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON and PNG")
     p.add_argument("--tag", default="", help="suffix of the output file names (keeps runs apart)")
     args = p.parse_args(argv)
     if args.quick:
@@ -135,60 +129,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if variant != "all_blocks":
             backend_options(variant, density, "eager", args.steps)  # fail early on a bad variant
     return args
-
-
-def backend_options(variant: str, density: float, compiler: str, steps: int = 1, num_k_blocks: int | None = None
-                    ) -> dict:
-    """ScalingAttnBackend options of a variant spec "rule[:schedule[:warmup]][/order]" or
-    "dfsattn[:dense_fraction][/order]" at `density`.
-
-    The schedule's steps are the sampler's own timesteps, so warm-up fractions and density
-    targets count the steps that really run. `num_k_blocks` (key blocks per row) makes DFSAttn's
-    fitted keep ratios count whole blocks, as its top-k does.
-    """
-    spec, _, order = variant.partition("/")
-    rule, schedule, warmup = (spec.split(":") + [None, None])[:3]
-    options = {"compiler": compiler, "timesteps": sampler_timesteps(steps, DEFAULT_SHIFT)}
-    if order:
-        options["token_order"] = order
-    if rule == "dfsattn":
-        dense_fraction = min(DFS_DENSE_FRACTION, density / 2) if schedule is None else float(schedule)
-        options |= {"policy": "dfsattn", "dense_layers": ()} | dfs_plan(density, steps, dense_fraction, num_k_blocks)
-    else:
-        options |= {"density": density, "masks": rule}
-    if schedule and rule != "dfsattn":
-        options["schedule"] = schedule
-    if warmup:
-        options["warmup"] = float(warmup)
-    ScalingAttnBackend(**options)  # validates
-    return options
-
-
-def dfs_plan(density: float, steps: int, dense_fraction: float, num_k_blocks: int | None) -> dict:
-    """DFSAttn's dense steps, refresh interval and keep ratios whose mean kept block fraction over
-    all `steps` (dense steps count 1) is nearest `density`: the paper's ratios times one factor."""
-    dense_steps = round(dense_fraction * steps)
-    interval = max(1, (steps - dense_steps) // len(DEFAULT_KEEP_RATIOS))
-
-    def plan(factor: float) -> tuple[dict, float]:
-        options = {"dense_steps": dense_steps, "refresh_interval": interval,
-                   "keep_ratios": tuple(round(min(1.0, factor * r), 4) for r in DEFAULT_KEEP_RATIOS)}
-        schedule = DFSSchedule(num_steps=steps, dense_layers=(), **options)
-        return options, schedule.density_report(1, steps, num_k_blocks).including_dense_steps
-
-    plans = [plan(i / 1000 / min(DEFAULT_KEEP_RATIOS)) for i in range(1, 1001)]  # up to every ratio at 1
-    if plans[0][1] > density + 1e-9:
-        raise ValueError(f"dfsattn at density {density:g}: {dense_steps} dense steps of {steps} already keep "
-                         f"{plans[0][1]:.3f} on average; give a smaller dense fraction (dfsattn:<fraction>)")
-    return min(plans, key=lambda p: abs(p[1] - density))[0]
-
-
-def variants(specs: list[str], densities: list[float]) -> list[tuple[str, float]]:
-    """(variant, density) pairs, highest density first; density 1.0 only once (every block, any rule)."""
-    result = []
-    for density in sorted(set(densities), reverse=True):
-        result += [("all_blocks", 1.0)] if density == 1.0 else [(spec, density) for spec in specs]
-    return result
 
 
 def device_name(device: torch.device) -> str:
@@ -234,7 +174,7 @@ def density_used(reports, steps: int) -> dict:
         total = sum(s.dense_flops for s in group)
         return 1.0 - sum(s.flops_saved for s in group) / total if total else None
 
-    if any(report.dfs for report in reports):
+    if any(report.policy_state for report in reports):
         return _dfs_density_used(reports, steps)
     per_step = _self_density_per_step(reports, steps)
     sparse_steps = [d for d in per_step if d < 1.0]
@@ -263,7 +203,7 @@ def _dfs_density_used(reports, steps: int) -> dict:
             if site.kind == "cross":
                 cross_flops += site.dense_flops
                 continue
-            used = report.dfs.density_per_step(site.name) if site.name in report.dfs.site_ids else [1.0] * steps
+            used = report.policy_state.density_per_step(site.name) if site.name in report.policy_state.site_ids else [1.0] * steps
             used = [1.0 if d is None else d for d in used[:steps]]
             self_flops += site.dense_flops
             site_means.append(sum(used) / steps)
@@ -311,7 +251,7 @@ def mean_recall(reports, west_topology=None) -> float | None:
     """
     values = []
     for report in reports:
-        if report.dfs:
+        if report.policy_state:
             return None  # DFSAttn: masks chosen at run time
         for site in report.sparse_sites:
             recall = site.head_recall
@@ -325,15 +265,19 @@ def mean_recall(reports, west_topology=None) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def run_variant(model, variant, density, args, jobs, video_shape, device):
-    """Compile, sample every job, and return (videos, backend, compile seconds, sampling seconds)."""
+def run_variant(model, variant, density, args, jobs, video_shape, device, fast_fit=None):
+    """Compile, sample every job, and return (videos, backend, compile seconds, sampling seconds).
+
+    `fast_fit` (a `FitSettings`, or None for the default fit) goes to the backend as its FAST fit.
+    """
     torch._dynamo.reset()
     num_k_blocks = num_blocks(model.config.num_tokens(*video_shape[1:]))
     options = backend_options("window_3d" if variant == "all_blocks" else variant, density, args.compiler, args.steps,
                               num_k_blocks)
     if args.calibration_samples is not None and options.get("policy") != "dfsattn":
         options["calibration_samples"] = args.calibration_samples
-    backend = ScalingAttnBackend(**options)
+    # the masks' quality, not the device's speed: every plannable site sparse, whatever the device's costs
+    backend = ScalingAttnBackend(**options, fast_fit=fast_fit, cost_model=CostModel.ideal("quality harness"))
     compiled = torch.compile(model, backend=backend)
     # first call at the sampler's shapes (batch 2: cond + uncond) compiles; time it alone
     prompt, seed = jobs[0]
@@ -346,8 +290,8 @@ def run_variant(model, variant, density, args, jobs, video_shape, device):
     sync(device)
     compile_s = time.perf_counter() - start
     for report in backend.reports:
-        if report.dfs:
-            report.dfs.reset()  # DFSAttn: masks scored on this call's noise must not serve the first video
+        if report.policy_state:
+            report.policy_state.reset()  # DFSAttn: masks scored on this call's noise must not serve the first video
     graphs = len(backend.reports)
     videos, sample_s = generate(compiled, jobs, args, video_shape, device)
     if len(backend.reports) != graphs:
@@ -356,7 +300,10 @@ def run_variant(model, variant, density, args, jobs, video_shape, device):
     return videos, backend, compile_s, sample_s
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, fast_fit=None) -> dict:
+    """Run the harness with command-line `argv`; `fast_fit` (a
+    `scaling_compiler.policies.west_fast.fast.FitSettings`) replaces FAST's default fit settings
+    in every variant (benchmarks.policies.fast_ablation passes its designs this way)."""
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -365,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     previous_cache = os.environ.get(CACHE_DIR_ENV_VAR)
     os.environ[CACHE_DIR_ENV_VAR] = args.cache_dir or tempfile.mkdtemp(prefix="scalingattn_quality_cache_")
     try:
-        return _run(args, device, dtype, out)
+        return _run(args, device, dtype, out, fast_fit)
     finally:
         if previous_cache is None:
             os.environ.pop(CACHE_DIR_ENV_VAR, None)
@@ -373,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
             os.environ[CACHE_DIR_ENV_VAR] = previous_cache
 
 
-def _run(args, device, dtype, out) -> dict:
+def _run(args, device, dtype, out, fast_fit=None) -> dict:
     model = load_pretrained(device, dtype)
     config = model.config
     video_shape = (config.in_channels, args.frames or config.frames, args.height or config.height,
@@ -396,7 +343,8 @@ def _run(args, device, dtype, out) -> dict:
         label = f"{variant}@{density:g}"
         masks = variant.partition("/")[0].split(":")[0]
         print(f"{label} ...", flush=True)
-        videos, backend, compile_s, sample_s = run_variant(model, variant, density, args, jobs, video_shape, device)
+        videos, backend, compile_s, sample_s = run_variant(model, variant, density, args, jobs, video_shape, device,
+                                                                 fast_fit)
         reports = backend.reports
         if masks == "west" and reports and reports[0].topology is not None and reports[0].token_order == "raster":
             west_topology = reports[0].topology
@@ -412,7 +360,7 @@ def _run(args, device, dtype, out) -> dict:
             "calibration_recall_mean": recall,
             "recall_source": None if recall is None else "WEST per-head report" if masks == "west" else
                              "WEST calibration mass",
-            "dfsattn": reports[0].to_dict()["dfsattn"] if reports and reports[0].dfs else None,
+            "dfsattn": reports[0].to_dict()["dfsattn"] if reports and reports[0].policy_state else None,
             "compile_s": compile_s, "sample_s": sample_s, "sample_s_per_video": sample_s / len(jobs),
             "graphs_compiled": len(reports),
             "backend_config": reports[0].config if reports else None,

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from scaling_compiler.models import synthetic_videos as sv
-from scaling_compiler.models.sampling import sample, save_contact_sheet, save_video_strip, shift_sigmas
-from scaling_compiler.models.video_dit import (
+from scaling_compiler.demo import synthetic_videos as sv
+from scaling_compiler.demo.sampling import sample, save_contact_sheet, save_video_strip, shift_sigmas
+from scaling_compiler.demo.video_dit import (
     DEFAULT_CHECKPOINT,
     TinyVideoDiTConfig,
     TinyVideoDiT,

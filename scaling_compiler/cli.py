@@ -1,6 +1,7 @@
-"""`scalingattn` command line: `demo` and `inspect`.
+"""`scalingattn` command line: `demo`, `inspect` and `calibrate`.
 
     scalingattn demo                         # compile the trained tiny video DiT, report, compare with dense
+                                             # (on a GPU also one attention call at the Wan2.1-1.3B shape)
     scalingattn inspect WanTransformer3DModel --config '{"num_layers": 4}' --grid 5,32,32
     scalingattn inspect mypkg.models:make_model --options '{"density": 0.25}'
     scalingattn calibrate WanTransformer3DModel --grid 5,32,32 --out wan_topology.safetensors
@@ -13,22 +14,14 @@ import argparse
 import importlib
 import json
 import logging
-import statistics
-import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from . import zoo
 from .backend import ScalingAttnBackend
+from .demo import zoo
 
 log = logging.getLogger(__name__)
-
-# Demo video (frames, height, width) and sampling steps: the trained model's own size on a
-# GPU; a smaller video and fewer steps on a CPU so that the demo ends in a few minutes there.
-DEMO_SETTINGS = {"cuda": ((9, 64, 64), 30, torch.bfloat16), "cpu": ((5, 32, 32), 8, torch.float32)}
-DEMO_PROMPT = "red circle bounce"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,52 +84,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .models import sampling, synthetic_videos, video_dit
-    from .quality import psnr, ssim
+    from .demo.run import run_demo
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    (frames, height, width), steps, dtype = DEMO_SETTINGS[device]
-    steps = args.steps or steps
-    model = video_dit.load_pretrained(device=device, dtype=dtype)
-    tokens = synthetic_videos.parse_prompt(DEMO_PROMPT)[None].to(device)
-    null = synthetic_videos.null_tokens(1, device)
-    shape = (model.config.in_channels, frames, height, width)
-    print(f"demo: the trained tiny video DiT (diffusers WanTransformer3DModel, {model.config.num_layers} layers, "
-          f"{model.config.num_attention_heads} heads) on {device}, {dtype}, video {frames}x{height}x{width} = "
-          f"{model.config.num_tokens(frames, height, width)} tokens, prompt {DEMO_PROMPT!r}, {steps} steps")
-
-    # the sampler's own timesteps: FAST fits its per-step densities to the steps that run
-    backend = ScalingAttnBackend(density=args.density, timesteps=sampling.sampler_timesteps(steps))
-    sparse = torch.compile(model, backend=backend, fullgraph=True)
-    dense = torch.compile(model, fullgraph=True)  # inductor with dense SDPA: the fair baseline
-    with torch.no_grad():
-        start = time.perf_counter()
-        sparse_video = sampling.sample(sparse, tokens, null, shape, seed=0, steps=steps)
-        print(f"compiled with scalingattn and sampled in {time.perf_counter() - start:.1f} s\n")
-        print(backend.report, "\n")
-        start = time.perf_counter()
-        dense_video = sampling.sample(model, tokens, null, shape, seed=0, steps=steps)
-        print(f"sampled with dense eager attention in {time.perf_counter() - start:.1f} s")
-        x, t, c = video_dit.example_inputs(model.config, batch=2, frames=frames, height=height, width=width,
-                                           device=device, dtype=dtype)
-        start = time.perf_counter()
-        times = {name: _time_ms(lambda fn=fn: fn(x, t, c), args.repeats, device)
-                 for name, fn in [("dense eager", model), ("dense inductor", dense), ("scalingattn", sparse)]}
-        print(f"compiled dense inductor and timed forwards in {time.perf_counter() - start:.1f} s")
-
-    print(f"sampled video vs dense, same noise: PSNR {float(psnr(sparse_video, dense_video)[0]):.2f} dB, "
-          f"SSIM {float(ssim(sparse_video, dense_video)[0]):.4f}")
-    print(f"one CFG forward (batch 2), median of {args.repeats}: "
-          + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items()))
-    print(f"scalingattn at density {args.density:g} vs dense inductor: "
-          f"{times['dense inductor'] / times['scalingattn']:.2f}x")
-    if device == "cpu":
-        print("(on a CPU the sparse op is a block-wise PyTorch loop; the speedup target is the GPU kernel)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, video in [("dense", dense_video), ("scalingattn", sparse_video)]:
-        print(f"wrote {sampling.save_video_strip(video[0], out / f'{name}.gif')}")
-    return 0
+    return run_demo(density=args.density, steps=args.steps, repeats=args.repeats, out=args.out)
 
 
 def _load_model(spec: str, config: dict[str, Any], grid: tuple[int, int, int], batch: int):
@@ -156,20 +106,6 @@ def _parse_grid(text: str) -> tuple[int, int, int]:
     if len(grid) != 3 or min(grid) <= 0:
         raise SystemExit(f"--grid must be three positive ints frames,height,width; got {text!r}")
     return grid
-
-
-def _time_ms(fn: Callable[[], Any], repeats: int, device: str) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 if __name__ == "__main__":

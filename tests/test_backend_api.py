@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import scaling_compiler
-from scaling_compiler import Config, ScalingAttnBackend, cli, zoo
+from scaling_compiler import Config, ScalingAttnBackend, cli
+from scaling_compiler.demo import zoo
 from scaling_compiler.kernels.bitmask import pack_block_mask
 from scaling_compiler.ops import block_sparse_attention_op
 

@@ -7,7 +7,8 @@ eager, and a sparse mask matches an eager float64 masked-attention reference.
 import pytest
 import torch
 
-from scaling_compiler import ScalingAttnBackend, zoo
+from scaling_compiler import ScalingAttnBackend
+from scaling_compiler.demo import zoo
 from scaling_compiler.kernels.bitmask import num_blocks
 
 from .attention_reference import masked_sites

@@ -7,10 +7,11 @@ token order to the model's.
 import pytest
 import torch
 
-from scaling_compiler import ScalingAttnBackend, zoo
+from scaling_compiler import ScalingAttnBackend
+from scaling_compiler.demo import zoo
 from scaling_compiler.kernels.bitmask import BLOCK_SIZE, num_blocks, unpack_block_mask
 from scaling_compiler.kernels.reference import masked_attention_reference
-from scaling_compiler.models.sampling import sigma_schedule
+from scaling_compiler.demo.sampling import sigma_schedule
 from scaling_compiler.passes.inputs import step_timesteps
 from scaling_compiler.policies.dfsattn.op import dfs_attention_op
 from scaling_compiler.policies.dfsattn.registry import DFSRegistry

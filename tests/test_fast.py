@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from scaling_compiler import ScalingAttnBackend, zoo
+from scaling_compiler import ScalingAttnBackend
+from scaling_compiler.demo import zoo
 from scaling_compiler.config import Config
 from scaling_compiler.cost_model import CostModel
 from scaling_compiler.passes.detect import detect_sites

@@ -1,0 +1,1 @@
+"""Benchmarks of the attention policies: WEST, the FAST fit, DFSAttn."""

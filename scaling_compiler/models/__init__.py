@@ -1,1 +1,0 @@
-"""The tiny video DiT trained on procedural videos, its data and its sampler."""
