@@ -11,8 +11,8 @@ from scaling_compiler import ScalingAttnBackend
 from scaling_compiler.demo import zoo
 from scaling_compiler.kernels.bitmask import num_blocks
 
-from .attention_reference import masked_sites
-from .handwritten_dit import build_hand_dit, hand_dit_inputs
+from tests.attention_reference import masked_sites
+from tests.handwritten_dit import build_hand_dit, hand_dit_inputs
 
 GRID = (3, 24, 24)  # latent (frames, height, width): 3 x 12 x 12 = 432 video tokens = 4 blocks
 

@@ -17,7 +17,7 @@ from scaling_compiler.policies.west_fast.policy import WestFastPolicy
 from scaling_compiler.sites import GraphRecord
 from scaling_compiler.policies.west_fast.topology import SiteTopology, thresholds_from_significance
 
-from .attention_reference import masked_sites
+from tests.attention_reference import masked_sites
 
 GRID = (3, 48, 48)  # 3 x 24 x 24 = 1,728 tokens, 14 blocks
 

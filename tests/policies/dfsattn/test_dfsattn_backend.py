@@ -20,7 +20,7 @@ from scaling_compiler.policies.dfsattn.scoring import block_scores, topk_block_m
 from scaling_compiler.policies.token_order import inverse_permutation, sequence_order
 from scaling_compiler.sites import Site, Pattern, SiteKind
 
-from .attention_reference import masked_sites
+from tests.attention_reference import masked_sites
 
 WAN = "WanTransformer3DModel"
 GRID = (3, 24, 24)  # latent grid: 3 x 12 x 12 = 432 tokens, 4 blocks (the last one partial)

@@ -10,7 +10,7 @@ from scaling_compiler.kernels.block_mass import block_mass, block_mass_triton, r
 from scaling_compiler.policies.west_fast.topology import SiteTopology, Topology, thresholds_from_significance
 from scaling_compiler.policies.west_fast.calibrate import sample_rows
 
-from .local_dit import LocalDiT
+from tests.local_dit import LocalDiT
 
 GRID = (4, 16, 16)  # 1,024 tokens, 8 blocks of half a frame each
 
