@@ -1,0 +1,77 @@
+"""The rewrite pass: a plan's op call replaces its site, extra inputs are appended (named ones once),
+the replaced chain is erased, and the graph computes what the plans say."""
+import dataclasses
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from scaling_compiler.passes.detect import detect
+from scaling_compiler.passes.rewrite import rewrite
+from scaling_compiler.sites import SitePlan, SitePlanSummary
+
+from .graphs import VideoAttention, dynamo_graph, video_inputs
+
+SDPA = torch._C._nn.scaled_dot_product_attention
+
+
+@dataclasses.dataclass
+class ScaledCopy(SitePlan):
+    """Attention times a factor that arrives as a shared extra input, plus one private input per site."""
+
+    factor: torch.Tensor
+
+    def emit(self, rewriter, site, q, k, v, key_padding):
+        factor = rewriter.add_input(self.factor, name="factor")
+        offset = rewriter.add_input(torch.zeros(()))
+        attention = rewriter.graph.call_function(SDPA, (q, k, v))
+        return rewriter.graph.call_function(torch.add, (rewriter.graph.call_function(torch.mul, (attention, factor)),
+                                                        offset))
+
+    def summary(self, site):
+        return SitePlanSummary("scaled copy", [1.0] * site.heads, None, None, 0.0, 0.0)
+
+
+def sdpa_calls(gm):
+    return sum(node.target is SDPA for node in gm.graph.nodes)
+
+
+def test_plans_replace_their_sites_and_take_extra_inputs():
+    model, inputs = VideoAttention(layers=2), video_inputs()
+    factor = torch.tensor(3.0)
+
+    def plan(graph):
+        for site in graph.rewritable:
+            site.plan = ScaledCopy(factor)
+
+    outputs = []
+    graph = dynamo_graph(model, *inputs, passes=(detect, plan, rewrite, lambda g: outputs.append(
+        g.gm(*g.example_inputs, *g.extra_inputs))))
+    planned = [site for site in graph.sites if site.plan is not None]
+    assert len(planned) == 2 and len(graph.sites) == 4  # two self-attention sites; cross stays
+    assert len(graph.extra_inputs) == 1 + len(planned)  # "factor" once, one offset per site
+    placeholders = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
+    assert [n.name for n in placeholders[-3:]] == ["factor", "scalingattn_1", "scalingattn_2"]
+    assert sdpa_calls(graph.gm) == 4  # each replaced call erased, each plan's own call added
+
+    class Scaled(torch.overrides.TorchFunctionMode):  # eager model with the self-attention outputs x3
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is F.scaled_dot_product_attention:
+                Scaled.calls += 1
+                if Scaled.calls % 2 == 1:  # attn1 of each block
+                    return out * 3.0
+            return out
+
+    with torch.no_grad(), Scaled():
+        expected = model(*inputs)
+    torch.testing.assert_close(outputs[0][0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_planned_leaves_the_graph_as_it_is():
+    graph = dynamo_graph(VideoAttention(), *video_inputs(), passes=(detect,))
+    gm = graph.gm
+    rewrite(graph)
+    assert graph.gm is gm and graph.extra_inputs == []
