@@ -205,3 +205,27 @@ def test_op_timer_runs_the_op_path_on_cpu(implementation):
     dense = outputs[0]
     assert (full - dense).abs().max() < 1e-4  # all blocks kept: the sparse op is dense attention (fp32)
     assert math.isclose(density, 0.5, abs_tol=0.35)
+
+
+def test_write_committed_table_for_both_triton_paths(fake_gpu, monkeypatch, tmp_path):
+    """`python -m scaling_compiler.cost_model --write DIR` on a TMA GPU: rows for the TMA and the
+    pointer path and one set of dense rows, read back as committed tables; a rerun merges."""
+    fake_gpu("NVIDIA H200", 9)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    clock = FakeClock()
+    monkeypatch.setattr(cost_model, "op_timer", lambda device: clock)
+    out = tmp_path / "tables"
+    cost_model.main(["--write", str(out)])
+    path = out / "nvidia-h200.json"
+    rows = json.loads(path.read_text())["rows"]
+    per_shape = len(cost_model.MEASURE_DENSITIES)
+    assert [r["implementation"] for r in rows].count(DENSE) == len(MEASURE_SHAPES)
+    assert [r["implementation"] for r in rows].count(TMA) == [r["implementation"] for r in rows].count(POINTER) \
+        == len(MEASURE_SHAPES) * per_shape
+    for implementation in (TMA, POINTER):
+        model = CostModel.from_table(path, implementation)
+        assert model.source == "committed table nvidia-h200.json"
+        assert model.sparse_overhead_ms == pytest.approx(LAWS[implementation][0], rel=1e-9)
+    extra = row(TMA, "backward", WAN, 0.5, 1.0)
+    cost_model.write_table(path, [extra], cost_model.environment("NVIDIA H200"))  # merged, not replaced
+    assert len(json.loads(path.read_text())["rows"]) == len(rows) + 1
