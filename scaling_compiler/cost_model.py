@@ -19,9 +19,10 @@ small ones included, so the intercept is measured, not extrapolated. Where a mod
   merged in by `python -m benchmarks.kernels.block_sparse`). The H100 table of the first format
   (one shape, `ms_ours` / `ms_cudnn` columns) is still read, as the Triton TMA forward.
 - "measured on first use, cached at <path>": a GPU with no committed rows for its implementation
-  times the op path and SDPA at a few shapes (`MEASURE_SHAPES`, seconds) and caches the rows as
-  JSON under `cache.cache_dir() / "cost_tables"`, keyed by GPU name, implementation, direction,
-  torch and Triton versions.
+  times the op path and SDPA at a few shapes (`MEASURE_SHAPES`: seconds of timing, plus the
+  kernel's compiles and autotuning at each shape the first time) and caches the rows as JSON
+  under `cache.cache_dir() / "cost_tables"`, keyed by GPU name, implementation, direction, torch
+  and Triton versions.
 - "ideal: no GPU": CPU (and other) devices: sparse = density x dense, no overhead (ratios only).
 """
 from __future__ import annotations
@@ -267,6 +268,8 @@ def measured_model(gpu: str, implementation: str, direction: str, measure: Measu
         if model is not None:
             return model
         log.warning("scalingattn: ignoring cost table %s (another setup or incomplete); measuring again", path)
+    log.warning("scalingattn: measuring a cost table for %s (%s) now, once: it is cached at %s",
+                gpu, implementation, path)
     rows = measure_rows(implementation, direction, measure, shapes, densities)
     write_table(path, rows, {**env, "implementation": implementation, "direction": direction,
                              "how": "measured on first use"}, merge=False)
