@@ -1,30 +1,64 @@
-"""Predicted attention time per site, from the kernel benchmark's measured tables.
+"""Predicted attention time per call of a site: a fixed per-call cost plus a time per FLOP.
 
-`benchmarks/kernel.py` writes `cost_tables/<gpu-name-slug>.json`: our kernel's time against
-density at one shape, beside cuDNN's dense time. A straight line through (kept FLOPs, ms)
-gives the sparse kernel's time per kept FLOP and its fixed per-call overhead; cuDNN's time
-per FLOP gives the dense time. Other shapes scale by their FLOPs. On a GPU with no table (or
-a CPU) the documented default is the ideal: sparse time = density x dense time, no overhead.
+    sparse_ms = sparse_overhead_ms + sparse_ms_per_flop * kept FLOPs      (our op, per implementation)
+    dense_ms  = dense_overhead_ms  + dense_ms_per_flop  * dense FLOPs     (SDPA: cuDNN / flash)
+
+The fixed costs matter at small sizes: the sparse op pays a mask decode, the per-step mask pick
+(`ops.step_masks`) and several launches per call. On an H200 the README demo (the tiny DiT,
+9,216 tokens, head dim 64) ran 0.69x of dense while an "ideal" model (sparse = density x dense)
+predicted 4x; with fitted overheads such sites are predicted slower and stay dense.
+
+Tables hold measured rows keyed by implementation (`kernels.dispatch.Implementation`, or `DENSE`)
+and direction ("forward"; "backward" once a backward kernel exists), each at one shape and
+density. The two lines are fitted by least squares on relative error over rows at several shapes,
+small ones included, so the intercept is measured, not extrapolated. Where a model comes from
+(`CostModel.source`):
+
+- "committed table <gpu>.json": `scaling_compiler/cost_tables/<gpu-name-slug>.json`, written by
+  `python -m scaling_compiler.cost_model --write scaling_compiler/cost_tables/` (or, for big shapes,
+  merged in by `python -m benchmarks.kernels.block_sparse`). The H100 table of the first format
+  (one shape, `ms_ours` / `ms_cudnn` columns) is still read, as the Triton TMA forward.
+- "measured on first use, cached at <path>": a GPU with no committed rows for its implementation
+  times the op path and SDPA at a few shapes (`MEASURE_SHAPES`: seconds of timing, plus the
+  kernel's compiles and autotuning at each shape the first time) and caches the rows as JSON
+  under `cache.cache_dir() / "cost_tables"`, keyed by GPU name, implementation, direction, torch
+  and Triton versions.
+- "ideal: no GPU": CPU (and other) devices: sparse = density x dense, no overhead (ratios only).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import datetime
+import functools
 import json
+import logging
+import os
 import re
+import tempfile
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
+from .kernels.dispatch import Implementation, device_implementation
+
+log = logging.getLogger(__name__)
+
 TABLES = Path(__file__).parent / "cost_tables"
+TABLE_FORMAT = 2
+DENSE = "sdpa"  # the dense rows' implementation key: F.scaled_dot_product_attention (cuDNN / flash)
+FORWARD, BACKWARD = "forward", "backward"
 DEFAULT_DENSE_FLOPS_PER_MS = 5.0e11  # 500 TFLOP/s: only ratios matter without a table
 
 
 @dataclasses.dataclass(frozen=True)
 class CostModel:
-    source: str  # the table file, or why the default is used
-    sparse_ms_per_flop: float  # our kernel, per kept FLOP
-    sparse_overhead_ms: float  # our kernel, per call
-    dense_ms_per_flop: float  # cuDNN SDPA
+    source: str  # which table (or why the ideal default)
+    sparse_ms_per_flop: float  # our op, per kept FLOP
+    sparse_overhead_ms: float  # our op, per call: mask pick, decode, launches
+    dense_ms_per_flop: float  # SDPA
+    dense_overhead_ms: float = 0.0  # SDPA, per call
 
     def sparse_ms(self, dense_flops: int, head_densities: torch.Tensor) -> float:
         """Predicted time of one call with these per-head densities (heads share the FLOPs evenly)."""
@@ -32,34 +66,335 @@ class CostModel:
         return self.sparse_overhead_ms + kept * self.sparse_ms_per_flop
 
     def dense_ms(self, dense_flops: int) -> float:
-        return dense_flops * self.dense_ms_per_flop
+        return self.dense_overhead_ms + dense_flops * self.dense_ms_per_flop
 
     @classmethod
-    def for_device(cls, device: torch.device) -> "CostModel":
+    def for_device(cls, device: torch.device, implementation: Implementation | str | None = None,
+                   direction: str = FORWARD) -> "CostModel":
+        """The model for `device`: its committed table, else one measured now (once per GPU and
+        setup, then cached), else (no GPU) the ideal. `implementation`: default the one
+        `kernels.dispatch` picks for the device."""
         if device.type != "cuda":
-            return cls.ideal(f"default: no measured table for {device.type}")
-        name = torch.cuda.get_device_name(device)
-        path = TABLES / f"{slug(name)}.json"
-        return cls.from_table(path) if path.exists() else cls.ideal(f"default: no measured table for {name}")
+            return cls.ideal("ideal: no GPU")
+        implementation = Implementation(implementation or device_implementation(device))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _for_gpu(torch.cuda.get_device_name(index), index, implementation.value, direction)
 
     @classmethod
     def ideal(cls, source: str) -> "CostModel":
         per_flop = 1.0 / DEFAULT_DENSE_FLOPS_PER_MS
-        return cls(source, per_flop, 0.0, per_flop)
+        return cls(source, per_flop, 0.0, per_flop, 0.0)
 
     @classmethod
-    def from_table(cls, path: Path) -> "CostModel":
-        table = json.loads(Path(path).read_text())
-        shape = table["shape"]
-        flops = 4 * shape["B"] * shape["H"] * shape["S"] ** 2 * shape["D"]
-        rows = table["rows"]
-        x = torch.tensor([r["density"] * flops for r in rows], dtype=torch.float64)
-        y = torch.tensor([r["ms_ours"] for r in rows], dtype=torch.float64)
-        slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
-        overhead = max(0.0, float(y.mean() - slope * x.mean()))
-        dense = sum(r["ms_cudnn"] for r in rows) / len(rows) / flops
-        return cls(str(path.name), slope, overhead, dense)
+    def from_table(cls, path: Path | str, implementation: Implementation | str = Implementation.TRITON_TMA,
+                   direction: str = FORWARD, source: str | None = None) -> "CostModel | None":
+        """The model fitted to a table file's rows for (implementation, direction); None if it has none."""
+        path = Path(path)
+        table = json.loads(path.read_text())
+        source = source or f"committed table {path.name}"
+        if "format" not in table:  # the first format: one shape, our op and cuDNN per density
+            if Implementation(implementation) is not Implementation.TRITON_TMA or direction != FORWARD:
+                return None
+            return _from_legacy_table(table, source)
+        return cls.from_rows(table["rows"], implementation, direction, source)
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[dict], implementation: Implementation | str, direction: str,
+                  source: str) -> "CostModel | None":
+        """Fit both lines to table rows (see `row`); None without sparse and dense rows."""
+        implementation = Implementation(implementation).value
+        sparse = [(r["density"] * row_flops(r), r["ms"]) for r in rows
+                  if r["implementation"] == implementation and r["direction"] == direction]
+        dense = [(row_flops(r), r["ms"]) for r in rows if r["implementation"] == DENSE and r["direction"] == direction]
+        if not sparse or not dense:
+            return None
+        sparse_overhead, sparse_slope = fit_line(sparse)
+        dense_overhead, dense_slope = fit_line(dense)
+        return cls(source, sparse_slope, sparse_overhead, dense_slope, dense_overhead)
+
+
+def _from_legacy_table(table: dict, source: str) -> CostModel:
+    """The first table format's fit, unchanged: unweighted line through one shape's densities."""
+    shape = table["shape"]
+    flops = 4 * shape["B"] * shape["H"] * shape["S"] ** 2 * shape["D"]
+    rows = table["rows"]
+    x = torch.tensor([r["density"] * flops for r in rows], dtype=torch.float64)
+    y = torch.tensor([r["ms_ours"] for r in rows], dtype=torch.float64)
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+    overhead = max(0.0, float(y.mean() - slope * x.mean()))
+    dense = sum(r["ms_cudnn"] for r in rows) / len(rows) / flops
+    return CostModel(source, slope, overhead, dense, 0.0)
+
+
+def fit_line(points: Iterable[tuple[float, float]]) -> tuple[float, float]:
+    """(overhead_ms, ms_per_flop) of `ms = overhead + per_flop * flops` through (flops, ms) points.
+
+    Least squares on relative error (weights 1 / ms^2), so a 0.05 ms call counts as much as a
+    10 ms one and the intercept comes from the small shapes. A negative intercept (noise) is
+    clamped to 0 and the slope refitted through the origin.
+    """
+    x, y = (torch.tensor(v, dtype=torch.float64) for v in zip(*points))
+    w = 1.0 / y**2
+    if len(x) > 1 and float(x.max() - x.min()) > 0:
+        sw, sx, sy, sxx, sxy = w.sum(), (w * x).sum(), (w * y).sum(), (w * x * x).sum(), (w * x * y).sum()
+        slope = (sw * sxy - sx * sy) / (sw * sxx - sx**2)
+        overhead = (sy - slope * sx) / sw
+        if overhead >= 0 and slope > 0:
+            return float(overhead), float(slope)
+    return 0.0, float((w * x * y).sum() / (w * x * x).sum())
+
+
+# ---------------------------------------------------------------------------------------
+# Table rows and files
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    B: int
+    H: int
+    S: int  # Sq = Sk
+    D: int
+
+
+# Where the first-use measurement times the op (seconds in all): small shapes pin the per-call
+# cost, the demo's tiny DiT (9x64x64 latents / 2x2 patches, CFG batch 2, 4 heads of 64) is the
+# case the ideal model got wrong, the Wan2.1-1.3B 480p layer is where sparse pays.
+MEASURE_SHAPES = (
+    Shape("small", 1, 4, 1024, 64),
+    Shape("tiny-dit-5x32x32", 2, 4, 1280, 64),
+    Shape("tiny-dit-9x64x64", 2, 4, 9216, 64),
+    Shape("wan-like-8k", 1, 12, 8190, 128),
+    Shape("wan1.3b-480p", 1, 12, 32760, 128),
+)
+MEASURE_DENSITIES = (1.0, 0.5, 0.25, 0.1)
+
+
+def row(implementation: str, direction: str, shape: Shape, density: float, ms: float, dtype: str = "bfloat16",
+        **extra) -> dict:
+    """One table row: `density` is the kept fraction of (query, key) pairs (1.0 for dense rows)."""
+    return {"implementation": implementation, "direction": direction, "shape": shape.name, "B": shape.B,
+            "H": shape.H, "Sq": shape.S, "Sk": shape.S, "D": shape.D, "dtype": dtype, "density": density,
+            "ms": ms, **extra}
+
+
+def row_flops(r: dict) -> float:
+    """Dense attention FLOPs of a row's shape: two products of 2 * Sq * Sk * D per (batch, head)."""
+    return 4.0 * r["B"] * r["H"] * r["Sq"] * r["Sk"] * r["D"]
+
+
+def environment(gpu: str) -> dict:
+    import triton
+
+    return {"format": TABLE_FORMAT, "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_table(path: Path, rows: list[dict], env: dict, merge: bool = True) -> Path:
+    """Write a table file atomically; with `merge`, rows of an existing file (same format) whose
+    (implementation, direction, shape, dtype, density) the new rows do not cover are kept."""
+    path = Path(path)
+    if merge and path.exists():
+        old = json.loads(path.read_text())
+        if old.get("format") == TABLE_FORMAT:
+            key = lambda r: (r["implementation"], r["direction"], r["B"], r["H"], r["Sq"], r["Sk"], r["D"],
+                             r["dtype"], round(r["density"], 3))
+            new_keys = {key(r) for r in rows}
+            rows = [r for r in old["rows"] if key(r) not in new_keys] + rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({**env, "rows": rows}, f, indent=1)
+    os.replace(tmp, path)
+    return path
 
 
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+# ---------------------------------------------------------------------------------------
+# Measured on first use
+# ---------------------------------------------------------------------------------------
+Measure = Callable[[str, Shape, float], tuple[float, float]]  # (implementation, shape, density) -> (density, ms)
+
+
+@functools.lru_cache(maxsize=None)
+def _for_gpu(gpu: str, index: int, implementation: str, direction: str) -> CostModel:
+    committed = TABLES / f"{slug(gpu)}.json"
+    if committed.exists():
+        model = CostModel.from_table(committed, implementation, direction)
+        if model is not None:
+            return model
+        log.info("scalingattn: %s has no %s %s rows", committed, implementation, direction)
+    if direction != FORWARD:
+        return CostModel.ideal(f"ideal: no measured {direction} rows for {gpu}")
+    try:
+        return measured_model(gpu, implementation, direction, op_timer(torch.device("cuda", index)))
+    except Exception as error:  # noqa: BLE001 - planning goes on with the documented default
+        log.warning("scalingattn: measuring a cost table on %s failed (%r); using the ideal model", gpu, error)
+        return CostModel.ideal(f"ideal: measuring on {gpu} failed")
+
+
+def cached_table_path(gpu: str, implementation: str, direction: str, root: Path | None = None) -> Path:
+    import triton
+
+    root = Path(root) if root is not None else _cache_root()
+    name = f"{slug(gpu)}_{implementation}_{direction}_torch-{torch.__version__}_triton-{triton.__version__}"
+    return root / f"{slug(name)}.json"
+
+
+def _cache_root() -> Path:
+    from .cache import cache_dir
+
+    return cache_dir() / "cost_tables"
+
+
+def measured_model(gpu: str, implementation: str, direction: str, measure: Measure, root: Path | None = None,
+                   shapes: tuple[Shape, ...] = MEASURE_SHAPES,
+                   densities: tuple[float, ...] = MEASURE_DENSITIES) -> CostModel:
+    """The model from this GPU's cached measured table, measuring it first if there is none (or
+    the cached file describes another setup)."""
+    path = cached_table_path(gpu, implementation, direction, root)
+    source = f"measured on first use, cached at {path}"
+    env = environment(gpu)
+    if path.exists():
+        try:
+            table = json.loads(path.read_text())
+            same = all(table.get(k) == env[k] for k in ("format", "gpu", "torch", "triton"))
+            model = CostModel.from_rows(table["rows"], implementation, direction, source) if same else None
+        except (ValueError, KeyError) as error:
+            log.warning("scalingattn: unreadable cost table %s (%r)", path, error)
+            model = None
+        if model is not None:
+            return model
+        log.warning("scalingattn: ignoring cost table %s (another setup or incomplete); measuring again", path)
+    log.warning("scalingattn: measuring a cost table for %s (%s) now, once: it is cached at %s",
+                gpu, implementation, path)
+    rows = measure_rows(implementation, direction, measure, shapes, densities)
+    write_table(path, rows, {**env, "implementation": implementation, "direction": direction,
+                             "how": "measured on first use"}, merge=False)
+    log.info("scalingattn: cost table for %s (%s) cached at %s", gpu, implementation, path)
+    return CostModel.from_rows(rows, implementation, direction, source)
+
+
+def measure_rows(implementation: str, direction: str, measure: Measure, shapes: Iterable[Shape] = MEASURE_SHAPES,
+                 densities: Iterable[float] = MEASURE_DENSITIES, dense: bool = True) -> list[dict]:
+    """Rows for `implementation` and (with `dense`) the dense baseline at each shape."""
+    if direction != FORWARD:
+        raise ValueError(f"only the forward can be measured yet, not {direction!r}")
+    rows = []
+    shapes = list(shapes)
+    for i, shape in enumerate(shapes):
+        log.info("scalingattn: measuring the cost table, shape %d/%d: %s (B=%d, H=%d, S=%d, D=%d)",
+                 i + 1, len(shapes), shape.name, shape.B, shape.H, shape.S, shape.D)
+        if dense:
+            _, ms = measure(DENSE, shape, 1.0)
+            rows.append(row(DENSE, direction, shape, 1.0, ms))
+        for density in densities:
+            actual, ms = measure(implementation, shape, density)
+            rows.append(row(implementation, direction, shape, actual, ms, nominal_density=density))
+    return rows
+
+
+def op_timer(device: torch.device, time_fn: Callable[[Callable[[], object]], float] | None = None,
+             dtype: torch.dtype = torch.bfloat16) -> Measure:
+    """Times what a rewritten graph runs per site: `ops.step_masks` then the sparse op (the custom
+    op when `implementation` is the device's own, else dispatch forced to it), or dense SDPA.
+
+    Inputs are transposed views of (B, S, H, D), as diffusers passes them; masks are random per
+    head. `time_fn(fn) -> ms` (default: CUDA events over back-to-back calls, so per-call host
+    work counts as it does in a model whose GPU is waiting on it).
+    """
+    import torch.nn.functional as F
+
+    from .kernels.bitmask import BLOCK_SIZE, num_blocks, pack_block_mask
+
+    time_fn = time_fn or _cuda_time_ms
+    steps = 8
+
+    inputs: dict[Shape, tuple[torch.Tensor, ...]] = {}
+
+    def measure(implementation: str, shape: Shape, density: float) -> tuple[float, float]:
+        if shape not in inputs:  # one shape at a time: the last one's tensors are dropped
+            inputs.clear()
+            g = torch.Generator(device=device).manual_seed(shape.S)
+            inputs[shape] = tuple(torch.randn(shape.B, shape.S, shape.H, shape.D, generator=g, device=device,
+                                              dtype=dtype).transpose(1, 2) for _ in range(3))
+        q, k, v = inputs[shape]
+        g = torch.Generator().manual_seed(shape.S)
+        scale = shape.D**-0.5
+        if implementation == DENSE:
+            return 1.0, time_fn(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale))
+        nb = num_blocks(shape.S)
+        keep = torch.rand(2, shape.H, nb, nb, generator=g) < density  # two density levels, the first one used
+        keep[1] = True
+        tokens = torch.full((nb,), float(BLOCK_SIZE), dtype=torch.float64)
+        tokens[-1] = shape.S - BLOCK_SIZE * (nb - 1)
+        actual = float(torch.einsum("i,hij,j->", tokens, keep[0].double(), tokens)) / (shape.H * shape.S**2)
+        words = pack_block_mask(keep).to(device)
+        level_index = torch.zeros(steps, shape.H, dtype=torch.int64, device=device)
+        timestep = torch.full((shape.B,), 500.0, device=device)
+        step_times = torch.linspace(990.0, 10.0, steps, device=device)  # the picked step does not change the time
+        if Implementation(implementation) is device_implementation(q.device):
+            op = torch.ops.scaling_compiler.block_sparse_attention
+        else:
+            from .kernels import dispatch
+            op = lambda q, k, v, w, s: dispatch.block_sparse_attention(q, k, v, w, s, implementation=implementation)
+        step_masks = torch.ops.scaling_compiler.step_masks
+        return actual, time_fn(lambda: op(q, k, v, step_masks(words, level_index, timestep, step_times), scale))
+
+    return measure
+
+
+def _cuda_time_ms(fn: Callable[[], object], rounds: int = 3, min_round_ms: float = 20.0) -> float:
+    """Median over `rounds` of the mean time per call of back-to-back calls (CUDA events)."""
+    def timed(reps: int) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
+
+    for _ in range(3):  # compile, autotune, warm caches
+        fn()
+    torch.cuda.synchronize()
+    reps = max(5, min(500, int(min_round_ms / max(timed(3), 1e-3))))
+    return sorted(timed(reps) for _ in range(rounds))[rounds // 2]
+
+
+def write_committed_table(out_dir: Path, implementations: Iterable[str] | None = None) -> Path:
+    """Measure this GPU's forward rows (every Triton implementation it runs, and SDPA) and write
+    them to `out_dir/<gpu>.json` (merged with rows already there)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    gpu = torch.cuda.get_device_name(device)
+    if implementations is None:
+        own = device_implementation(device)
+        implementations = [own.value] + ([Implementation.TRITON_POINTER.value]
+                                         if own is Implementation.TRITON_TMA else [])
+    measure = op_timer(device)
+    rows: list[dict] = []
+    for i, implementation in enumerate(implementations):
+        rows += measure_rows(implementation, FORWARD, measure, dense=i == 0)
+    path = write_table(Path(out_dir) / f"{slug(gpu)}.json", rows, {**environment(gpu), "how": "cost_model --write"})
+    for implementation in implementations:
+        log.info("%s", CostModel.from_table(path, implementation))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m scaling_compiler.cost_model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", metavar="DIR", required=True,
+                        help="measure this GPU and write DIR/<gpu>.json (e.g. scaling_compiler/cost_tables/)")
+    parser.add_argument("--implementations", help="comma-separated (default: the GPU's own, plus "
+                        "triton_pointer on a TMA GPU)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    implementations = args.implementations.split(",") if args.implementations else None
+    log.info("wrote %s", write_committed_table(Path(args.write), implementations))
+
+
+if __name__ == "__main__":
+    main()

@@ -7,8 +7,8 @@
 
 Each is a `torch.library.custom_op` with a fake implementation, so dynamo/AOT/inductor treat it
 as one opaque node and compile everything around it (fullgraph=True holds). Sparse attention
-dispatches on the device: the Triton kernel for CUDA tensors it supports, otherwise a block-wise
-PyTorch implementation that never materialises an Sq x Sk matrix.
+runs what `kernels.dispatch` picks: the Triton kernel for CUDA tensors it supports, otherwise a
+block-wise PyTorch implementation that never materialises an Sq x Sk matrix.
 """
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ import logging
 
 import torch
 
-from .kernels.block_sparse_attention import block_sparse_attention, unsupported_reason
-from .kernels.reference import blockwise_attention
+from .kernels import dispatch
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +44,7 @@ def _(q, k, v, mask_words, scale, key_padding=None):
 
 def sparse_attention(q, k, v, mask_words, scale, key_padding) -> torch.Tensor:
     """The op's body (also DFSAttn's on its sparse steps): (B, H, Sq, D), contiguous."""
-    if q.is_cuda and key_padding is None and unsupported_reason(q, k, v) is None:
-        out, _ = block_sparse_attention(q, k, v, mask_words, scale)
-    else:
-        out, _ = blockwise_attention(q, k, v, mask_words, scale, key_padding=key_padding)
+    out, _ = dispatch.block_sparse_attention(q, k, v, mask_words, scale, key_padding)
     return out.contiguous()
 
 

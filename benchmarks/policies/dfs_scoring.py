@@ -215,7 +215,7 @@ def time_sparse(s: Setup, words: torch.Tensor, timer: Timer) -> float | None:
     """Our kernel as the op calls it (autotuned, mask decode included); None without CUDA."""
     if not s.q.is_cuda:
         return None
-    from scaling_compiler.kernels.block_sparse_attention import block_sparse_attention
+    from scaling_compiler.kernels.dispatch import block_sparse_attention
 
     return timer(lambda: block_sparse_attention(s.q, s.k, s.v, words, s.scale))
 

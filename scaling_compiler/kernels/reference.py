@@ -1,6 +1,6 @@
 """Pure-torch references for block-sparse attention.
 
-Both functions compute the same thing as the Triton kernel in ``block_sparse_attention.py``:
+Both functions compute the same thing as the Triton kernel in ``triton/block_sparse_attention.py``:
 
     out[b, h, i] = sum_j p_ij v[b, h, j],  p_ij = exp(scale * q_i.k_j - lse_i)  over kept keys j
     lse[b, h, i] = log sum_j exp(scale * q_i.k_j)                               over kept keys j
@@ -9,7 +9,7 @@ where key j is kept for query i when the 128x128 mask block holding (i, j) is se
 A query row whose mask row is all zero gets ``out = 0`` and ``lse = -inf``.
 
 - :func:`masked_attention_reference`: dense, float64, for tests on small shapes.
-- :func:`blockwise_attention`: the CPU execution path of the custom op. It loops over query
+- :func:`blockwise_attention`: the CPU execution path of the custom op (``Implementation.TORCH_BLOCKWISE``). It loops over query
   blocks and gathers only the kept key blocks, so it never materialises an Sq x Sk matrix.
 """
 import torch

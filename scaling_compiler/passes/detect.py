@@ -24,7 +24,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from ..kernels.block_sparse_attention import unsupported_reason
+from ..kernels.dispatch import unsupported_reason
 from ..sites import GraphRecord, Pattern, Site, SiteKind
 from .inputs import find_timestep
 
@@ -274,8 +274,6 @@ def _dense_reason(site: Site) -> str | None:
         return "cross-attention (keys from another sequence)"
     if site.attn_mask is not None and not site.key_padding:
         return f"{site.attn_mask} (only boolean key-padding masks are supported)"
-    if site.key_padding and site.device.type == "cuda":
-        return f"{site.attn_mask}: the CUDA kernel takes no key-padding mask yet (the CPU path does)"
     if site.is_causal:
         return "is_causal=True"
     if not site.dropout_p == 0.0:
@@ -289,7 +287,10 @@ def _dense_reason(site: Site) -> str | None:
         return "inputs require grad (the sparse op has no backward yet)"
     if not (q.dtype == k.dtype == v.dtype):
         return f"mixed dtypes {q.dtype}, {k.dtype}, {v.dtype}"
-    return unsupported_reason(q, k, v)
+    reason = unsupported_reason(q, k, v, key_padding=site.key_padding)
+    if reason is not None and site.key_padding and unsupported_reason(q, k, v) is None:
+        return f"{site.attn_mask}: {reason}"  # the inputs are fine: no implementation takes the mask here
+    return reason
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,9 +1,16 @@
 """Block-sparse attention forward in Triton, driven by a compressed row mask.
 
-Laid out like Triton's fused-attention tutorial: the mask decoder, the inner loop, the autotune
-configs with their pruning filter, the kernel, then the launcher.
+Callers go through ``kernels/dispatch.py``, which picks this kernel for CUDA tensors and its
+K/V load path per GPU: TMA descriptors on Hopper and later (capability >= 9), pointer loads on
+GPUs without TMA (Ampere, Ada). The backward goes beside this file, in
+``block_sparse_attention_bwd.py`` (see ``kernels/triton/__init__.py``), registered through
+dispatch and ``ops.py`` with ``torch.library.register_autograd``.
 
-Mask format (see ``bitmask.py``): for each (head, query block of 128 tokens) a bitmask over key
+Laid out like Triton's fused-attention tutorial: the inner loop, the kernel, then the launcher;
+the mask decoder is in ``mask_decode.py`` and the autotune configs with their pruning filter in
+``configs.py``.
+
+Mask format (see ``kernels/bitmask.py``): for each (head, query block of 128 tokens) a bitmask over key
 blocks of 128 tokens, packed in int32 words. A tiny decode kernel turns each mask row into a
 compact ascending list of kept key-block indices plus a count (one program per row, a prefix sum
 over the row's bits). The attention kernel's key loop then walks that list with a
@@ -28,16 +35,17 @@ Semantics (the contract the rest of the project codes against):
 - Softmax statistics are kept in float32; exponentials use exp2 with ``scale * log2(e)`` folded
   into the scores, as in the tutorial. fp32 inputs use IEEE fp32 dots (no tf32).
 """
-import functools
 import math
-import os
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
-from .bitmask import BLOCK_SIZE, num_blocks, num_words
+from ..bitmask import BLOCK_SIZE, num_blocks, num_words
+from . import interpreting
+from .configs import MIN_HEAD_DIM, configs, default_config, keep, prune_invalid_configs
+from .mask_decode import BlockLists, decode_mask, prepare_block_lists
 
 try:  # host-side TMA descriptors (Triton >= 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -45,61 +53,13 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-MIN_HEAD_DIM = 16
+TMA_MIN_CAPABILITY = 9  # host-side TMA descriptors need Hopper (sm_90) or later
 MAX_HEAD_DIM = 128
 MASK_BLOCK: tl.constexpr = tl.constexpr(BLOCK_SIZE)
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _patch_interpreter_scalar_index():
-    """Let Triton 3.6's interpreter use run-time scalars as loop bounds under NumPy >= 2.4.
-
-    The interpreter holds scalars as 1-element arrays and converts loop bounds with
-    ``int(array)``, which NumPy 2.4 rejects for arrays with ndim > 0 ("only 0-dimensional
-    arrays can be converted to Python scalars"), so any ``range(0, n)`` over a loaded count
-    fails. We re-register the tensor's ``__index__`` to read the single element instead.
-    Only applied when TRITON_INTERPRET=1; compiled kernels are unaffected.
-    """
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_scalar_index_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._scalar_index_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
-if interpreting():
-    _patch_interpreter_scalar_index()
-
-
-# ----------------------------------------------------------------------------------------------
-# Mask decoding: one program per mask row turns its words into an ascending list of kept blocks.
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _decode_mask_rows(Words, KvIdx, KvCnt,  #
-                      N_K_BLOCKS, N_WORDS, IDX_STRIDE,  #
-                      NK_PAD: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, NK_PAD)
-    in_row = offs < N_K_BLOCKS
-    words = tl.load(Words + row * N_WORDS + offs // 32, mask=in_row, other=0)
-    bits = (words >> (offs % 32)) & 1  # '& 1' also drops the sign extension of bit 31
-    bits = tl.where(in_row, bits, 0)
-    pos = tl.cumsum(bits, 0) - bits  # slot of each kept block in the compact list
-    tl.store(KvIdx + row * IDX_STRIDE + pos, offs, mask=bits != 0)
-    tl.store(KvCnt + row, tl.sum(bits, 0))
+LOG2E = 1.4426950408889634  # 1 / ln(2): scores are scaled into the exp2 domain
+LN2 = 0.6931471805599453  # ln(2): log2 -> ln for the returned lse
+_LOG2E: tl.constexpr = tl.constexpr(LOG2E)
+_LN2: tl.constexpr = tl.constexpr(LN2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,103 +131,6 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
 
 
 # ----------------------------------------------------------------------------------------------
-# Configs. BLOCK_M must divide the 128-row mask block and BLOCK_N the 128-key mask block.
-# ----------------------------------------------------------------------------------------------
-def _host_descriptor_pre_hook(nargs):
-    if nargs["USE_TMA"]:
-        nargs["desc_k"].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM_PAD"]]
-        nargs["desc_v"].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM_PAD"]]
-
-
-def _config(block_m, block_n, num_warps, num_stages, maxnreg=None):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": num_stages},
-                         num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
-                         pre_hook=_host_descriptor_pre_hook)
-
-
-# A short list: each config costs a compile (seconds) on the first call of every new shape.
-# The K/V loads depend on a load (the kept-block index), and Triton's pipeliner gives such
-# indirect loads (num_stages - 1) // 2 iterations of lookahead: num_stages 2-4 prefetch one
-# tile ahead (2 buffers), 5 two tiles (3 buffers), 7 three tiles (4 buffers). On an H100
-# (benchmarks/NOTES.md) 128x128 tiles with 3 buffers (229 KB of shared memory) were fastest at
-# every density; maxnreg=128 fits two 8-warp programs per SM (spills only outside the key loop).
-configs = [
-    _config(128, 128, 8, 5),
-    _config(128, 64, 8, 7),
-    _config(128, 64, 8, 3, maxnreg=128),
-    _config(64, 64, 4, 5),
-]
-
-SMEM_FALLBACK = 227 * 1024  # Hopper's per-block shared-memory limit, when the device cannot be asked
-_SMEM_MARGIN = 1024  # barriers and scratch the compiler adds (40 bytes seen for 128x128, 3 buffers)
-
-
-def _max_shared_mem(device: torch.device) -> int:
-    if interpreting() or device.type != "cuda":
-        return SMEM_FALLBACK
-    return _device_shared_mem(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _device_shared_mem(index: int) -> int:
-    try:
-        return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
-    except Exception:  # noqa: BLE001 - an unusual driver: assume Hopper
-        return SMEM_FALLBACK
-
-
-def _kv_buffers(num_stages):
-    return max(2, (num_stages - 1) // 2 + 1)
-
-
-def _smem_estimate(block_m, block_n, head_dim_pad, elem_bytes, num_stages):
-    # q tile + the (k, v) tile buffers
-    return (block_m + 2 * _kv_buffers(num_stages) * block_n) * head_dim_pad * elem_bytes + _SMEM_MARGIN
-
-
-def keep(conf):
-    BLOCK_M, BLOCK_N = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
-    # 8 warps = 2 warpgroups of 64 query rows each; 4 warps with 128x128 tiles spill registers
-    if BLOCK_M == 64 and conf.num_warps == 8:
-        return False
-    if BLOCK_M * BLOCK_N >= 128 * 128 and conf.num_warps == 4:
-        return False
-    return True
-
-
-def _fits(block_m, block_n, num_stages, head_dim_pad, elem_bytes, smem):
-    return _smem_estimate(block_m, block_n, head_dim_pad, elem_bytes, num_stages) <= smem
-
-
-def prune_invalid_configs(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    out = args["Out"]
-    if out.dtype == torch.float32:  # IEEE fp32 dots run on the FMA units: small tiles only (tests)
-        return [_config(64, 64, 4, 2)]
-    head_dim_pad, elem_bytes, smem = args["HEAD_DIM_PAD"], out.element_size(), _max_shared_mem(out.device)
-    kept = [
-        conf for conf in configs
-        if _fits(conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], conf.num_stages, head_dim_pad, elem_bytes, smem)
-    ]
-    return kept or [_config(64, 64, 4, 2)]  # fp32 with large head dims: the smallest tiles
-
-
-def default_config(dtype: torch.dtype, head_dim: int, device: torch.device | None = None) -> dict:
-    """The fastest measured config that fits the device's shared memory (used without autotuning)."""
-    if dtype == torch.float32:  # IEEE fp32 dots run on the FMA units: small tiles only (tests)
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    head_dim_pad = max(MIN_HEAD_DIM, triton.next_power_of_2(head_dim))
-    elem = torch.empty((), dtype=dtype).element_size()
-    smem = _max_shared_mem(device) if device is not None else SMEM_FALLBACK
-    for conf in configs:
-        BM, BN, s = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], conf.num_stages
-        if _fits(BM, BN, s, head_dim_pad, elem, smem):
-            return {"BLOCK_M": BM, "BLOCK_N": BN, "num_warps": conf.num_warps, "num_stages": s,
-                    **({"maxnreg": conf.maxnreg} if conf.maxnreg else {})}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-
-
-# ----------------------------------------------------------------------------------------------
 # The kernel: one program per (batch, head, query tile). Programs of one head are adjacent in
 # the grid so that the head's K/V stay in L2; within a head, ORDER lists the mask rows
 # heaviest first (longest-processing-time order) to shorten the last wave.
@@ -314,7 +177,7 @@ def _attn_fwd(Q, K, V, desc_k, desc_v, Out, LSE,  #
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    qk_scale = sm_scale * 1.44269504  # 1/log(2)
+    qk_scale = sm_scale * _LOG2E
 
     # load q: it will stay in SRAM throughout
     q_ptrs = Q + q_off + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qk
@@ -353,7 +216,7 @@ def _attn_fwd(Q, K, V, desc_k, desc_v, Out, LSE,  #
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # log2 -> ln
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
     row_ok = offs_m < N_Q
     tl.store(LSE + off_hz.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
     o_ptrs = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh \
@@ -399,40 +262,28 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
     return None
 
 
-def decode_mask(mask_words: torch.Tensor, num_k_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact kept-block lists of a packed mask.
+def _tma_strides_ok(t: torch.Tensor) -> bool:
+    """The stride rules of :func:`_tma_2d_view` (no data pointer needed: works on fake tensors)."""
+    B, H, S, D = t.shape
+    sb, sh, ss, sd = t.stride()
+    elem = t.element_size()
+    if sd != 1 or ss < D or (ss * elem) % 16 or (D * elem) < 16:
+        return False
+    return all((b * sb + h * sh) % ss + D <= ss for b in range(B) for h in range(H))
 
-    ``mask_words`` int32 ``(..., Nq, W)`` -> ``kv_idx`` int32 ``(..., Nq, Nk)`` whose first
-    ``kv_cnt[..., r]`` entries of row r are its kept key blocks in increasing order (the rest is
-    unspecified) and ``kv_cnt`` int32 ``(..., Nq)``. One tiny Triton launch, no host sync.
+
+def tma_layout_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the launcher can read these K/V through TMA descriptors (given a GPU that has TMA).
+
+    Needs a power-of-two head dim and the layout of :func:`_tma_2d_view`; on fake tensors (no
+    data pointer) only the strides are checked. Otherwise the launcher uses pointer loads.
     """
-    words = mask_words.reshape(-1, mask_words.shape[-1]).contiguous()
-    rows = words.shape[0]
-    kv_idx = torch.empty((rows, num_k_blocks), dtype=torch.int32, device=words.device)
-    kv_cnt = torch.empty((rows,), dtype=torch.int32, device=words.device)
-    if rows > 0:
-        _decode_mask_rows[(rows,)](words, kv_idx, kv_cnt, num_k_blocks, words.shape[1], num_k_blocks,
-                                   NK_PAD=max(16, triton.next_power_of_2(num_k_blocks)), num_warps=4)
-    return kv_idx.reshape(*mask_words.shape[:-1], num_k_blocks), kv_cnt.reshape(mask_words.shape[:-1])
-
-
-class BlockLists(NamedTuple):
-    """Kept-block lists of a packed mask, as the attention kernel reads them."""
-    kv_idx: torch.Tensor  # int32 (..., Nq, Nk): kept key blocks of each row, ascending, first kv_cnt valid
-    kv_cnt: torch.Tensor  # int32 (..., Nq)
-    order: torch.Tensor  # int32 (..., Nq): the order in which each head's query blocks are launched
-
-
-def prepare_block_lists(mask_words: torch.Tensor, kv_len: int, lpt_order: bool = True) -> BlockLists:
-    """Decode ``mask_words`` into the kernel's block lists; with ``lpt_order`` each head's query
-    blocks run heaviest first (longest-processing-time order shortens the last wave)."""
-    nq = mask_words.shape[-2]
-    kv_idx, kv_cnt = decode_mask(mask_words, num_blocks(kv_len))
-    if lpt_order:
-        order = torch.argsort(kv_cnt, dim=-1, descending=True, stable=True).to(torch.int32)
-    else:
-        order = torch.arange(nq, dtype=torch.int32, device=mask_words.device).expand(kv_cnt.shape)
-    return BlockLists(kv_idx, kv_cnt, order.contiguous())
+    D = k.shape[3]
+    if TensorDescriptor is None or D != max(MIN_HEAD_DIM, triton.next_power_of_2(D)):
+        return False
+    if is_fake(k) or is_fake(v):
+        return _tma_strides_ok(k) and _tma_strides_ok(v)
+    return _tma_2d_view(k, D) is not None and _tma_2d_view(v, D) is not None
 
 
 def _tma_2d_view(t: torch.Tensor, head_dim: int):
@@ -446,12 +297,9 @@ def _tma_2d_view(t: torch.Tensor, head_dim: int):
     """
     B, H, S, D = t.shape
     sb, sh, ss, sd = t.stride()
-    elem = t.element_size()
-    if sd != 1 or ss < D or (ss * elem) % 16 or t.data_ptr() % 16 or (D * elem) < 16:
+    if not _tma_strides_ok(t) or t.data_ptr() % 16:
         return None
     offs = [b * sb + h * sh for b in range(B) for h in range(H)]
-    if any(o % ss + D > ss for o in offs):
-        return None
     rows = max(offs) // ss + S
     width = max(o % ss for o in offs) + D
     try:
@@ -481,7 +329,8 @@ def block_sparse_attention(
     ``scale``: None means ``1 / sqrt(D)``, as in SDPA.
     ``config``: ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"[, "maxnreg"]}`` to launch one fixed config
     (tests, the interpreter, benchmarks); None autotunes on a GPU (``default_config`` in the
-    interpreter). ``use_tma``: None picks TMA descriptors for K/V when the layout and GPU allow.
+    interpreter). ``use_tma``: None picks TMA descriptors for K/V when the layout and GPU allow
+(``kernels.dispatch`` passes its choice; False forces pointer loads).
     ``lpt_order``: run each head's heaviest query blocks first. ``out``/``lse``: optional
     preallocated outputs (``out`` like q, any strides; ``lse`` contiguous float32).
     ``block_lists``: ``prepare_block_lists(mask_words, Sk)`` computed once for a static mask
@@ -523,7 +372,8 @@ def block_sparse_attention(
 
     k_tma = v_tma = None
     if use_tma is None:
-        use_tma = TensorDescriptor is not None and (interpreting() or torch.cuda.get_device_capability(q.device)[0] >= 9)
+        use_tma = TensorDescriptor is not None and (
+            interpreting() or torch.cuda.get_device_capability(q.device)[0] >= TMA_MIN_CAPABILITY)
     if use_tma and D == head_dim_pad:
         k_tma, v_tma = _tma_2d_view(k, D), _tma_2d_view(v, D)
     use_tma = k_tma is not None and v_tma is not None

@@ -1,10 +1,12 @@
 """Benchmark the block-sparse kernel against SDPA (cuDNN, flash) and compiled FlexAttention.
 
-    python benchmarks/kernel.py                 # Wan2.1-1.3B 480p and Wan2.1-14B 720p, all densities
-    python benchmarks/kernel.py --quick         # 1.3B shape, densities 1.0 / 0.25 / 0.1, random masks
-    python benchmarks/kernel.py --compile --shapes wan1.3b-480p   # compile VARIANTS in parallel, warm flex
-    python benchmarks/kernel.py --sweep [--then-bench]  # time VARIANTS at the 1.3B shape [then benchmark the best]
-    python benchmarks/kernel.py --dry-run       # tiny shapes on the CPU (interpreter): checks the script
+    python -m benchmarks.kernels.block_sparse             # Wan2.1-1.3B 480p and Wan2.1-14B 720p, all densities
+    python -m benchmarks.kernels.block_sparse --quick     # 1.3B shape, densities 1.0 / 0.25 / 0.1, random masks
+    python -m benchmarks.kernels.block_sparse --compile --shapes wan1.3b-480p   # compile VARIANTS in parallel
+    python -m benchmarks.kernels.block_sparse --sweep [--then-bench]  # time VARIANTS at the 1.3B shape
+    python -m benchmarks.kernels.block_sparse --dry-run   # tiny shapes on the CPU (interpreter): checks the script
+
+Run from the repository root.
 
 Masks are per-head 128x128 block masks: "random" (each block kept with probability = density)
 and "structured" (a 3-D local window over the frame x height x width grid of block centres,
@@ -12,7 +14,10 @@ per-head window aspect, plus a few global key blocks; exact density per row). Ou
 FlexAttention get the identical mask (``to_flex_block_mask``). Times are
 ``triton.testing.do_bench`` medians in ms; TFLOP/s count 4 * D FLOPs per kept (query, key)
 token pair (dense pairs for SDPA). Results go to ``benchmarks/results/kernel_<gpu>_<date>.json``
-and the time-vs-density table for the cost model to ``scaling_compiler/cost_tables/<gpu>.json``.
+and the random-mask rows (implementation, direction "forward", shape, kept density, ms; SDPA's
+cuDNN time as the dense rows) are merged into the cost model's table
+``scaling_compiler/cost_tables/<gpu>.json`` (its small shapes come from
+``python -m scaling_compiler.cost_model --write scaling_compiler/cost_tables/``).
 """
 import argparse
 import datetime
@@ -30,11 +35,13 @@ if "--dry-run" in sys.argv:  # must precede the first Triton import
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+from scaling_compiler import cost_model  # noqa: E402
 from scaling_compiler.cost_model import slug  # noqa: E402
 from scaling_compiler.kernels.bitmask import BLOCK_SIZE, num_blocks, pack_block_mask, to_flex_block_mask  # noqa: E402
+from scaling_compiler.kernels.dispatch import Implementation  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE = "benchmarks.kernels.block_sparse"
 
 # name: (B, H, S, D, (frames, height, width) token grid)
 SHAPES = {
@@ -163,8 +170,8 @@ def sdpa_times(q, k, v, scale):
 # Main benchmark
 # ----------------------------------------------------------------------------------------------
 def run_benchmark(args):
-    from scaling_compiler.kernels.block_sparse_attention import (block_sparse_attention, decode_mask,
-                                                                 prepare_block_lists)
+    from scaling_compiler.kernels.triton.block_sparse_attention import (block_sparse_attention, decode_mask,
+                                                                        prepare_block_lists)
 
     dry = args.dry_run
     device = "cpu" if dry else "cuda"
@@ -198,6 +205,7 @@ def run_benchmark(args):
         dense = {"cudnn": None, "flash": None} if dry else sdpa_times(q, k, v, scale)
         print(f"[{shape}] sdpa cudnn {dense['cudnn']} ms, flash {dense['flash']} ms", flush=True)
         nb = num_blocks(S)
+        implementation = _implementation(q, k, v, flags["use_tma"])
         for kind in kinds:
             for density in densities:
                 mask = (random_mask(H, nb, nb, density, seed=1) if kind == "random" else structured_mask(
@@ -217,6 +225,7 @@ def run_benchmark(args):
                     except Exception as e:  # noqa: BLE001 - report and go on
                         print(f"flex failed: {e}", flush=True)
                 row = {
+                    "implementation": implementation, "direction": cost_model.FORWARD,
                     "shape": shape, "B": B, "H": H, "S": S, "D": D, "mask": kind,
                     "density": density, "density_actual": mask.float().mean().item(),
                     "ms_ours": t_ours, "ms_ours_kernel": t_kernel, "ms_decode": t_decode, "ms_flex": t_flex,
@@ -271,30 +280,37 @@ def print_table(rows):
               f"{_fmt(sp_cudnn, '{:.2f}x')} | {_fmt(r['ideal_ms'])} |")
 
 
+def _implementation(q, k, v, use_tma):
+    """What the launcher runs with this ``use_tma`` flag (None: the device's choice, as dispatch makes it)."""
+    from scaling_compiler.kernels import dispatch
+    from scaling_compiler.kernels.triton.block_sparse_attention import tma_layout_ok
+
+    if use_tma is None:  # the launcher's default: TMA on a GPU that has it (and in the interpreter)
+        use_tma = q.device.type != "cuda" or dispatch.device_implementation(q.device) is Implementation.TRITON_TMA
+    tma = use_tma and tma_layout_ok(k, v)
+    return (Implementation.TRITON_TMA if tma else Implementation.TRITON_POINTER).value
+
+
 def write_cost_table(rows, info, config, args):
-    """Time vs density for the cost model: the 1.3B shape, random per-head masks."""
-    base = [r for r in rows if r["mask"] == "random"]
-    if not base:
+    """Merge the random-mask rows (our kernel, and cuDNN as the dense rows) into the cost table."""
+    table_rows = []
+    dtype = "float32" if args.dry_run else "bfloat16"  # as run_benchmark runs them
+    for r in rows:
+        if r["mask"] != "random":
+            continue
+        shape = cost_model.Shape(r["shape"], r["B"], r["H"], r["S"], r["D"])
+        table_rows.append(cost_model.row(r["implementation"], r["direction"], shape, r["density_actual"],
+                                         r["ms_ours"], dtype, kernel_config=config, source=MODULE))
+        if r["ms_cudnn"] is not None and not any(t["implementation"] == cost_model.DENSE and t["shape"] == r["shape"]
+                                                 for t in table_rows):
+            table_rows.append(cost_model.row(cost_model.DENSE, r["direction"], shape, 1.0, r["ms_cudnn"], dtype,
+                                             backend="cudnn", source=MODULE))
+    if not table_rows:
         return
-    shape = base[0]["shape"]
-    base = [r for r in base if r["shape"] == shape]
-    table = {
-        "gpu": info["gpu"], "torch": info["torch"], "triton": info["triton"], "date": info["date"],
-        "shape": {k: base[0][k] for k in ("B", "H", "S", "D")} | {"name": shape, "dtype": "bfloat16",
-                                                                  "mask": "random per-head 128x128"},
-        "kernel_config": config,
-        "rows": [{"density": r["density_actual"], "ms_ours": r["ms_ours"], "ms_ours_kernel": r["ms_ours_kernel"],
-                  "ms_cudnn": r["ms_cudnn"],
-                  "ms_flex": r["ms_flex"]} for r in base],
-    }
-    structured = [r for r in rows if r["mask"] == "structured" and r["shape"] == shape]
-    if structured:
-        table["rows_structured"] = [{"density": r["density_actual"], "ms_ours": r["ms_ours"],
-                                     "ms_cudnn": r["ms_cudnn"], "ms_flex": r["ms_flex"]} for r in structured]
     out_dir = Path(args.cost_dir) if args.cost_dir else ROOT / "scaling_compiler" / "cost_tables"
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{slug(info['gpu'])}{'_dry' if args.dry_run else ''}.json"
-    path.write_text(json.dumps(table, indent=1))
+    env = {**cost_model.environment(info["gpu"]), "date": info["date"]}
+    cost_model.write_table(path, table_rows, env)
     print(f"wrote {path}")
 
 
@@ -306,7 +322,7 @@ def write_cost_table(rows, info, config, args):
 # last), then optionally the benchmark with the fastest correct variant (--then-bench).
 # ----------------------------------------------------------------------------------------------
 def _variant_call(name, q, k, v, words, scale):
-    from scaling_compiler.kernels import block_sparse_attention as bsa
+    from scaling_compiler.kernels.triton import block_sparse_attention as bsa
     config, use_tma, lpt = VARIANTS[name]
     return lambda: bsa.block_sparse_attention(q, k, v, words, scale, config, use_tma=use_tma, lpt_order=lpt)
 
@@ -332,7 +348,7 @@ def warm_flex(shape):
 
 def run_compile(args):
     names = args.variants.split(",") if args.variants else list(VARIANTS)
-    me = [sys.executable, str(Path(__file__).resolve())]
+    me = [sys.executable, "-m", MODULE]
     jobs = [(n, me + ["--compile-variant", n]) for n in names]
     jobs += [(f"flex:{s}", me + ["--warm-flex", s]) for s in (args.shapes.split(",") if args.shapes else [])]
     t0 = time.time()
@@ -340,7 +356,7 @@ def run_compile(args):
     def go(job):
         name, cmd = job
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.compile_timeout)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.compile_timeout, cwd=ROOT)
             return name, p.returncode, (p.stdout + p.stderr)[-1500:]
         except subprocess.TimeoutExpired:
             return name, "timeout", ""
@@ -352,7 +368,7 @@ def run_compile(args):
 
 def time_variants(args):
     """One process, every variant: spot-check correctness, time at the densities, print RESULT lines."""
-    from scaling_compiler.kernels import block_sparse_attention as bsa
+    from scaling_compiler.kernels.triton import block_sparse_attention as bsa
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     B, H, S, D, _ = SHAPES["wan1.3b-480p"]
     scale = 1.0 / math.sqrt(D)
@@ -409,12 +425,12 @@ def _kernel_resources(jit_fn):
 
 def run_sweep(args):
     densities = (args.densities or "0.1,1.0").split(",")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--time-variants"]
+    cmd = [sys.executable, "-m", MODULE, "--time-variants"]
     cmd += (["--variants", args.variants] if args.variants else []) + ["--densities", ",".join(densities)]
     log = Path(args.out_dir or "/tmp") / "sweep_timing.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
             p.wait(timeout=args.variant_timeout)
         except subprocess.TimeoutExpired:

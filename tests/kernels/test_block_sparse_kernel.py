@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from scaling_compiler.kernels.bitmask import BLOCK_SIZE, num_blocks, pack_block_mask, unpack_block_mask
-from scaling_compiler.kernels.block_sparse_attention import (SUPPORTED_DTYPES, block_sparse_attention, decode_mask,
-                                                             prepare_block_lists, unsupported_reason)
+from scaling_compiler.kernels.triton.block_sparse_attention import (SUPPORTED_DTYPES, block_sparse_attention,
+                                                                     decode_mask, prepare_block_lists,
+                                                                     unsupported_reason)
 from scaling_compiler.kernels.reference import masked_attention_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

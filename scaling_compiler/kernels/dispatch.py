@@ -1,0 +1,105 @@
+"""Which implementation runs block-sparse attention on these tensors, or why none can; and run it.
+
+The one place that knows the device rules (detection asks `unsupported_reason`, `ops.py` calls
+`block_sparse_attention`, the cost model keys its tables by `Implementation`):
+
+- CUDA tensors run the Triton kernel (`kernels/triton/`). GPUs with TMA (capability >= 9:
+  Hopper, Blackwell) read K/V through TMA descriptors when the layout allows; GPUs without it
+  (Ampere, Ada) and layouts it cannot describe take the pointer-load path of the same kernel.
+- Other devices run the block-wise PyTorch path (`kernels/reference.py`), which also takes a
+  boolean key-padding mask. The CUDA kernel takes none yet, so such CUDA sites stay dense.
+
+Where a new implementation goes: a member of `Implementation`, a branch in `implementation_for`
+and in `block_sparse_attention`, and its own rows in the cost tables. A backward kernel
+(`kernels/triton/block_sparse_attention_bwd.py`) gets a `block_sparse_attention_backward` here,
+picked by the same rules, which `ops.py` registers with `torch.library.register_autograd`.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+
+import torch
+
+from .reference import blockwise_attention
+from .triton import block_sparse_attention as triton_forward
+
+log = logging.getLogger(__name__)
+
+CUDA_KEY_PADDING = "the CUDA kernel takes no key-padding mask yet (the CPU path does)"
+
+
+class Implementation(str, enum.Enum):
+    """An implementation of the block-sparse attention forward (keys of the cost tables)."""
+    TRITON_TMA = "triton_tma"  # Triton kernel, K/V through TMA descriptors (capability >= 9)
+    TRITON_POINTER = "triton_pointer"  # the same kernel with pointer loads (Ampere, Ada, odd layouts)
+    TORCH_BLOCKWISE = "torch_blockwise"  # pure PyTorch, block by block (CPU and other devices)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """The CUDA compute capability of `device` (a function, so tests can pretend another GPU)."""
+    return torch.cuda.get_device_capability(device)
+
+
+def device_implementation(device: torch.device) -> Implementation:
+    """The implementation that runs on `device` for inputs of the usual layout (contiguous or
+    transposed (B, S, H, D) views, head dim a power of two): what the cost model times."""
+    if device.type != "cuda":
+        return Implementation.TORCH_BLOCKWISE
+    if triton_forward.TensorDescriptor is not None and \
+            device_capability(device)[0] >= triton_forward.TMA_MIN_CAPABILITY:
+        return Implementation.TRITON_TMA
+    return Implementation.TRITON_POINTER
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: bool = False) -> str | None:
+    """Why no implementation runs these inputs on their device (None if one does).
+
+    The tensors may be fake (detection passes the graph's example values). `key_padding`: the
+    call also has a boolean key-padding mask. Detection keeps a site with a reason dense.
+    """
+    reason = triton_forward.unsupported_reason(q, k, v)  # input rules shared by every implementation
+    if reason is None and key_padding and q.device.type == "cuda":
+        return CUDA_KEY_PADDING
+    return reason
+
+
+def implementation_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: bool = False) -> Implementation:
+    """The implementation that `block_sparse_attention` runs for these inputs.
+
+    CUDA inputs that some kernel takes run it (TMA or pointer loads by GPU and layout); anything
+    else runs the block-wise PyTorch path (a direct call of the op with inputs detection would
+    keep dense still gets an answer, slowly).
+    """
+    if q.device.type != "cuda" or unsupported_reason(q, k, v, key_padding) is not None:
+        return Implementation.TORCH_BLOCKWISE
+    implementation = device_implementation(q.device)
+    if implementation is Implementation.TRITON_TMA and not triton_forward.tma_layout_ok(k, v):
+        return Implementation.TRITON_POINTER
+    return implementation
+
+
+def block_sparse_attention(
+    q: torch.Tensor,  # (B, H, Sq, D), any strides
+    k: torch.Tensor,  # (B, H, Sk, D)
+    v: torch.Tensor,  # (B, H, Sk, D)
+    mask_words: torch.Tensor,  # int32 (H, Nq, W) or (B, H, Nq, W), on q's device
+    scale: float,
+    key_padding: torch.Tensor | None = None,  # bool (B or 1, Sk): False marks keys to ignore
+    *,
+    implementation: Implementation | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # out (B, H, Sq, D), lse float32 (B, H, Sq)
+    """Block-sparse attention forward by the implementation `implementation_for` picks.
+
+    `implementation` forces one (tests: a Triton path on CPU tensors under TRITON_INTERPRET=1,
+    e.g. the pointer path that GPUs without TMA take). Empty mask rows give out = 0, lse = -inf.
+    """
+    if implementation is None:
+        implementation = implementation_for(q, k, v, key_padding is not None)
+    implementation = Implementation(implementation)
+    if implementation is Implementation.TORCH_BLOCKWISE:
+        return blockwise_attention(q, k, v, mask_words, scale, key_padding=key_padding)
+    if key_padding is not None:
+        raise ValueError(f"{implementation.value}: {CUDA_KEY_PADDING}")
+    return triton_forward.block_sparse_attention(q, k, v, mask_words, scale,
+                                                 use_tma=implementation is Implementation.TRITON_TMA)

@@ -1,0 +1,64 @@
+"""Mask decoding for the block-sparse attention kernel: packed mask rows -> kept-block lists.
+
+One tiny program per mask row turns its int32 words into an ascending list of kept key blocks
+(a prefix sum over the row's bits) and a count; the attention kernel walks that list.
+"""
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..bitmask import num_blocks
+
+
+@triton.jit
+def _decode_mask_rows(Words, KvIdx, KvCnt,  #
+                      N_K_BLOCKS, N_WORDS, IDX_STRIDE,  #
+                      NK_PAD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, NK_PAD)
+    in_row = offs < N_K_BLOCKS
+    words = tl.load(Words + row * N_WORDS + offs // 32, mask=in_row, other=0)
+    bits = (words >> (offs % 32)) & 1  # '& 1' also drops the sign extension of bit 31
+    bits = tl.where(in_row, bits, 0)
+    pos = tl.cumsum(bits, 0) - bits  # slot of each kept block in the compact list
+    tl.store(KvIdx + row * IDX_STRIDE + pos, offs, mask=bits != 0)
+    tl.store(KvCnt + row, tl.sum(bits, 0))
+
+
+def decode_mask(mask_words: torch.Tensor, num_k_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact kept-block lists of a packed mask.
+
+    ``mask_words`` int32 ``(..., Nq, W)`` -> ``kv_idx`` int32 ``(..., Nq, Nk)`` whose first
+    ``kv_cnt[..., r]`` entries of row r are its kept key blocks in increasing order (the rest is
+    unspecified) and ``kv_cnt`` int32 ``(..., Nq)``. One tiny Triton launch, no host sync.
+    """
+    words = mask_words.reshape(-1, mask_words.shape[-1]).contiguous()
+    rows = words.shape[0]
+    kv_idx = torch.empty((rows, num_k_blocks), dtype=torch.int32, device=words.device)
+    kv_cnt = torch.empty((rows,), dtype=torch.int32, device=words.device)
+    if rows > 0:
+        _decode_mask_rows[(rows,)](words, kv_idx, kv_cnt, num_k_blocks, words.shape[1], num_k_blocks,
+                                   NK_PAD=max(16, triton.next_power_of_2(num_k_blocks)), num_warps=4)
+    return kv_idx.reshape(*mask_words.shape[:-1], num_k_blocks), kv_cnt.reshape(mask_words.shape[:-1])
+
+
+class BlockLists(NamedTuple):
+    """Kept-block lists of a packed mask, as the attention kernel reads them."""
+    kv_idx: torch.Tensor  # int32 (..., Nq, Nk): kept key blocks of each row, ascending, first kv_cnt valid
+    kv_cnt: torch.Tensor  # int32 (..., Nq)
+    order: torch.Tensor  # int32 (..., Nq): the order in which each head's query blocks are launched
+
+
+def prepare_block_lists(mask_words: torch.Tensor, kv_len: int, lpt_order: bool = True) -> BlockLists:
+    """Decode ``mask_words`` into the kernel's block lists; with ``lpt_order`` each head's query
+    blocks run heaviest first (longest-processing-time order shortens the last wave)."""
+    nq = mask_words.shape[-2]
+    kv_idx, kv_cnt = decode_mask(mask_words, num_blocks(kv_len))
+    if lpt_order:
+        order = torch.argsort(kv_cnt, dim=-1, descending=True, stable=True).to(torch.int32)
+    else:
+        order = torch.arange(nq, dtype=torch.int32, device=mask_words.device).expand(kv_cnt.shape)
+    return BlockLists(kv_idx, kv_cnt, order.contiguous())
+

@@ -1,0 +1,231 @@
+"""cost_model: fitting fixed per-call costs from rows at several shapes, tables keyed by
+implementation and direction, the CPU ideal, the first-use measurement and its cache.
+
+Fits of exact synthetic rows must recover the law they came from to 1e-9 (float64 least squares).
+"""
+import json
+import math
+
+import pytest
+import torch
+
+from scaling_compiler import cost_model
+from scaling_compiler.cost_model import (DENSE, FORWARD, MEASURE_SHAPES, TABLES, CostModel, Shape, fit_line,
+                                         measure_rows, measured_model, row)
+from scaling_compiler.kernels import dispatch
+from scaling_compiler.kernels.dispatch import Implementation
+
+TMA, POINTER = Implementation.TRITON_TMA.value, Implementation.TRITON_POINTER.value
+TINY_DIT = Shape("tiny-dit-9x64x64", 2, 4, 9216, 64)  # the README demo's sites: CFG batch 2, 4 heads of 64
+WAN = Shape("wan1.3b-480p", 1, 12, 32760, 128)
+SHAPES = (Shape("small", 1, 4, 1024, 64), Shape("mid", 2, 4, 4096, 64), TINY_DIT, WAN)
+
+
+def flops(shape: Shape) -> float:
+    return 4.0 * shape.B * shape.H * shape.S**2 * shape.D
+
+
+# An H200-like world where the README demo's slowdown happens: the sparse op pays 0.4 ms per call
+# (mask pick, decode, launches, host work), SDPA 0.02 ms.
+LAWS = {TMA: (0.40, 1 / 550e9), POINTER: (0.45, 1 / 300e9), DENSE: (0.02, 1 / 600e9)}
+
+
+def law_ms(implementation: str, shape: Shape, density: float) -> float:
+    overhead, per_flop = LAWS[implementation]
+    return overhead + per_flop * density * flops(shape)
+
+
+def law_rows(implementations=(TMA, POINTER), densities=(1.0, 0.5, 0.25, 0.1)):
+    rows = [row(DENSE, FORWARD, s, 1.0, law_ms(DENSE, s, 1.0)) for s in SHAPES]
+    rows += [row(i, FORWARD, s, d, law_ms(i, s, d)) for i in implementations for s in SHAPES for d in densities]
+    return rows
+
+
+def test_fit_recovers_overhead_and_slope_from_several_shapes():
+    rows = law_rows()
+    for implementation in (TMA, POINTER):
+        model = CostModel.from_rows(rows, implementation, FORWARD, "test")
+        overhead, per_flop = LAWS[implementation]
+        assert model.sparse_overhead_ms == pytest.approx(overhead, rel=1e-9)
+        assert model.sparse_ms_per_flop == pytest.approx(per_flop, rel=1e-9)
+        assert model.dense_overhead_ms == pytest.approx(LAWS[DENSE][0], rel=1e-9)
+        assert model.dense_ms_per_flop == pytest.approx(LAWS[DENSE][1], rel=1e-9)
+
+
+def test_fit_weighs_relative_error_and_clamps_a_negative_intercept():
+    # +-5% noise on the two big calls must not swamp the intercept the small calls pin down
+    law = lambda x: 0.1 + 1e-12 * x
+    points = [(1e9, law(1e9)), (3e9, law(3e9)), (1e12, law(1e12) * 1.05), (1e13, law(1e13) * 0.95)]
+    overhead, _ = fit_line(points)
+    assert overhead == pytest.approx(0.1, rel=0.02)
+    x, y = torch.tensor(points, dtype=torch.float64).T
+    slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    assert abs(float(y.mean() - slope * x.mean()) - 0.1) > 0.02  # plain least squares: 0.134
+    overhead, per_flop = fit_line([(1e9, 0.5), (2e9, 2.0)])  # a line through them crosses below 0
+    assert overhead == 0.0 and per_flop == pytest.approx((1e9 * 0.5 / 0.25 + 2e9 * 2.0 / 4) / (1e18 / 0.25 + 4e18 / 4))
+
+
+def test_tables_are_keyed_by_implementation_and_direction():
+    rows = law_rows(implementations=(TMA,))
+    assert CostModel.from_rows(rows, TMA, FORWARD, "t").sparse_overhead_ms == pytest.approx(0.40)
+    assert CostModel.from_rows(rows, POINTER, FORWARD, "t") is None  # no rows of its own
+    assert CostModel.from_rows(rows, TMA, "backward", "t") is None  # a backward gets its own rows
+    backward = [dict(r, direction="backward", ms=2 * r["ms"]) for r in rows]
+    both = CostModel.from_rows(rows + backward, TMA, "backward", "t")
+    assert both.sparse_ms_per_flop == pytest.approx(2 * LAWS[TMA][1], rel=1e-9)
+
+
+def test_small_sites_with_big_fixed_costs_are_predicted_slower_than_dense():
+    """The README demo on an H200: the ideal model said 4x; with fixed costs, sparse is slower at
+    the tiny DiT's size (so the planner keeps it dense) and still pays at the Wan2.1-1.3B layer."""
+    model = CostModel.from_rows(law_rows(), TMA, FORWARD, "test")
+    quarter = torch.full((4,), 0.25)
+    assert model.sparse_ms(flops(TINY_DIT), quarter) > model.dense_ms(flops(TINY_DIT))
+    assert model.sparse_ms(flops(WAN), torch.full((12,), 0.25)) < 0.5 * model.dense_ms(flops(WAN))
+    ideal = CostModel.ideal("ideal: no GPU")
+    assert ideal.dense_ms(flops(TINY_DIT)) / ideal.sparse_ms(flops(TINY_DIT), quarter) == pytest.approx(4.0)
+
+
+def test_cpu_gets_the_ideal_model():
+    model = CostModel.for_device(torch.device("cpu"))
+    assert model.source == "ideal: no GPU"
+    f = flops(TINY_DIT)
+    assert model.sparse_ms(f, torch.tensor([0.1, 0.3], dtype=torch.float64)) == pytest.approx(0.2 * model.dense_ms(f), rel=1e-12)
+    assert model.sparse_overhead_ms == model.dense_overhead_ms == 0.0
+
+
+def test_first_format_h100_table_reads_as_the_tma_forward():
+    model = CostModel.from_table(TABLES / "nvidia-h100-80gb-hbm3.json")
+    assert model.source == "committed table nvidia-h100-80gb-hbm3.json"
+    f = flops(WAN)
+    assert model.dense_ms(f) == pytest.approx(11.57, rel=0.02)  # cuDNN's measured 11.57 ms
+    assert model.sparse_ms(f, torch.full((12,), 0.1)) == pytest.approx(1.29, rel=0.15)  # measured 1.29 ms
+    assert CostModel.from_table(TABLES / "nvidia-h100-80gb-hbm3.json", POINTER) is None
+
+
+class FakeClock:
+    """Times by the law above, counting calls (no GPU)."""
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, implementation, shape, density):
+        self.calls += 1
+        return density, law_ms(implementation, shape, density)
+
+
+def test_measured_table_cache_round_trip(tmp_path):
+    clock = FakeClock()
+    shapes = SHAPES[:3]
+    model = measured_model("NVIDIA Fake GPU", POINTER, FORWARD, clock, root=tmp_path, shapes=shapes)
+    assert clock.calls == len(shapes) * 5  # dense + 4 densities per shape
+    (path,) = tmp_path.glob("*.json")
+    assert model.source == f"measured on first use, cached at {path}"
+    table = json.loads(path.read_text())
+    import triton
+    assert (table["gpu"], table["implementation"], table["torch"], table["triton"]) == \
+        ("NVIDIA Fake GPU", POINTER, torch.__version__, triton.__version__)
+    assert "nvidia-fake-gpu" in path.name and POINTER.replace("_", "-") in path.name
+    assert model.sparse_overhead_ms == pytest.approx(LAWS[POINTER][0], rel=1e-9)
+    assert model.dense_overhead_ms == pytest.approx(LAWS[DENSE][0], rel=1e-9)
+
+    def no_clock(*args):
+        raise AssertionError("a cached table must not be measured again")
+    assert measured_model("NVIDIA Fake GPU", POINTER, FORWARD, no_clock, root=tmp_path, shapes=shapes) == model
+
+    table["torch"] = "0.0.1"  # written by another setup: measured again, not used
+    path.write_text(json.dumps(table))
+    again = measured_model("NVIDIA Fake GPU", POINTER, FORWARD, clock, root=tmp_path, shapes=shapes)
+    assert clock.calls == 2 * len(shapes) * 5 and again == model
+    assert json.loads(path.read_text())["torch"] == torch.__version__
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """A CUDA device on this CPU machine: a name, a capability and a cache folder."""
+    def make(name, major):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(dispatch, "device_capability", lambda device: (major, 0))
+        monkeypatch.setenv("SCALINGATTN_CACHE_DIR", str(tmp_path))
+        cost_model._for_gpu.cache_clear()
+        return torch.device("cuda", 0)
+    yield make
+    cost_model._for_gpu.cache_clear()
+
+
+def test_for_device_prefers_the_committed_table(fake_gpu, monkeypatch):
+    device = fake_gpu("NVIDIA H100 80GB HBM3", 9)
+    monkeypatch.setattr(cost_model, "op_timer", lambda device: pytest.fail("measured despite a committed table"))
+    assert CostModel.for_device(device).source == "committed table nvidia-h100-80gb-hbm3.json"
+
+
+def test_for_device_measures_a_gpu_without_a_table(fake_gpu, monkeypatch, tmp_path):
+    device = fake_gpu("NVIDIA A100-SXM4-80GB", 8)  # Ampere: no TMA, the pointer path, no committed table
+    clock = FakeClock()
+    monkeypatch.setattr(cost_model, "op_timer", lambda device: clock)
+    model = CostModel.for_device(device)
+    (path,) = (tmp_path / "cost_tables").glob("*.json")
+    assert model.source == f"measured on first use, cached at {path}"
+    assert json.loads(path.read_text())["implementation"] == POINTER
+    assert clock.calls == len(MEASURE_SHAPES) * 5
+    assert model.sparse_overhead_ms == pytest.approx(LAWS[POINTER][0], rel=1e-9)
+    assert CostModel.for_device(device) is model  # once per process
+    assert CostModel.for_device(device, direction="backward").source.startswith("ideal: no measured backward")
+
+
+def test_measure_shapes_include_the_demo_and_wan():
+    assert TINY_DIT in MEASURE_SHAPES and WAN in MEASURE_SHAPES
+    assert min(flops(s) for s in MEASURE_SHAPES) < flops(TINY_DIT) / 50  # small shapes pin the overhead
+
+
+@pytest.mark.parametrize("implementation", [Implementation.TORCH_BLOCKWISE.value, POINTER])
+def test_op_timer_runs_the_op_path_on_cpu(implementation):
+    """The timer's calls run (CPU: the block-wise op; the pointer path forced in the interpreter)
+    and report the mask's real kept fraction."""
+    import os
+    if implementation == POINTER and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("forcing a Triton path on CPU tensors needs the interpreter")
+    outputs = []
+
+    def one_call(fn):
+        outputs.append(fn())
+        return 1.5
+
+    measure = cost_model.op_timer(torch.device("cpu"), time_fn=one_call, dtype=torch.float32)
+    shape = Shape("t", 1, 2, 300, 32)
+    assert measure(DENSE, shape, 1.0) == (1.0, 1.5)
+    assert measure(implementation, shape, 1.0) == (1.0, 1.5)
+    density, _ = measure(implementation, shape, 0.5)
+    assert 0.0 < density < 1.0
+    rows = measure_rows(implementation, FORWARD, measure, [shape], [1.0])
+    assert [(r["implementation"], r["density"], r["ms"]) for r in rows] == [(DENSE, 1.0, 1.5), (implementation, 1.0, 1.5)]
+    for out in outputs:
+        out = out[0] if isinstance(out, tuple) else out
+        assert out.shape == (1, 2, 300, 32) and torch.isfinite(out).all()
+    full = outputs[1][0] if isinstance(outputs[1], tuple) else outputs[1]
+    dense = outputs[0]
+    assert (full - dense).abs().max() < 1e-4  # all blocks kept: the sparse op is dense attention (fp32)
+    assert math.isclose(density, 0.5, abs_tol=0.35)
+
+
+def test_write_committed_table_for_both_triton_paths(fake_gpu, monkeypatch, tmp_path):
+    """`python -m scaling_compiler.cost_model --write DIR` on a TMA GPU: rows for the TMA and the
+    pointer path and one set of dense rows, read back as committed tables; a rerun merges."""
+    fake_gpu("NVIDIA H200", 9)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    clock = FakeClock()
+    monkeypatch.setattr(cost_model, "op_timer", lambda device: clock)
+    out = tmp_path / "tables"
+    cost_model.main(["--write", str(out)])
+    path = out / "nvidia-h200.json"
+    rows = json.loads(path.read_text())["rows"]
+    per_shape = len(cost_model.MEASURE_DENSITIES)
+    assert [r["implementation"] for r in rows].count(DENSE) == len(MEASURE_SHAPES)
+    assert [r["implementation"] for r in rows].count(TMA) == [r["implementation"] for r in rows].count(POINTER) \
+        == len(MEASURE_SHAPES) * per_shape
+    for implementation in (TMA, POINTER):
+        model = CostModel.from_table(path, implementation)
+        assert model.source == "committed table nvidia-h200.json"
+        assert model.sparse_overhead_ms == pytest.approx(LAWS[implementation][0], rel=1e-9)
+    extra = row(TMA, "backward", WAN, 0.5, 1.0)
+    cost_model.write_table(path, [extra], cost_model.environment("NVIDIA H200"))  # merged, not replaced
+    assert len(json.loads(path.read_text())["rows"]) == len(rows) + 1
