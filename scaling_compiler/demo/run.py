@@ -8,6 +8,7 @@ shows both where it pays and which of the tiny model's sites the backend kept de
 from __future__ import annotations
 
 import collections
+import re
 import statistics
 import time
 from pathlib import Path
@@ -95,14 +96,18 @@ def run_demo(density: float = 0.25, steps: int | None = None, repeats: int = 3,
 
 def sites_summary(reports: Iterable[Any]) -> str:
     """One sentence from the reports' sites: how many are sparse, and which stayed dense and why."""
-    sites = [site for report in reports for site in report.sites]
+    # each site once (a later graph of the same model, e.g. after a recompile, replaces its decision)
+    sites = list({site.name: site for report in reports for site in report.sites}.values())
     sparse = [s for s in sites if s.status == "sparse"]
-    dense = collections.Counter((s.kind, s.reason) for s in sites if s.status != "sparse")
+    dense: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+    for site in sites:
+        if site.status != "sparse":  # reasons that differ only in their figures count as one
+            dense[(site.kind, re.sub(r"\d+(\.\d+)?", "#", site.reason))].append(site.reason)
     text = f"scalingattn made {len(sparse)} of {len(sites)} attention sites sparse"
     if not dense:
         return text + " and kept none dense"
-    kept = "; ".join(f"{n} {kind}-attention site{'s' if n > 1 else ''}, why: {reason}"
-                     for (kind, reason), n in sorted(dense.items(), key=lambda item: -item[1]))
+    kept = "; ".join(f"{len(reasons)} {kind}-attention site{'s' if len(reasons) > 1 else ''}, why: {reasons[0]}"
+                     for (kind, _), reasons in sorted(dense.items(), key=lambda item: -len(item[1])))
     return f"{text} and kept {len(sites) - len(sparse)} dense: {kept}"
 
 
