@@ -298,3 +298,41 @@ def test_read_only_cache_dir(read_only_cache, clean, caplog):
     before = read_only_cache.read_bytes()
     assert_heals(read_only_cache.parent, clean, caplog, entry=None)
     assert read_only_cache.read_bytes() == before
+
+
+def _compile_in_process(directory: str, barrier, results) -> None:
+    """In a spawned process: compile the clean run's model with the cache at `directory`."""
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("scaling_compiler").addHandler(handler)
+    barrier.wait()
+    backend, _ = compile_run(Path(directory))
+    results.put((backend.report.topology_origin, warnings))
+
+
+def test_two_processes_compiling_at_once(tmp_path, clean, caplog):
+    """Two compiles of one model in two processes at once both calibrate and write the same key;
+    the entry left is whole: the next compile is a clean hit, equal to the clean-cache run."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    directory = tmp_path / "cache"
+    processes = [context.Process(target=_compile_in_process, args=(str(directory), barrier, results))
+                 for _ in range(2)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=300) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    assert [warnings for _, warnings in outcomes] == [[], []]
+    assert sum("calibrated" in origin for origin, _ in outcomes) >= 1
+    assert [p.name for p in directory.glob("*.safetensors")] == [clean["name"]]
+    with caplog.at_level(logging.WARNING, logger="scaling_compiler"):
+        backend, out = compile_run(directory)
+    assert package_warnings(caplog) == []
+    assert "from cache" in backend.report.topology_origin
+    assert torch.equal(backend.report.masks[SITE], clean["masks"])
+    torch.testing.assert_close(out, clean["out"], rtol=0, atol=0)
