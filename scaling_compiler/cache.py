@@ -3,9 +3,12 @@
 Directory: `$SCALINGATTN_CACHE_DIR`, default `~/.cache/scaling_compiler`. One file per key; the key
 hashes the caller's payload (for WEST: the weights fingerprint, each site's signature with its
 token order, the calibration settings) with the package, torch and Triton versions and the GPU
-name, so an entry from another setup is never reused. Writes are atomic (temporary file + rename)
-under a file lock. An entry that fails to load or does not describe what was asked for is
-reported, removed and recomputed, never used.
+name, so an entry from another setup is never reused. Entries store the key's fields and a
+checksum of their data (`key_fields`, `checksum`), checked on load. Writes are atomic (temporary
+file + rename) under a file lock, so concurrent writers of one key leave one whole entry. An
+entry that fails to load or does not describe what was asked for is reported, removed and
+recomputed, never used; a directory that cannot hold entries disables caching for the compile
+(`writable_dir`), never fails it.
 """
 from __future__ import annotations
 
@@ -17,9 +20,11 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -71,10 +76,81 @@ def weights_fingerprint(weights: Sequence[torch.Tensor]) -> str:
     return digest.hexdigest()[:32]
 
 
+def key_fields(payload: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Everything `cache_key` hashes, as JSON values: `payload`, the versions and the device name.
+
+    Entries store these fields so that a load can check them one by one: a file copied or
+    written under the wrong key is then recognised, and the warning names the field that differs.
+    """
+    return json.loads(json.dumps({**payload, **versions(), "device": device_name(device)}, sort_keys=True, default=str))
+
+
 def cache_key(payload: dict[str, Any], device: torch.device) -> str:
     """A key for `payload` made on `device` with this package, torch and Triton."""
-    full = {**payload, **versions(), "device": device_name(device)}
-    return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return hashlib.sha256(json.dumps(key_fields(payload, device), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def field_mismatch(stored: Any, expected: Any, where: str = "") -> str | None:
+    """The first field (a dotted path) where `stored` differs from `expected`, in words; None if equal."""
+    if isinstance(expected, dict) and isinstance(stored, dict):
+        for name in sorted(set(expected) | set(stored), key=str):
+            if name not in stored or name not in expected:
+                return f"key field {where + str(name)!r} is {'missing' if name not in stored else 'unexpected'}"
+            found = field_mismatch(stored[name], expected[name], f"{where}{name}.")
+            if found:
+                return found
+        return None
+    if isinstance(expected, list) and isinstance(stored, list) and len(stored) == len(expected):
+        for i, (a, b) in enumerate(zip(stored, expected)):
+            found = field_mismatch(a, b, f"{where}{i}.")
+            if found:
+                return found
+        return None
+    if stored != expected or type(stored) is not type(expected):
+        return f"key field {where.rstrip('.') or '<root>'!r} is {_short(stored)}, expected {_short(expected)}"
+    return None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def checksum(tensors: Mapping[str, torch.Tensor], fields: Any = None) -> str:
+    """SHA-256 of every tensor's name, dtype, shape and bytes (in name order) and of `fields` (JSON).
+
+    Stored in an entry and checked on load: bit rot inside tensor data passes every structural
+    check of the file format (the header is intact), only a checksum of the data finds it.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"\0{name}:{tensor.dtype}:{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def writable_dir() -> Path | None:
+    """The cache directory, created if missing, or None (with a warning) when it cannot hold entries.
+
+    Called once per compile before the cache is used, so that a read-only or uncreatable directory,
+    or `$SCALINGATTN_CACHE_DIR` naming a regular file, disables caching with one warning instead of
+    failing the compile. The probe writes and removes a temporary file: permission bits alone do
+    not say whether a write succeeds (root, read-only mounts, immutable directories).
+    """
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".probe-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        log.warning("scalingattn: cache directory %s cannot hold entries (%s: %s); caching disabled for this "
+                    "compile (set %s to a writable directory, or cache=False)",
+                    directory, type(error).__name__, error.strerror or error, CACHE_DIR_ENV_VAR)
+        return None
+    return directory
 
 
 def entry_path(key: str, suffix: str = ".safetensors") -> Path:
@@ -82,42 +158,120 @@ def entry_path(key: str, suffix: str = ".safetensors") -> Path:
 
 
 def load(path: Path, read: Callable[[str], T], problem: Callable[[T], str | None]) -> T | None:
-    """The entry at `path` read by `read`, or None (missing; unreadable or `problem` says it does not
-    match: then removed, with a warning)."""
-    if not path.exists():
+    """The entry at `path` read by `read`, or None: missing, or bad (then removed, with one warning).
+
+    An entry is bad when it is not a regular file (a directory, a device, a broken link), when `read` raises
+    anything, or when `problem` names a reason. A cache that cannot be read at all (the lock
+    cannot be taken) is reported the same way and not used.
+    """
+    if not os.path.lexists(path):
         return None
-    with _locked(path):
-        try:
-            value = read(str(path))
-            reason = problem(value)
-        except (OSError, ValueError) as error:
-            value, reason = None, str(error)
-        if reason is not None:
-            log.warning("scalingattn: ignoring and removing cache entry %s: %s; recomputing", path, reason)
-            path.unlink(missing_ok=True)
-            return None
+    try:
+        with _locked(path):
+            reason: str | None
+            if not path.is_file():  # a directory, a device, a broken link
+                value, reason = None, "not a regular file"
+            else:
+                try:
+                    value = read(str(path))
+                    reason = problem(value)
+                except Exception as error:  # anything a damaged file makes a reader raise
+                    value, reason = None, f"{type(error).__name__}: {error}"
+            if reason is not None:
+                removal = _remove(path)
+                if removal is None:
+                    log.warning("scalingattn: ignoring and removing cache entry %s: %s; recomputing", path, reason)
+                else:
+                    log.warning("scalingattn: ignoring cache entry %s: %s (could not remove it: %s); recomputing",
+                                path, reason, removal)
+                return None
+    except OSError as error:
+        log.warning("scalingattn: cannot read cache entry %s (%s); recomputing", path, error)
+        return None
     return value
 
 
-def store(path: Path, write: Callable[[str], None]) -> Path:
-    """Write the entry at `path` with `write(temporary path)`, then rename it into place atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
+def store(path: Path, write: Callable[[str], None]) -> Path | None:
+    """Write the entry at `path` with `write(temporary path)`, then rename it into place atomically.
+
+    Returns None (with a warning) if the entry cannot be written: the compile goes on uncached.
+    Whatever occupies the path (a directory left there) is replaced.
+    """
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path):
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
             write(tmp)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
             os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    except OSError as error:
+        log.warning("scalingattn: could not write cache entry %s (%s); not cached", path, error)
+        return None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
     return path
+
+
+_KEY_NAME = re.compile(r"^[0-9a-f]{32}(\.[A-Za-z0-9_.-]+)?$")  # an entry (cache_key + suffix) or its lock
+_TEMPORARY = re.compile(r"^\.([0-9a-f]{32}\..*|probe-.*)\.tmp$")  # a write or probe cut short
+
+
+def entries() -> list[Path]:
+    """The cache's entries (not their lock files), oldest first; none when the directory is missing."""
+    directory = cache_dir()
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if _KEY_NAME.match(p.name) and not p.name.endswith(".lock")]
+    return sorted(found, key=lambda p: (p.lstat().st_mtime, p.name))
+
+
+def clear() -> int:
+    """Remove every entry, lock file and left-over temporary file; returns the number of entries removed.
+
+    Only names this module makes are touched, so a cache directory shared with other files (or
+    `$SCALINGATTN_CACHE_DIR` set to a folder in use) keeps them.
+    """
+    directory = cache_dir()
+    if not directory.is_dir():
+        return 0
+    removed = 0
+    for path in directory.iterdir():
+        if _KEY_NAME.match(path.name) or _TEMPORARY.match(path.name):
+            error = _remove(path)
+            if error:
+                raise OSError(f"cannot remove {path}: {error}")
+            removed += not (path.name.endswith(".lock") or path.name.endswith(".tmp"))
+    return removed
+
+
+def _remove(path: Path) -> str | None:
+    """Remove whatever is at `path` (a file, a link or a directory tree); the error in words, or None."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as error:
+        return str(error)
+    return None
 
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path`'s entry (`<path>.lock`), among threads and processes of this host.
+
+    A directory at the lock's path (never made by this module) is removed first.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "w") as lock:
+    lock_path = Path(f"{path}.lock")
+    if lock_path.is_dir() and not lock_path.is_symlink():
+        log.warning("scalingattn: removing directory %s that stands where a cache lock file belongs", lock_path)
+        shutil.rmtree(lock_path)
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

@@ -1,10 +1,11 @@
-"""`scalingattn` command line: `demo`, `inspect` and `calibrate`.
+"""`scalingattn` command line: `demo`, `inspect`, `calibrate` and `cache`.
 
     scalingattn demo                         # compile the trained tiny video DiT, report, compare with dense
                                              # (on a GPU also one attention call at the Wan2.1-1.3B shape)
     scalingattn inspect WanTransformer3DModel --config '{"num_layers": 4}' --grid 5,32,32
     scalingattn inspect mypkg.models:make_model --options '{"density": 0.25}'
     scalingattn calibrate WanTransformer3DModel --grid 5,32,32 --out wan_topology.safetensors
+    scalingattn cache [show|clear]           # the WEST topology cache: list its entries, or remove them
 
 A `module:factory` path names a function returning `(model, forward_kwargs)`.
 """
@@ -14,6 +15,7 @@ import argparse
 import importlib
 import json
 import logging
+import time
 from typing import Any, Callable
 
 import torch
@@ -49,10 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_argument("--config", default="{}", help="JSON overrides of the model's small config")
     calibrate.add_argument("--grid", default="3,32,32", help="latent frames,height,width (diffusers classes)")
 
+    cache_command = commands.add_parser("cache", help="show or clear the on-disk cache ($SCALINGATTN_CACHE_DIR)")
+    cache_command.add_argument("action", choices=["show", "clear"], nargs="?", default="show")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("scaling_compiler").setLevel(logging.INFO)  # progress of long steps
-    return {"demo": _demo, "inspect": _inspect, "calibrate": _calibrate}[args.command](args)
+    return {"demo": _demo, "inspect": _inspect, "calibrate": _calibrate, "cache": _cache}[args.command](args)
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -66,6 +71,21 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise SystemExit(f"expected one calibrated graph, got {len(topologies)} (graph breaks split the model?)")
     topologies[0].save(args.out)
     print(f"wrote {args.out}: {len(topologies[0].sites)} sites ({backend.report.topology_origin})")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from . import cache
+
+    if args.action == "clear":
+        print(f"removed {cache.clear()} entries from {cache.cache_dir()}")
+        return 0
+    found = cache.entries()
+    total = sum(p.lstat().st_size for p in found if p.is_file())
+    print(f"{cache.cache_dir()}: {len(found)} entries, {total / 2**20:.2f} MiB")
+    for path in found:
+        kind = "directory (bad: removed on next use)" if path.is_dir() else f"{path.lstat().st_size / 2**10:.1f} KiB"
+        print(f"  {path.name}  {kind}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(path.lstat().st_mtime))}")
     return 0
 
 

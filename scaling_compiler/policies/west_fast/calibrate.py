@@ -30,7 +30,7 @@ from ...kernels.bitmask import BLOCK_SIZE, num_blocks
 from ...kernels.block_mass import block_mass, row_block_mass
 from ...passes.inputs import graph_inputs
 from ...sites import GraphRecord, Site
-from .topology import SiteTopology, Topology, thresholds_from_significance
+from .topology import SiteTopology, Topology, site_problem, thresholds_from_significance
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +179,11 @@ def west_topology(graph: GraphRecord, sites: list[Site], options: Any) -> tuple[
         origin.append(f"{len(maps)} sites from {options.topology_file}")
     missing = [site for site in sites if site.name not in maps]
     if missing:
-        key = cache.cache_key({"fingerprint": fingerprint, "sites": [_signature(s) for s in missing],
-                               "calibration": settings}, sites[0].device)
+        payload = {"fingerprint": fingerprint, "sites": [_signature(s) for s in missing], "calibration": settings}
+        key, fields = cache.cache_key(payload, sites[0].device), cache.key_fields(payload, sites[0].device)
         path = cache.entry_path(key)
-        cached = _load_cached(path, fingerprint, [s.name for s in missing]) if config.cache else None
+        use_cache = config.cache and cache.writable_dir() is not None  # else: warned, compile uncached
+        cached = _load_cached(path, fields, fingerprint, settings, missing) if use_cache else None
         if cached is not None:
             maps.update(cached.sites)
             origin.append(f"{len(missing)} sites from cache {cache.cache_dir() / key}")
@@ -194,17 +195,38 @@ def west_topology(graph: GraphRecord, sites: list[Site], options: Any) -> tuple[
             seconds = time.perf_counter() - start
             origin.append(f"{len(missing)} sites calibrated on {options.calibration_samples} "
                           f"{settings['inputs']} samples in {seconds:.1f} s")
-            if config.cache:
-                cache.store(path, Topology(fingerprint, calibrated, settings).save)
+            if use_cache:
+                cache.store(path, Topology(fingerprint, calibrated, settings, key=fields).save)
     return Topology(fingerprint, maps, settings), "; ".join(origin), seconds
 
 
-def _load_cached(path, fingerprint: str, site_names: list[str]) -> Topology | None:
+def _load_cached(path, fields: dict[str, Any], fingerprint: str, settings: dict[str, Any],
+                 sites: list[Site]) -> Topology | None:
+    """The cached topology at `path` if it is whole and describes exactly `sites` under these key fields.
+
+    Checked beyond the key: a file copied under another key (another grid, other calibration
+    settings, another model) carries its own key fields; one that claims these fields is still
+    checked site by site, and Topology.load has checked the checksum of its data.
+    """
     def problem(topology: Topology) -> str | None:
+        if topology.checksum is None or topology.key is None:
+            return "no checksum or key fields (written by an older version)"
+        mismatch = cache.field_mismatch(topology.key, fields)
+        if mismatch:
+            return mismatch
         if topology.fingerprint != fingerprint:
             return f"weights fingerprint {topology.fingerprint} != {fingerprint}"
-        if sorted(topology.sites) != sorted(site_names):
-            return f"sites {sorted(topology.sites)} != {sorted(site_names)}"
+        if topology.calibration != settings:
+            return f"calibration settings {topology.calibration} != {settings}"
+        if sorted(topology.sites) != sorted(s.name for s in sites):
+            return f"sites {sorted(topology.sites)} != {sorted(s.name for s in sites)}"
+        for site in sites:
+            site_map = topology.sites[site.name]
+            reason = site_problem(site_map, site.heads, site.q_len, site.kv_len, site.token_grid, site.text_spans)
+            if reason is None and (site_map.source != "calibrated" or site_map.row_mass is None):
+                reason = f"source {site_map.source!r}, sampled rows {'missing' if site_map.row_mass is None else 'kept'}"
+            if reason:
+                return f"site {site.name}: {reason}"
         return None
 
     return cache.load(path, Topology.load, problem)

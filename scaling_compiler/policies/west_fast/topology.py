@@ -5,7 +5,8 @@ of query block u in every calibration sample (blocks ranked per query-block row,
 keeps blocks). The mask at density p is `T <= p`: topology (T) is decoupled from sparsity (p).
 
 Files are safetensors (T in float16; the calibration's block mass and sampled rows in float32)
-with a JSON metadata entry that describes the model fingerprint, the sites, their token grids and the calibration.
+with a JSON metadata entry that describes the model fingerprint, the sites, their token grids and the calibration,
+a cache entry's key fields, and a checksum of the tensors and that metadata (checked on load).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ... import cache
 from ...kernels.bitmask import BLOCK_SIZE, num_blocks
 
 FORMAT = "scalingattn-topology/1"
@@ -108,8 +110,11 @@ class Topology:
     fingerprint: str  # of the model weights (see cache.weights_fingerprint)
     sites: dict[str, SiteTopology]
     calibration: dict[str, Any]  # settings: samples, seed, inputs
+    key: dict[str, Any] | None = None  # a cache entry's key fields (cache.key_fields); None in other files
+    checksum: str | None = None  # as read from a file (None: written before files had one)
 
     def save(self, path: str) -> None:
+        """Write the file; its metadata holds a checksum of the tensor data and of the metadata itself."""
         tensors, sites_meta = {}, {}
         for name, site in self.sites.items():
             tensors[f"{name}/thresholds"] = site.thresholds.half().cpu().contiguous()
@@ -123,11 +128,19 @@ class Topology:
                 "text_spans": site.text_spans, "source": site.source, "block_size": BLOCK_SIZE,
             }
         metadata = {"format": FORMAT, "fingerprint": self.fingerprint, "calibration": self.calibration, "sites": sites_meta}
+        if self.key is not None:
+            metadata["key"] = self.key
+        metadata = json.loads(json.dumps(metadata))  # tuples as lists: the checksum covers what is read back
+        metadata["checksum"] = cache.checksum(tensors, metadata)
         save_file(tensors, path, metadata={"scalingattn": json.dumps(metadata)})
 
     @classmethod
     def load(cls, path: str) -> "Topology":
-        """Read a topology file; raises TopologyFileError if it is unreadable or inconsistent."""
+        """Read a topology file; raises TopologyFileError if it is unreadable, damaged or inconsistent.
+
+        A file with a checksum (every file this version writes) must match it: a flipped bit in
+        the tensor data or the metadata is an error, not a slightly different topology.
+        """
         try:
             tensors = load_file(path)
             with open(path, "rb") as f:
@@ -136,28 +149,86 @@ class Topology:
             metadata = json.loads(header["__metadata__"]["scalingattn"])
         except (OSError, SafetensorError, ValueError, KeyError, TypeError) as error:
             raise TopologyFileError(f"{path}: not a readable topology file ({error})") from error
-        if metadata.get("format") != FORMAT:
-            raise TopologyFileError(f"{path}: format {metadata.get('format')!r}, expected {FORMAT!r}")
-        sites = {}
-        for name, meta in metadata["sites"].items():
-            thresholds = tensors.get(f"{name}/thresholds")
-            expected = (num_blocks(meta["q_len"]), num_blocks(meta["kv_len"]))
-            if thresholds is None or thresholds.dim() != 3 or tuple(thresholds.shape[1:]) != expected:
-                raise TopologyFileError(f"{path}: site {name!r} has no thresholds of block shape {expected}")
-            mass = tensors.get(f"{name}/mass")
-            row_mass, row_blocks = tensors.get(f"{name}/row_mass"), tensors.get(f"{name}/row_blocks")
-            if (row_mass is None) != (row_blocks is None) or (row_mass is not None and (
-                    row_mass.shape != (thresholds.shape[0], row_blocks.numel(), expected[1])
-                    or int(row_blocks.max()) >= expected[0])):
-                raise TopologyFileError(f"{path}: site {name!r} has inconsistent sampled rows")
-            sites[name] = SiteTopology(
-                thresholds=thresholds.float(), mass=None if mass is None else mass.float(),
-                q_len=meta["q_len"], kv_len=meta["kv_len"],
-                token_grid=tuple(meta["token_grid"]) if meta["token_grid"] else None,
-                text_spans=tuple(tuple(s) for s in meta["text_spans"]), source=meta["source"],
-                row_mass=row_mass, row_blocks=row_blocks,
-            )
-        return cls(fingerprint=metadata["fingerprint"], sites=sites, calibration=metadata["calibration"])
+        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+            found = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
+            raise TopologyFileError(f"{path}: format {found!r}, expected {FORMAT!r}")
+        stored_checksum = metadata.pop("checksum", None)
+        if stored_checksum is not None and stored_checksum != cache.checksum(tensors, metadata):
+            raise TopologyFileError(f"{path}: checksum mismatch: its data or metadata changed after it was written")
+        try:
+            sites = {name: _site_from_file(name, meta, tensors) for name, meta in _typed(metadata, "sites", dict).items()}
+            fingerprint, calibration = _typed(metadata, "fingerprint", str), _typed(metadata, "calibration", dict)
+            key = metadata.get("key")
+            if key is not None and not isinstance(key, dict):
+                raise TopologyFileError(f"'key' is a {type(key).__name__}, not a dict")
+        except TopologyFileError as error:
+            raise TopologyFileError(f"{path}: {error}") from None
+        return cls(fingerprint=fingerprint, sites=sites, calibration=calibration, key=key, checksum=stored_checksum)
+
+
+def _typed(meta: dict, field: str, kind: type) -> Any:
+    value = meta.get(field)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise TopologyFileError(f"{field!r} is {value!r}, not a {kind.__name__}")
+    return value
+
+
+def _site_from_file(name: str, meta: Any, tensors: dict[str, torch.Tensor]) -> SiteTopology:
+    """One site's map from its metadata and tensors, every field and tensor checked for type and shape."""
+    if not isinstance(meta, dict):
+        raise TopologyFileError(f"site {name!r}: metadata is a {type(meta).__name__}, not a dict")
+    q_len, kv_len, source = _typed(meta, "q_len", int), _typed(meta, "kv_len", int), _typed(meta, "source", str)
+    grid, spans = meta.get("token_grid"), meta.get("text_spans")
+    if grid is not None and not (isinstance(grid, list) and len(grid) == 3 and all(type(n) is int for n in grid)):
+        raise TopologyFileError(f"site {name!r}: token_grid {grid!r} is not three ints")
+    if not (isinstance(spans, list) and all(isinstance(s, list) and len(s) == 2 and all(type(n) is int for n in s)
+                                            for s in spans)):
+        raise TopologyFileError(f"site {name!r}: text_spans {spans!r} are not pairs of ints")
+    if q_len < 1 or kv_len < 1:
+        raise TopologyFileError(f"site {name!r}: lengths {q_len}, {kv_len}")
+    thresholds = tensors.get(f"{name}/thresholds")
+    expected = (num_blocks(q_len), num_blocks(kv_len))
+    if thresholds is None or thresholds.dim() != 3 or tuple(thresholds.shape[1:]) != expected:
+        raise TopologyFileError(f"site {name!r} has no thresholds of block shape {expected}")
+    mass = tensors.get(f"{name}/mass")
+    row_mass, row_blocks = tensors.get(f"{name}/row_mass"), tensors.get(f"{name}/row_blocks")
+    floats = [t for t in (thresholds, mass, row_mass) if t is not None]
+    if not all(t.is_floating_point() for t in floats) or (row_blocks is not None and (
+            row_blocks.is_floating_point() or row_blocks.dtype == torch.bool)):
+        raise TopologyFileError(f"site {name!r} has tensors of the wrong dtype: {[t.dtype for t in floats]}")
+    if mass is not None and mass.shape != thresholds.shape:
+        raise TopologyFileError(f"site {name!r}: mass of shape {tuple(mass.shape)}, thresholds {tuple(thresholds.shape)}")
+    if (row_mass is None) != (row_blocks is None) or (row_mass is not None and (
+            row_blocks.dim() != 1 or row_mass.shape != (thresholds.shape[0], row_blocks.numel(), expected[1])
+            or (row_blocks.numel() and not 0 <= int(row_blocks.min()) <= int(row_blocks.max()) < expected[0]))):
+        raise TopologyFileError(f"site {name!r} has inconsistent sampled rows")
+    return SiteTopology(
+        thresholds=thresholds.float(), mass=None if mass is None else mass.float(), q_len=q_len, kv_len=kv_len,
+        token_grid=tuple(grid) if grid else None, text_spans=tuple(tuple(s) for s in spans), source=source,
+        row_mass=None if row_mass is None else row_mass.float(), row_blocks=row_blocks,
+    )
+
+
+def site_problem(site_map: SiteTopology, heads: int, q_len: int, kv_len: int, token_grid: Grid | None,
+                 text_spans: tuple[tuple[int, int], ...]) -> str | None:
+    """Why `site_map` cannot serve a site of this shape, or None: a cached map must describe the very
+    site (its grid, heads and lengths) and hold sane values (T in (0, 1], finite non-negative mass)."""
+    found = (site_map.thresholds.shape[0], site_map.q_len, site_map.kv_len, site_map.token_grid, site_map.text_spans)
+    wanted = (heads, q_len, kv_len, token_grid and tuple(token_grid), tuple(map(tuple, text_spans)))
+    if found != wanted:
+        return f"made for (heads, q_len, kv_len, grid, text spans) {found}, not {wanted}"
+    thresholds = site_map.thresholds
+    if not bool(((thresholds > 0) & (thresholds <= 1)).all()):  # NaN fails both comparisons
+        return f"thresholds outside (0, 1] ({int((~((thresholds > 0) & (thresholds <= 1))).sum())} of {thresholds.numel()})"
+    # calibration takes each row's minimum over samples of rank-based T, and every sample ranks a
+    # block first (T = 1/Nk): a row without one was not made by calibration
+    first = 1.0 / thresholds.shape[-1]
+    if not torch.allclose(thresholds.amin(-1), torch.full_like(thresholds[..., 0], first), rtol=1e-3, atol=0):
+        return f"rows whose first block is not at T = 1/{thresholds.shape[-1]}"
+    for label, tensor in (("mass", site_map.mass), ("row_mass", site_map.row_mass)):
+        if tensor is not None and not bool((tensor >= 0).all() & tensor.isfinite().all()):
+            return f"{label} not finite and non-negative"
+    return None
 
 
 def thresholds_from_significance(significance: torch.Tensor) -> torch.Tensor:
