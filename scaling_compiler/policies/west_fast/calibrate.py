@@ -8,12 +8,18 @@ key-block mass of `SAMPLED_ROWS` query rows per batch entry (one in each of that
 blocks spread evenly, at a random offset): FAST's per-row fidelity curves are made from them.
 
 Calibration inputs are prompt-agnostic by default, made from the example inputs (the
-topology is encoded by the weights, not the prompt): weights and buffers are kept; float
-tensors of two or more dims (latents, text embeddings, pooled projections) become fresh
-Gaussian noise with the example's standard deviation; scalar-per-sample tensors (timestep,
-guidance) become uniform random values in [0, 1000) if the example is above 1, else in
-[0, 1); other inputs (masks, ids, shapes) are kept. Users can instead pass their own
-inputs by argument name.
+topology is encoded by the weights, not the prompt). Which inputs are which comes from dynamo's
+own records (passes/inputs.py), the same on static graphs and on each shape of a symbolic one:
+the model's parameters, buffers and other state are kept; so are integer, boolean and index
+tensors (position ids, masks: random values would index out of range) and Python numbers. Only
+the caller's floating activations are randomised: tensors of two or more dims (latents, text
+embeddings, pooled projections) become Gaussian noise with the example's standard deviation; the
+timestep input found by detection becomes uniform random values in [0, its first step's
+timestep), in its own dtype; other per-sample floats (guidance) become uniform in [0, 1000) if
+the example is above 1, else in [0, 1). Users can instead pass their own inputs by argument name.
+
+Calibration that fails, for any reason, raises `CalibrationError`; the policy then keeps the
+graph's sites dense and says why (policy.py), so a model calibration cannot run still compiles.
 """
 from __future__ import annotations
 
@@ -28,13 +34,17 @@ import torch.fx
 from ... import cache
 from ...kernels.bitmask import BLOCK_SIZE, num_blocks
 from ...kernels.block_mass import block_mass, row_block_mass
-from ...passes.inputs import graph_inputs
-from ...sites import GraphRecord, Site
+from ...passes.inputs import GraphInput, graph_inputs
+from ...sites import GraphRecord, Site, TimestepInput
 from .topology import SiteTopology, Topology, site_problem, thresholds_from_significance
 
 log = logging.getLogger(__name__)
 
 SAMPLED_ROWS = 16  # per batch entry and calibration sample, as in the FAST paper
+
+
+class CalibrationError(RuntimeError):
+    """Calibration of a graph failed; the message says why (the original exception is its cause)."""
 
 
 def calibration_inputs(
@@ -43,31 +53,46 @@ def calibration_inputs(
     sample: int,
     seed: int,
     user_inputs: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    timestep: TimestepInput | None = None,
 ) -> list[Any]:
-    """Inputs of calibration sample `sample`: the user's (by argument name) or prompt-agnostic ones."""
+    """Inputs of calibration sample `sample`: the user's (by argument name) or prompt-agnostic ones.
+
+    `timestep`: the graph's timestep input (detection), randomised over its range.
+    """
     generator = torch.Generator().manual_seed(seed * 100_003 + sample)
     overrides = user_inputs[sample % len(user_inputs)] if user_inputs else {}
     inputs = []
-    for graph_input, example in zip(graph_inputs(gm), example_inputs):
-        if graph_input.name in overrides:
+    for position, (graph_input, example) in enumerate(zip(graph_inputs(gm), example_inputs)):
+        if graph_input.is_activation and graph_input.name in overrides:
             inputs.append(overrides[graph_input.name].to(example.device, example.dtype))
-        elif graph_input.is_weight or user_inputs or not isinstance(example, torch.Tensor):
+        elif user_inputs or not isinstance(example, torch.Tensor):
             inputs.append(example)
+        elif timestep is not None and position == timestep.position:
+            inputs.append(_random_timestep(example, timestep.timestep_max, generator))
         else:
-            inputs.append(_randomised(example, generator))
+            inputs.append(_randomised(graph_input, example, generator))
     return inputs
 
 
-def _randomised(example: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    if example.is_floating_point() and example.dim() >= 2:
+def _randomised(graph_input: GraphInput, example: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Noise in place of a floating activation; anything else as it is."""
+    if not graph_input.is_activation or not example.is_floating_point() or example.numel() == 0:
+        return example
+    if example.dim() >= 2:
         std = example.float().std().clamp_min(1e-3) if example.numel() > 1 else 1.0
         noise = torch.randn(example.shape, generator=generator) * float(std)
         return noise.to(example.device, example.dtype)
-    if example.dim() <= 1 and example.numel() > 0 and (example.is_floating_point() or example.dtype == torch.int64):
-        high = 1000.0 if float(example.float().abs().max()) > 1 else 1.0
-        values = torch.rand(example.shape, generator=generator) * high
-        return values.to(example.device, example.dtype)
-    return example
+    high = 1000.0 if float(example.float().abs().max()) > 1 else 1.0
+    values = torch.rand(example.shape, generator=generator) * high
+    return values.to(example.device, example.dtype)
+
+
+def _random_timestep(example: torch.Tensor, timestep_max: float, generator: torch.Generator) -> torch.Tensor:
+    """Uniform timesteps in [0, timestep_max), in the example's dtype (integer timesteps stay integers)."""
+    values = torch.rand(example.shape, generator=generator) * timestep_max
+    if not example.is_floating_point():
+        values = values.floor()
+    return values.to(example.device, example.dtype)
 
 
 class _SiteCapture(torch.fx.Interpreter):
@@ -125,14 +150,34 @@ def calibrate(
     samples: int,
     seed: int,
     user_inputs: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    timestep: TimestepInput | None = None,
 ) -> dict[str, SiteTopology]:
-    """WEST threshold maps of `sites`, each T = min over samples (and batch entries) of T_i."""
+    """WEST threshold maps of `sites`, each T = min over samples (and batch entries) of T_i.
+
+    Raises `CalibrationError` whatever goes wrong (bad user inputs, a model that fails on the
+    calibration inputs, out of memory), with the original exception as its cause.
+    """
+    try:
+        return _calibrate(gm, example_inputs, sites, samples, seed, user_inputs, timestep)
+    except Exception as error:  # noqa: BLE001  (any failure: the policy falls back to dense sites)
+        raise CalibrationError(f"{type(error).__name__}: {error}".split("\n", 1)[0]) from error
+
+
+def _calibrate(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    sites: list[Site],
+    samples: int,
+    seed: int,
+    user_inputs: Sequence[Mapping[str, torch.Tensor]] | None,
+    timestep: TimestepInput | None,
+) -> dict[str, SiteTopology]:
     capture = _SiteCapture(gm, sites, seed)
     start = time.perf_counter()
     batch_total = 0
     with torch.no_grad():
         for sample in range(samples):
-            inputs = calibration_inputs(gm, example_inputs, sample, seed, user_inputs)
+            inputs = calibration_inputs(gm, example_inputs, sample, seed, user_inputs, timestep)
             capture.run(*inputs)
             batch_total += sites[0].batch
             if sites[0].device.type == "cuda":
@@ -190,7 +235,7 @@ def west_topology(graph: GraphRecord, sites: list[Site], options: Any) -> tuple[
         else:
             start = time.perf_counter()
             calibrated = calibrate(gm, example_inputs, missing, options.calibration_samples,
-                                   options.calibration_seed, options.calibration_inputs)
+                                   options.calibration_seed, options.calibration_inputs, graph.timestep)
             maps.update(calibrated)
             seconds = time.perf_counter() - start
             origin.append(f"{len(missing)} sites calibrated on {options.calibration_samples} "

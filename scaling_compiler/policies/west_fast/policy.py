@@ -9,6 +9,7 @@ verdict: a site stays dense unless sparse is predicted to pay.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Mapping
 
@@ -21,10 +22,12 @@ from ..base import Policy, PolicyOptions
 from ..block_masks import with_text_dense
 from ..static import RULES
 from ..token_order import TokenOrder
-from .calibrate import west_topology
+from .calibrate import CalibrationError, west_topology
 from .fast import FitSettings, Schedule, ScheduleKind, fast_schedule, fidelity_curve, uniform_schedule
 from .plan import build_plan, full_mask, median_step_mask, unless_slower
 from .topology import Topology
+
+log = logging.getLogger(__name__)
 
 WEST = "west"  # the `masks` value of calibrated per-head masks; the static rules' names are the others
 DEFAULT_DENSITY = 1.0
@@ -156,7 +159,11 @@ class WestFastPolicy(Policy):
             return
         topology = None
         if options.masks == WEST:
-            topology, graph.masks_origin, graph.calibration_seconds = west_topology(graph, sites, options)
+            try:
+                topology, graph.masks_origin, graph.calibration_seconds = west_topology(graph, sites, options)
+            except CalibrationError as error:
+                self._calibration_failed(graph, sites, error)
+                return
             graph.topology = topology
         else:
             graph.masks_origin = f"{options.masks} rule"
@@ -164,6 +171,16 @@ class WestFastPolicy(Policy):
         graph.schedule = schedule.kind.value
         for i, site in enumerate(sites):
             self._plan_site(site, schedule, i, topology, graph.step_timesteps, cost)
+
+    @staticmethod
+    def _calibration_failed(graph: GraphRecord, sites: list[Site], error: CalibrationError) -> None:
+        """Keep this graph's sites dense: a model calibration cannot run must still compile and run."""
+        reason = f"WEST calibration failed ({error})"
+        log.warning("scalingattn: %s; the graph's %d attention sites stay dense", reason, len(sites))
+        log.debug("scalingattn: calibration failure", exc_info=error.__cause__)
+        graph.masks_origin = reason
+        for site in sites:
+            site.dense_reason = reason
 
     def _schedule(self, sites: list[Site], topology: Topology | None, steps: int) -> Schedule:
         options = self.options
