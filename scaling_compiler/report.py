@@ -199,6 +199,9 @@ class PassReport:
             + "\n" + (self.policy_state.report_line() if isinstance(self.policy_state, PolicyState)
                       else f"policy: {self.policy}")
         )
+        if all(site.kind == "cross" for site in self.sites):
+            summary += ("\nnote: only cross-attention in this graph, which stays dense: no softmax self-attention to "
+                        "make sparse (linear attention, as Sana's, is not softmax attention)")
         notes = self.coarse_grid_notes()
         if notes:
             summary += (f"\nnote: too few blocks for density {self.requested_density:g} (the sequence is short): "
@@ -222,6 +225,19 @@ def graph_breaks() -> collections.Counter:
     return reasons
 
 
+def graph_break_hint(reason: str) -> str | None:
+    """Dynamo's first "Hint:" for a graph-break reason (by its first line), if it gave one."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover
+        return None
+    for full in counters.get("graph_break", {}):
+        lines = [line.strip() for line in str(full).strip().splitlines()]
+        if lines and lines[0] == reason:
+            return next((line.removeprefix("Hint:").strip() for line in lines if line.startswith("Hint:")), None)
+    return None
+
+
 def compile_summary(reports: list[PassReport], breaks: collections.Counter | None = None) -> str:
     """A few lines over every graph a backend compiled: how many graphs dynamo made, why it broke the
     model where dynamo says, which graphs hold attention, and a hint when none does."""
@@ -238,10 +254,18 @@ def compile_summary(reports: list[PassReport], breaks: collections.Counter | Non
         shown = "; ".join(f"{reason} (x{count})" for reason, count in breaks.most_common(5))
         more = f"; {len(breaks) - 5} more reasons" if len(breaks) > 5 else ""
         lines.append(f"graph breaks: {total}: {shown}{more} (TORCH_LOGS=graph_breaks shows where)")
+        hint = graph_break_hint(breaks.most_common(1)[0][0])
+        if hint:
+            lines.append(f"dynamo's hint: {hint}")
     if reports and not with_sites:
-        lines.append("no softmax attention in any graph: nothing was rewritten (linear attention is not softmax "
-                     "attention; attention that dynamo could not capture, in code around a graph break, runs "
-                     "eagerly and is not seen)")
+        lines.append("no softmax attention in any graph: nothing was rewritten ("
+                     + ("attention in code around the graph breaks runs eagerly, unseen" if breaks else
+                        "linear attention, as Sana's, is not softmax attention") + ")")
+    elif reports and not any(site.kind != "cross" for r in reports for site in r.sites):
+        lines.append("only cross-attention was captured (it stays dense): "
+                     + ("self-attention in code around the graph breaks runs eagerly, unrewritten" if breaks else
+                        "no softmax self-attention to make sparse (linear attention, as Sana's, is not softmax "
+                        "attention)"))
     elif breaks and len(with_sites) < len(reports):
         lines.append(f"{len(reports) - len(with_sites)} of the graphs hold no attention; attention inside code "
                      "dynamo broke off runs eagerly, unrewritten")

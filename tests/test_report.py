@@ -81,7 +81,56 @@ def test_summary_counts_graphs_and_says_why_dynamo_broke_the_graph():
     # dynamo's own reason (torch 2.13: "Dynamic shape operator"; older: "dynamic shape operator: aten.nonzero")
     assert re.fullmatch(r"graph breaks: 1: .*dynamic shape operator.* \(x1\) \(TORCH_LOGS=graph_breaks shows where\)",
                         lines[1], flags=re.IGNORECASE)
-    assert lines[2].startswith("1 of the graphs hold no attention")
+    assert lines[-1] == ("1 of the graphs hold no attention; attention inside code dynamo broke off runs eagerly, "
+                         "unrewritten")
+
+
+def tiny_mochi():
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=64, num_layers=2, pooled_projection_dim=32,
+        in_channels=4, text_embed_dim=32, time_embed_dim=32, max_sequence_length=16).eval()
+    return model, dict(hidden_states=torch.randn(1, 4, 3, 16, 16), encoder_hidden_states=torch.randn(1, 8, 32),
+                       timestep=torch.full((1,), 500), encoder_attention_mask=torch.ones(1, 8, dtype=torch.bool),
+                       return_dict=False)
+
+
+def tiny_sana():
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=32, cross_attention_dim=64, caption_channels=32,
+        sample_size=16, patch_size=1).eval()
+    return model, dict(hidden_states=torch.randn(1, 4, 16, 16), encoder_hidden_states=torch.randn(1, 8, 32),
+                       timestep=torch.full((1,), 500), return_dict=False)
+
+
+@pytest.mark.parametrize("factory, last_line", [
+    # Mochi: dynamo breaks the graph around a `nonzero`; its self-attention is never captured
+    (tiny_mochi, "only cross-attention was captured (it stays dense): self-attention in code around the graph "
+                 "breaks runs eagerly, unrewritten"),
+    # Sana: linear self-attention, softmax only in the cross-attention
+    (tiny_sana, "only cross-attention was captured (it stays dense): no softmax self-attention to make sparse "
+                "(linear attention, as Sana's, is not softmax attention)"),
+])
+def test_models_without_captured_self_attention_get_a_sentence(factory, last_line):
+    model, inputs = factory()
+    backend = ScalingAttnBackend(compiler="eager", density=0.5)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(**inputs)
+    summary = backend.summary().splitlines()
+    assert summary[-1] == last_line
+    assert summary[0].startswith(f"scalingattn: dynamo made {len(backend.reports)} graph")
+    if factory is tiny_mochi:
+        assert len(backend.reports) > 1 and any(line.startswith("graph breaks: ") for line in summary)
+        empty = [r for r in backend.reports if not r.sites]
+        assert empty and all(len(str(r).splitlines()) == 1 for r in empty)  # a sentence each, no empty table
+    assert "note: only cross-attention in this graph" in str(next(r for r in backend.reports if r.sites))
 
 
 def test_figures_agree_on_a_coarse_grid(caplog):
