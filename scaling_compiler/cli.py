@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from .backend import ScalingAttnBackend
+from .report import PassReport
 from .demo import zoo
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _graph_folder(root: str, report, graphs: int) -> str:
+def _graph_folder(root: str, report: PassReport, graphs: int) -> str:
     """Pictures of one graph go to `root`, of several to `root/graph<i>`."""
     return root if graphs == 1 else f"{root}/graph{report.graph_index}"
 

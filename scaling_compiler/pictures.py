@@ -19,6 +19,7 @@ import torch
 
 from .kernels.bitmask import num_blocks, unpack_block_mask
 from .policies.west_fast.plan import MaskPlan, kept_pair_fraction
+from .sites import SitePlan
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -62,7 +63,7 @@ def shown_steps(steps: int, count: int = MASK_STEPS) -> list[int]:
     return sorted(set(torch.linspace(0, steps - 1, min(count, steps)).round().long().tolist()))
 
 
-def _masks_picture(report: "PassReport", name: str, plan, kv_len: int) -> "Image.Image | None":
+def _masks_picture(report: "PassReport", name: str, plan: SitePlan, kv_len: int) -> "Image.Image | None":
     timesteps = report.step_timesteps
     steps = shown_steps(len(timesteps)) if timesteps is not None else [0]
     if isinstance(plan, MaskPlan) and plan.static:
