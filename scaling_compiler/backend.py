@@ -29,7 +29,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from . import ops  # noqa: F401  (registers torch.ops.scaling_compiler)
-from .config import Config, InnerCompiler
+from .config import Config, InnerCompiler, options_dict
 from .cost_model import CostModel
 from .passes.detect import detect
 from .passes.inputs import GraphInput, InputKind, annotate_inputs
@@ -37,7 +37,7 @@ from .passes.reorder import reorder
 from .passes.rewrite import rewrite
 from .policies import policy_class
 from .policies.west_fast.fast import FitSettings
-from .report import PassReport, build_report
+from .report import PassReport, build_report, compile_summary, graph_breaks
 from .sites import GraphRecord
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,12 @@ class ScalingAttnBackend:
         self.reports: list[PassReport] = []
         extensions = {"fast_fit": fast_fit} if fast_fit is not None else {}
         self.policy = policy_class(self.config.policy)(self.config, cost_model, **extensions)
+        self._breaks_before = graph_breaks()  # dynamo's graph breaks are process-wide: count from here
+
+    def summary(self) -> str:
+        """All graphs this backend compiled: how many, why dynamo broke the model (where it says),
+        which hold attention, and a hint when none does (`report.compile_summary`)."""
+        return compile_summary(self.reports, graph_breaks() - self._breaks_before)
 
     @property
     def report(self) -> PassReport | None:
@@ -203,7 +209,7 @@ def scalingattn_backend(
 ) -> CompiledFn:
     """Entry point for `torch.compile(..., backend="scalingattn", options={...})` (or `mode=...`:
     torch.compile takes one of the two)."""
-    return ScalingAttnBackend(**(options or {}))(gm, example_inputs, mode)
+    return ScalingAttnBackend(**options_dict(options))(gm, example_inputs, mode)
 
 
 def _inner_compile(config: Config, gm: torch.fx.GraphModule, inputs: list[Any]) -> CompiledFn:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import os
 from typing import Any, Mapping
 
@@ -110,13 +111,23 @@ class Config:
                 values = ()
             if not values:
                 raise ValueError(f"option 'timesteps' must be a non-empty sequence of numbers, got {self.timesteps!r}")
+            # each call picks the nearest step: NaN or an unordered list would pick one step for every call
+            if not all(math.isfinite(t) for t in values):
+                raise ValueError(f"option 'timesteps' must be finite numbers, got {_preview(values)}")
+            rising = next((i for i in range(1, len(values)) if values[i] >= values[i - 1]), None)
+            if rising is not None:
+                raise ValueError(
+                    "option 'timesteps' must be strictly decreasing (noisiest first, as scheduler.timesteps), "
+                    f"got {values[rising - 1]:g} then {values[rising]:g} at positions {rising - 1}, {rising}"
+                )
             if self.num_steps not in (DEFAULT_NUM_STEPS, len(values)):
                 raise ValueError(f"options 'num_steps'={self.num_steps} and 'timesteps' ({len(values)} values) disagree")
             object.__setattr__(self, "timesteps", values)
             object.__setattr__(self, "num_steps", len(values))
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"option 'num_steps' must be an int >= 1, got {self.num_steps!r}")
-        if self.timestep_max is not None and not (isinstance(self.timestep_max, (int, float)) and self.timestep_max > 0):
+        if self.timestep_max is not None and not (isinstance(self.timestep_max, (int, float))
+                                                  and math.isfinite(self.timestep_max) and self.timestep_max > 0):
             raise ValueError(f"option 'timestep_max' must be a positive number, got {self.timestep_max!r}")
 
     def as_dict(self) -> dict[str, Any]:
@@ -136,7 +147,7 @@ class Config:
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None) -> "Config":
         """Build a Config from torch.compile's `options` dict, naming any unknown or misplaced key."""
-        options = dict(options or {})
+        options = options_dict(options)
         policy = policy_class(options.get("policy", DEFAULT_POLICY))
         common = [f.name for f in dataclasses.fields(cls) if f.name != "options"]
         own = [f.name for f in dataclasses.fields(policy.options_class)]
@@ -159,9 +170,32 @@ class Config:
         return cls(options=policy_options, **options)
 
 
+def options_dict(options: Any) -> dict[str, Any]:
+    """torch.compile's `options` as a fresh dict, or a TypeError naming `options` (torch passes
+    whatever it was given; `**options` on a list would fail with a message naming nothing)."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"scalingattn: 'options' must be a dict of option names to values, e.g. "
+                        f"options={{'density': 0.5}}; got {type(options).__name__} {_short(repr(options))}")
+    bad = [name for name in options if not isinstance(name, str)]
+    if bad:
+        raise TypeError(f"scalingattn: 'options' keys must be option names (str), got {_short(repr(bad))}")
+    return dict(options)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_choice(config: Config, name: str, choices: type[enum.Enum]) -> None:
     try:
         object.__setattr__(config, name, choices(getattr(config, name)))
     except ValueError:
         valid = ", ".join(repr(c.value) for c in choices)
         raise ValueError(f"option {name!r} must be one of {valid}, got {getattr(config, name)!r}") from None
+
+
+def _preview(values: tuple[float, ...], limit: int = 8) -> str:
+    shown = ", ".join(f"{v:g}" for v in values[:limit])
+    return f"({shown}{', ...' if len(values) > limit else ''})"

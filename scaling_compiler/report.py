@@ -1,13 +1,23 @@
-"""PassReport: what the backend did to one compiled graph, as a table and as JSON."""
+"""PassReport: what the backend did to one compiled graph, as a table and as JSON; and the summary
+of all graphs a backend compiled (how many dynamo made, why it broke the model, where attention is).
+
+The figures are kept from contradicting each other: predicted times come from the fraction the
+masks really keep (plan.py), a site that keeps every block says so, and when a site's block grid
+is too coarse for the density asked (one key block per query block is always kept) a note says
+why its density is higher.
+"""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from tabulate import tabulate
 
+from .kernels.bitmask import num_blocks
 from .policies import POLICIES
 from .policies.base import PolicyState
 from .sites import GraphRecord, Site, SitePlan
@@ -132,12 +142,44 @@ class PassReport:
                 f.write(text + "\n")
         return text
 
+    @property
+    def requested_density(self) -> float | None:
+        """The `density` option when it asks for sparsity (below 1), else None."""
+        density = self.config.get("density")
+        return float(density) if isinstance(density, (int, float)) and density < 1.0 else None
+
+    def coarse_grid_notes(self) -> list[str]:
+        """Sites whose block grid cannot go as low as the density asked: every query block keeps at
+        least one key block, so with Nk key blocks no mask keeps less than 1/Nk of them."""
+        asked = self.requested_density
+        if asked is None:
+            return []
+        coarse: dict[int, list[str]] = {}
+        for s in self.sites:
+            if s.kind == "cross" or not (s.status == "sparse" or s.reason.startswith("cost model")):
+                continue
+            if 1.0 / num_blocks(s.kv_len) > asked:
+                coarse.setdefault(num_blocks(s.kv_len), []).append(s.name)
+        return [f"{', '.join(names)}: {blocks} key block{'s' if blocks > 1 else ''} of 128 tokens per query block, "
+                f"at least one kept, so no mask keeps less than {1.0 / blocks:.2f}"
+                for blocks, names in sorted(coarse.items())]
+
+    def save_pictures(self, directory: str | Path) -> list[Path]:
+        """Write PNGs: each sparse site's per-head block masks at a few steps, and the density of each
+        (layer, step, head); returns the files written (none when no site is sparse)."""
+        from .pictures import save_report_pictures
+
+        return save_report_pictures(self, Path(directory))
+
     def __str__(self) -> str:
+        if not self.sites:
+            return (f"scalingattn graph {self.graph_index}: no softmax attention in this graph, nothing to rewrite "
+                    "(it runs as dynamo captured it)")
         rows = [
             [
                 s.name, s.kind, "x".join(map(str, s.shape)) + ("" if s.kv_len == s.shape[2] else f" kv{s.kv_len}"),
                 "x".join(map(str, s.token_grid)) if s.token_grid else "-", s.token_order,
-                s.status, f"{s.density:.3f}", _heads(s.head_densities),
+                _status(s), f"{s.density:.3f}", _heads(s.head_densities),
                 _heads(s.head_recall) if s.head_recall else "-", f"{s.flops_saved / 1e9:.3g}", s.reason,
             ]
             for s in self.sites
@@ -147,16 +189,87 @@ class PassReport:
                    "per-head recall", "GFLOP saved", "reason"]
         )
         saved = self.flops_saved / self.attention_flops if self.attention_flops else 0.0
+        speedup = self.predicted_speedup
         summary = (
             f"scalingattn graph {self.graph_index}: {len(self.sparse_sites)} sparse, {len(self.dense_sites)} dense "
-            f"sites; attention FLOPs {self.attention_flops / 1e9:.3g} G, predicted saved {saved:.1%}"
-            + (f", predicted attention speedup {self.predicted_speedup:.2f}x" if self.predicted_speedup else "")
+            f"sites; attention FLOPs {self.attention_flops / 1e9:.3g} G, saved {_percent(saved)} by the masks"
+            + (f"; sparse sites predicted {speedup:.2f}x as fast as dense" if speedup is not None else "")
             + f"\nmasks: {self.topology_origin} ({self.mask_bytes / 2**20:.2f} MiB on the device); "
             f"schedule: {self.schedule or '-'}; steps: {self.step_source}"
             + "\n" + (self.policy_state.report_line() if isinstance(self.policy_state, PolicyState)
                       else f"policy: {self.policy}")
         )
+        if all(site.kind == "cross" for site in self.sites):
+            summary += ("\nnote: only cross-attention in this graph, which stays dense: no softmax self-attention to "
+                        "make sparse (linear attention, as Sana's, is not softmax attention)")
+        notes = self.coarse_grid_notes()
+        if notes:
+            summary += (f"\nnote: too few blocks for density {self.requested_density:g} (the sequence is short): "
+                        + "; ".join(notes))
         return f"{summary}\n{table}"
+
+
+def graph_breaks() -> collections.Counter:
+    """Dynamo's graph-break reasons so far in this process (first line of each), with counts.
+
+    torch keeps them in `torch._dynamo.utils.counters["graph_break"]` (2.11 and 2.13 alike); a
+    backend sees only the graphs, so the reasons come from there. Empty if torch stops keeping them.
+    """
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - torch without dynamo's counters
+        return collections.Counter()
+    reasons: collections.Counter = collections.Counter()
+    for reason, count in counters.get("graph_break", {}).items():
+        reasons[str(reason).strip().split("\n", 1)[0].strip()] += count
+    return reasons
+
+
+def graph_break_hint(reason: str) -> str | None:
+    """Dynamo's first "Hint:" for a graph-break reason (by its first line), if it gave one."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover
+        return None
+    for full in counters.get("graph_break", {}):
+        lines = [line.strip() for line in str(full).strip().splitlines()]
+        if lines and lines[0] == reason:
+            return next((line.removeprefix("Hint:").strip() for line in lines if line.startswith("Hint:")), None)
+    return None
+
+
+def compile_summary(reports: list[PassReport], breaks: collections.Counter | None = None) -> str:
+    """A few lines over every graph a backend compiled: how many graphs dynamo made, why it broke the
+    model where dynamo says, which graphs hold attention, and a hint when none does."""
+    breaks = breaks or collections.Counter()
+    with_sites = [r for r in reports if r.sites]
+    sparse = sum(len(r.sparse_sites) for r in reports)
+    sites = sum(len(r.sites) for r in reports)
+    graphs = f"{len(reports)} graph{'s' if len(reports) != 1 else ''}"
+    lines = [f"scalingattn: dynamo made {graphs}"
+             + (f"; {sites} attention site{'s' if sites != 1 else ''} ({sparse} sparse) in {len(with_sites)} of them"
+                if reports else "")]
+    if breaks:
+        total = sum(breaks.values())
+        shown = "; ".join(f"{reason} (x{count})" for reason, count in breaks.most_common(5))
+        more = f"; {len(breaks) - 5} more reasons" if len(breaks) > 5 else ""
+        lines.append(f"graph breaks: {total}: {shown}{more} (TORCH_LOGS=graph_breaks shows where)")
+        hint = graph_break_hint(breaks.most_common(1)[0][0])
+        if hint:
+            lines.append(f"dynamo's hint: {hint}")
+    if reports and not with_sites:
+        lines.append("no softmax attention in any graph: nothing was rewritten ("
+                     + ("attention in code around the graph breaks runs eagerly, unseen" if breaks else
+                        "linear attention, as Sana's, is not softmax attention") + ")")
+    elif reports and not any(site.kind != "cross" for r in reports for site in r.sites):
+        lines.append("only cross-attention was captured (it stays dense): "
+                     + ("self-attention in code around the graph breaks runs eagerly, unrewritten" if breaks else
+                        "no softmax self-attention to make sparse (linear attention, as Sana's, is not softmax "
+                        "attention)"))
+    elif breaks and len(with_sites) < len(reports):
+        lines.append(f"{len(reports) - len(with_sites)} of the graphs hold no attention; attention inside code "
+                     "dynamo broke off runs eagerly, unrewritten")
+    return "\n".join(lines)
 
 
 def build_report(graph: GraphRecord, graph_index: int) -> PassReport:
@@ -190,6 +303,20 @@ def site_report(site: Site) -> SiteReport:
         step_densities=summary.step_densities, flops_saved=round(site.dense_flops * (1.0 - sum(densities) / len(densities))),
         predicted_ms=summary.predicted_ms, dense_ms=summary.dense_ms,
     )
+
+
+def _status(site: SiteReport) -> str:
+    """The table's status: a sparse site that keeps every block says so (it runs the op at density 1)."""
+    if site.status == "sparse" and all(d >= 1.0 - 1e-9 for d in site.head_densities):
+        return "sparse (all blocks)"
+    return site.status
+
+
+def _percent(fraction: float) -> str:
+    """A share as a percentage that never rounds a non-zero share to 0.0%."""
+    if 0.0 < fraction < 0.0005:
+        return "<0.1%"
+    return f"{fraction:.1%}"
 
 
 def _heads(densities: list[float]) -> str:

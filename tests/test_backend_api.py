@@ -44,6 +44,16 @@ def test_string_backend_with_options_matches_eager():
         ({"token_grid": (4, 8)}, "option 'token_grid' must be three positive ints"),
         ({"mode": "fastest"}, "option 'mode' must be one of"),
         ({"mode": "reduce-overhead", "compiler": "eager"}, "option 'mode' needs compiler='inductor'"),
+        # issue 15, item 4: each call picks the nearest step, so these picked one step for every call
+        ({"timesteps": [999.0, float("nan"), 500.0]}, "option 'timesteps' must be finite numbers"),
+        ({"timesteps": [1.0, 500.0, 999.0]}, "option 'timesteps' must be strictly decreasing"),
+        ({"timesteps": [999.0, 500.0, 500.0]}, "got 500 then 500 at positions 1, 2"),
+        ({"timesteps": [999.0, float("inf")]}, "option 'timesteps' must be finite numbers"),
+        ({"timesteps": []}, "option 'timesteps' must be a non-empty sequence"),
+        ({"timestep_max": float("inf")}, "option 'timestep_max' must be a positive number"),
+        # found from the options alone (50 steps), not after calibrating a graph
+        ({"density": 0.25, "warmup": 0.3}, "option 'warmup'=0.3: 15 dense steps of 50 already exceed option "
+                                            "'density'=0.25"),
     ],
 )
 def test_bad_options_name_the_option(options, message):
@@ -57,6 +67,63 @@ def test_bad_options_through_torch_compile():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="densty"):
         torch.compile(model, backend="scalingattn", options={"densty": 0.5})(**inputs)
+
+
+@pytest.mark.parametrize("options", [[("density", 0.5)], "density=0.5", 0.5])
+def test_non_dict_options_name_options(options):
+    model, inputs = tiny_wan()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"scalingattn: 'options' must be a dict of option names to values") as error:
+        torch.compile(model, backend="scalingattn", options=options)(**inputs)
+    assert "argument after ** must be a mapping" not in str(error.value)
+    with pytest.raises(TypeError, match="'options' must be a dict"):
+        Config.from_options(options)
+
+
+def test_bad_topology_file_names_the_option(tmp_path):
+    """A file that is not a topology fails when the options are read, naming the option (it used to
+    fail inside the compile as '<path>: not a readable topology file')."""
+    path = tmp_path / "topology.safetensors"
+    path.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(ValueError, match=r"^option 'topology_file': .*topology.safetensors: not a readable topology"):
+        ScalingAttnBackend(density=0.5, topology_file=str(path))
+
+
+def test_warmup_error_is_found_before_calibration(monkeypatch):
+    """A graph without a timestep input has one step: warmup 0.6 makes it dense, leaving nothing sparse.
+    The error comes before WEST calibrates the graph (it came after, from FAST's fit)."""
+    from scaling_compiler.policies.west_fast import policy as west_policy
+    from tests.handwritten_dit import build_with_inputs
+
+    calls = []
+    monkeypatch.setattr(west_policy, "west_topology", lambda *args: calls.append(args) or pytest.fail("calibrated"))
+    model, inputs = build_with_inputs()
+    backend = ScalingAttnBackend(density=0.9, warmup=0.6, compiler="eager")  # 30 of 50 steps: fine so far
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"option 'warmup'=0.6: 1 dense steps of 1 \(the graph has no timestep input"):
+        with torch.no_grad():
+            torch.compile(model, backend=backend)(**inputs)
+    assert calls == []
+
+
+def test_token_grid_that_matches_no_site_keeps_it_dense_with_the_reason(caplog):
+    """LTX at 3x24x24 has 1,728 video tokens; a token_grid of 3x5x7 (105 tokens) was silently ignored
+    (the sites ran sparse, treated as 1-D). Now they stay dense, saying why, with one warning."""
+    torch.manual_seed(0)
+    model = zoo.build("LTXVideoTransformer3DModel")
+    inputs = zoo.example_inputs("LTXVideoTransformer3DModel", model, GRID)
+    backend = ScalingAttnBackend(compiler="eager", token_grid=(3, 5, 7))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        out = torch.compile(model, backend=backend)(**inputs)[0]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    self_sites = [s for s in backend.report.sites if s.kind == "self"]
+    assert len(self_sites) == 2
+    for site in self_sites:
+        assert site.status == "dense" and site.token_grid is None
+        assert site.reason == "option 'token_grid' 3x5x7 has 105 tokens, the site's video sequence 1728"
+    assert "option 'token_grid' (3, 5, 7) (105 tokens) matches no attention site's video length" in caplog.text
 
 
 def test_mode_reaches_the_inner_inductor():
@@ -171,9 +238,10 @@ def test_cli_inspect_factory_path(tmp_path):
     assert [s["pattern"] for s in report["sites"]] == ["softmax"] * 4
 
 
-def test_cli_rejects_unknown_model():
-    with pytest.raises(ValueError, match="no zoo entry for 'NoSuchModel'"):
-        cli.main(["inspect", "NoSuchModel"])
+def test_cli_rejects_unknown_model(capsys):
+    assert cli.main(["inspect", "NoSuchModel"]) == 2  # a command-line mistake: one line, argparse's status
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("scalingattn inspect: error: unknown model 'NoSuchModel'") and "WanTransformer3DModel" in line
 
 
 @pytest.mark.parametrize("batch_masks", [False, True])

@@ -59,6 +59,10 @@ def detect_sites(gm: torch.fx.GraphModule, token_grid: tuple[int, int, int] | No
         site.dense_reason = _dense_reason(site)
         sites.append(site)
     _make_names_unique(sites)
+    if token_grid and sites and not any(site.grid_source == "option" for site in sites):
+        log.warning("scalingattn: option 'token_grid' %s (%d tokens) matches no attention site's video length "
+                    "(%s): those sites stay dense", token_grid, math.prod(token_grid),
+                    sorted({site.q_len for site in sites if site.kind is not SiteKind.CROSS}))
     log.debug("detected %d attention sites: %s", len(sites), [s.name for s in sites])
     return sites
 
@@ -175,6 +179,11 @@ def _classify(site: Site, grids: list[tuple[tuple[int, int, int], str]]) -> None
     grid = next(((g, src) for g, src in grids if math.prod(g) == video_len), None)
     if grid is not None:
         site.token_grid, site.grid_source = grid
+    elif any(src == "option" for _, src in grids):  # the user's grid is not this site's: never guess
+        grid = "x".join(map(str, grids[0][0]))
+        site.grid_source = f"option token_grid {grid} does not match"
+        site.dense_reason = (f"option 'token_grid' {grid} has {math.prod(grids[0][0])} tokens, the site's video "
+                             f"sequence {video_len}")
     else:
         site.grid_source = "unknown: treated as 1-D (set option token_grid)"
 

@@ -188,8 +188,9 @@ def fast_schedule(curves: list[FidelityCurve], steps: int, density: float | None
     if meeting:
         return max(meeting, key=lambda fit: step_weighted_fidelity(fit, settings.step_weight))
     closest = min((fit for fit, _ in fits), key=lambda fit: _miss(fit, density))
-    log.warning("scalingattn: FAST cannot meet density %.3g within 1%% with ladder %s; using %.3g",
-                density, settings.ladder, closest.mean_density)
+    # the schedule's mean is in ladder densities, not the masks' kept fractions: the report gives those
+    log.warning("scalingattn: FAST cannot meet density %.3g within 1%% with ladder %s; using the closest "
+                "schedule (each site's density is in the report)", density, settings.ladder)
     return closest
 
 

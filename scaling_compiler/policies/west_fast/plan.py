@@ -83,8 +83,14 @@ class MaskPlan(SitePlan):
 
 def build_plan(site: Site, block_masks: torch.Tensor, densities: tuple[float, ...], level_index: torch.Tensor,
                step_timesteps: torch.Tensor, reason: str, recall: list[float] | None, cost: CostModel) -> MaskPlan:
-    """A site's plan with the cost model's predicted times (mean over steps)."""
-    per_head = torch.tensor(densities, dtype=torch.float64)[level_index]  # (steps, H)
+    """A site's plan with the cost model's predicted times (mean over steps).
+
+    The times are predicted from the fraction of token pairs the masks really keep, not from the
+    densities asked for: on a coarse block grid the two differ (2x2 blocks cannot keep 20%), and a
+    prediction from the asked density would promise speed the masks cannot give.
+    """
+    kept = kept_pair_fraction(block_masks, site.q_len, site.kv_len)  # (L, H)
+    per_head = torch.gather(kept, 0, level_index.to(torch.int64))  # (steps, H)
     predicted = sum(cost.sparse_ms(site.dense_flops, row) for row in per_head) / len(per_head)
     return MaskPlan(densities, block_masks, level_index.contiguous(), step_timesteps, reason, recall,
                     predicted, cost.dense_ms(site.dense_flops))

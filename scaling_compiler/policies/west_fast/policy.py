@@ -95,8 +95,7 @@ class WestFastOptions(PolicyOptions):
                                      for d in inputs):
                 raise ValueError("option 'calibration_inputs' must be a non-empty list of dicts {argument name: tensor}")
             object.__setattr__(self, "calibration_inputs", inputs)
-        if self.topology_file is not None and not os.path.isfile(self.topology_file):
-            raise ValueError(f"option 'topology_file': no such file {self.topology_file!r}")
+        self.check_topology_file()
         self._check_schedule()
         if self.warmup is not None and (isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float))
                                         or not 0.0 <= self.warmup < 1.0):
@@ -121,7 +120,34 @@ class WestFastOptions(PolicyOptions):
             if self.schedule is not ScheduleKind.FAST:
                 raise ValueError("option 'min_fidelity' needs schedule='fast' and masks='west'")
 
+    def check_warmup(self, steps: int, timestep_input: bool = True) -> None:
+        """A fixed `warmup` must leave sparse steps and room under `density`: checked when the number
+        of steps is known (the options, then each graph before calibration), not after calibrating."""
+        if self.warmup is None or not self.sparse:
+            return
+        dense_steps = round(self.warmup * steps)
+        where = "" if timestep_input else " (the graph has no timestep input: one step)"
+        if dense_steps and dense_steps >= steps:
+            raise ValueError(f"option 'warmup'={self.warmup:g}: {dense_steps} dense steps of {steps}{where} leave "
+                             "no sparse step; lower warmup")
+        if dense_steps and self.min_fidelity is None and self.density * steps <= dense_steps:
+            raise ValueError(f"option 'warmup'={self.warmup:g}: {dense_steps} dense steps of {steps}{where} already "
+                             f"exceed option 'density'={self.density:g} (the density counts the dense steps); "
+                             "lower warmup or raise density")
+
+    def check_topology_file(self) -> None:
+        """Read the topology file once, so that a bad one fails with the option's name before any graph."""
+        if self.topology_file is None:
+            return
+        if not os.path.isfile(self.topology_file):
+            raise ValueError(f"option 'topology_file': no such file {self.topology_file!r}")
+        try:
+            Topology.load(self.topology_file)
+        except (ValueError, OSError) as error:  # TopologyFileError is a ValueError
+            raise ValueError(f"option 'topology_file': {error}") from error
+
     def check(self, config: Any) -> None:
+        self.check_warmup(config.num_steps)
         order = config.token_order
         if order is TokenOrder.RASTER:
             return
@@ -144,6 +170,7 @@ class WestFastPolicy(Policy):
     def plan(self, graph: GraphRecord) -> None:
         config, options = self.config, self.options
         steps = config.num_steps if graph.timestep is not None else 1
+        options.check_warmup(steps, graph.timestep is not None)  # before calibration, not after it
         timestep_max = graph.timestep.timestep_max if graph.timestep else (config.timestep_max or 1000.0)
         graph.step_timesteps = step_timesteps(timestep_max, steps,
                                               config.timesteps if graph.timestep is not None else None)
