@@ -288,7 +288,11 @@ def _from_file(path: str, sites: list[Site]) -> dict[str, SiteTopology]:
         elif (source.q_len, source.kv_len) == (site.q_len, site.kv_len):
             maps[site.name] = source
         elif source.token_grid and site.token_grid and site.q_len == site.kv_len:
-            maps[site.name] = source.transfer(site.q_len, site.token_grid, site.text_spans)
+            try:
+                maps[site.name] = source.transfer(site.q_len, site.token_grid, site.text_spans)
+            except ValueError as error:  # e.g. the text spans differ: this site cannot use the file
+                log.warning("scalingattn: option 'topology_file' %s: cannot resize the map of site %s (%s); "
+                            "calibrating it", path, site.name, error)
         else:
             log.warning("scalingattn: %s maps site %s at %d tokens, not %d, and a grid is unknown; calibrating it",
                         path, site.name, source.q_len, site.q_len)

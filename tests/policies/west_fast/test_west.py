@@ -207,6 +207,23 @@ def test_topology_file_round_trip_and_transfer_through_backend(tmp_path):
     assert "transferred from 4x8x8" in site.reason and site.head_recall is None
 
 
+def test_topology_file_that_cannot_be_resized_names_the_option(tmp_path, caplog):
+    """A stored map whose text spans differ from the site's cannot be resized: the site is calibrated,
+    with a warning that names the option, instead of an error from deep inside the transfer."""
+    path = str(tmp_path / "local.safetensors")
+    torch._dynamo.reset()
+    assert cli.main(["calibrate", "tests.local_dit:small_model_and_inputs", "--out", path, "--samples", "2"]) == 0
+    topology = Topology.load(path)
+    for site_map in topology.sites.values():
+        site_map.text_spans = ((0, 7),)
+    bad = str(tmp_path / "text.safetensors")
+    topology.save(bad)
+    with caplog.at_level(logging.WARNING, logger="scaling_compiler"):
+        _, backend = compile_local(density=0.25, topology_file=bad)
+    assert "calibrated" in backend.report.topology_origin and backend.report.sparse_sites
+    assert any("option 'topology_file'" in r.message and "text spans differ" in r.message for r in caplog.records)
+
+
 def test_cache_hit_miss_corruption_and_mismatch(cache_dir, caplog):
     _, first = compile_local(density=0.25)
     assert "calibrated" in first.report.topology_origin
