@@ -1,6 +1,6 @@
 """Graphs with symbolic shapes (dynamo's recompile after a shape change, or `dynamic=True`).
 
-The backend specialises such a graph per concrete shape at call time (backend._PerShapeCompiled).
+The backend specialises such a graph per concrete shape at call time (per_shape.PerShapeCompiled).
 Each specialisation must calibrate the real model (weights kept, activations randomised), find
 the timestep input, fold the model's Python numbers as a static graph does, and keep the static
 path's dense rules (gradients).
