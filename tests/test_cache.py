@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 from scaling_compiler import cache
 from scaling_compiler.policies.west_fast.topology import SiteTopology, Topology, thresholds_from_significance
+from tests.processes import run_in_two_processes
 
 PAYLOAD = {"fingerprint": "f" * 32, "sites": [{"name": "a", "grid": (2, 3, 4)}], "calibration": {"seed": 0}}
 
@@ -160,16 +160,7 @@ def _write_and_read(writer: int, directory: str, rounds: int, barrier, results) 
 def test_two_processes_writing_one_key_leave_a_whole_entry(cache_dir):
     """Both store and load one key, at once, many times: every load finds a whole entry (one
     writer's or the other's, never a mix or a torn file), no warning, and one good entry after."""
-    context = multiprocessing.get_context("spawn")
-    barrier, results = context.Barrier(2), context.Queue()
-    processes = [context.Process(target=_write_and_read, args=(w, str(cache_dir), 40, barrier, results))
-                 for w in (0, 1)]
-    for process in processes:
-        process.start()
-    outcomes = [results.get(timeout=300) for _ in processes]
-    for process in processes:
-        process.join(timeout=60)
-        assert process.exitcode == 0
+    outcomes = run_in_two_processes(_write_and_read, lambda w: (w, str(cache_dir), 40))
     for writer, warnings, seen in outcomes:
         assert warnings == [], (writer, warnings)
         assert sum(seen.values()) == 40, (writer, seen)  # every load after its own store found an entry

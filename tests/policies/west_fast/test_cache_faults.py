@@ -21,6 +21,7 @@ from scaling_compiler import ScalingAttnBackend
 from scaling_compiler.policies.west_fast.topology import Topology
 
 from tests.local_dit import LocalDiT
+from tests.processes import run_in_two_processes
 
 GRID = (4, 16, 16)  # 1,024 tokens, 8 query blocks: masks at density 0.25 keep 2 blocks per row
 OTHER_GRID = (4, 8, 8)
@@ -314,19 +315,8 @@ def _compile_in_process(directory: str, barrier, results) -> None:
 def test_two_processes_compiling_at_once(tmp_path, clean, caplog):
     """Two compiles of one model in two processes at once both calibrate and write the same key;
     the entry left is whole: the next compile is a clean hit, equal to the clean-cache run."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    barrier, results = context.Barrier(2), context.Queue()
     directory = tmp_path / "cache"
-    processes = [context.Process(target=_compile_in_process, args=(str(directory), barrier, results))
-                 for _ in range(2)]
-    for process in processes:
-        process.start()
-    outcomes = [results.get(timeout=300) for _ in processes]
-    for process in processes:
-        process.join(timeout=60)
-        assert process.exitcode == 0
+    outcomes = run_in_two_processes(_compile_in_process, lambda i: (str(directory),))
     assert [warnings for _, warnings in outcomes] == [[], []]
     assert sum("calibrated" in origin for origin, _ in outcomes) >= 1
     assert [p.name for p in directory.glob("*.safetensors")] == [clean["name"]]
