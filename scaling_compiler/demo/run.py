@@ -8,6 +8,7 @@ shows both where it pays and which of the tiny model's sites the backend kept de
 from __future__ import annotations
 
 import collections
+import logging
 import re
 import statistics
 import time
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from .. import ops  # noqa: F401  (registers torch.ops.scaling_compiler.block_sparse_attention)
 from ..backend import ScalingAttnBackend
 from ..kernels.bitmask import num_blocks, pack_block_mask
+
+log = logging.getLogger(__name__)
 
 # Demo video (frames, height, width) and sampling steps: the trained model's own size on a
 # GPU; a smaller video and fewer steps on a CPU so that the demo ends in a few minutes there.
@@ -53,17 +56,20 @@ def run_demo(density: float = 0.25, steps: int | None = None, repeats: int = 3,
     dense = torch.compile(model, fullgraph=True)  # inductor with dense SDPA: the fair baseline
     with torch.no_grad():
         start = time.perf_counter()
-        sparse_video = sampling.sample(sparse, tokens, null, shape, seed=0, steps=steps)
+        sparse_video = sampling.sample(sparse, tokens, null, shape, seed=0, steps=steps,
+                                       label="scalingattn sampling (step 1 compiles)")
         print(f"compiled with scalingattn and sampled in {time.perf_counter() - start:.1f} s\n")
         print(backend.report, "\n")
         start = time.perf_counter()
-        dense_video = sampling.sample(model, tokens, null, shape, seed=0, steps=steps)
+        dense_video = sampling.sample(model, tokens, null, shape, seed=0, steps=steps, label="dense sampling")
         print(f"sampled with dense eager attention in {time.perf_counter() - start:.1f} s")
         x, t, c = video_dit.example_inputs(model.config, batch=2, frames=frames, height=height, width=width,
                                            device=device, dtype=dtype)
         start = time.perf_counter()
-        times = {name: time_ms(lambda fn=fn: fn(x, t, c), repeats, device)
-                 for name, fn in [("dense eager", model), ("dense inductor", dense), ("scalingattn", sparse)]}
+        times = {}
+        for name, fn in [("dense eager", model), ("dense inductor", dense), ("scalingattn", sparse)]:
+            log.info("timing one CFG forward: %s%s", name, " (compiles first)" if name == "dense inductor" else "")
+            times[name] = time_ms(lambda fn=fn: fn(x, t, c), repeats, device)
         print(f"compiled dense inductor and timed forwards in {time.perf_counter() - start:.1f} s")
         pays = None
         if device == "cuda":

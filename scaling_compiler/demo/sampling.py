@@ -7,6 +7,8 @@ from sigma = 1 (noise) to 0 (data).
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,6 +19,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_SHIFT = 2.0
+PROGRESS_LINES = 10  # at most this many progress records per sampling run (plus the last step)
 
 # model(video, timestep, tokens) -> velocity: video (B, C, F, H, W), timestep (B,) in [0, 1000],
 # tokens (B, T) condition token ids. TinyVideoDiT and torch.compile(TinyVideoDiT) both fit.
@@ -57,6 +60,7 @@ def sample(
     shift: float = DEFAULT_SHIFT,
     noise: torch.Tensor | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    label: str = "sampling",
 ) -> torch.Tensor:
     """Euler integration of the flow; returns (B, C, F, H, W) videos clamped to [-1, 1].
 
@@ -64,6 +68,12 @@ def sample(
     rows first, unconditional after) and mixes u + s * (c - u). Deterministic: the noise
     comes from `seed` (or is given as `noise`), and nothing else is random. The state and
     timesteps stay float32 whatever the model's dtype (TinyVideoDiT casts its input).
+
+    Progress goes to this module's logger at INFO (`<label>: step i/n (t=...) after s`): every
+    step up to PROGRESS_LINES steps, beyond that every ceil(n / PROGRESS_LINES)-th step and the
+    last, since a CPU run of the demo would otherwise say nothing for half a minute or more (the
+    first step of a compiled model also compiles it). The CLI shows INFO records; a library
+    caller sees them only where it configures logging to.
     """
     device = tokens.device
     batch = tokens.shape[0]
@@ -73,6 +83,8 @@ def sample(
     cond = torch.cat([tokens, null_tokens]) if guided else tokens
     sigmas = sigma_schedule(steps, shift)
     timesteps = sampler_timesteps(steps, shift)
+    every = max(1, math.ceil(steps / PROGRESS_LINES))
+    start = time.perf_counter()
     for i in range(steps):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x_in = torch.cat([x, x]) if guided else x
@@ -84,6 +96,9 @@ def sample(
         x = x + (sigma_next - sigma) * v
         if on_step is not None:
             on_step(i, x)
+        if (i + 1) % every == 0 or i == steps - 1:
+            logger.info("%s: step %d/%d (t=%.0f) after %.1f s", label, i + 1, steps, timesteps[i],
+                        time.perf_counter() - start)
     logger.debug("sampled %d videos of %s in %d steps", batch, tuple(video_shape), steps)
     return x.clamp(-1, 1)
 
