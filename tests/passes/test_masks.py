@@ -141,3 +141,19 @@ def test_separable_mask_padding_sparse_equals_masked_reference(spelling, order):
         dense = model(*inputs)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     assert (out - dense).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("spelling", ["and", "additive_masked_fill"])
+def test_separable_mask_padding_all_padded_batch_entry_equals_eager(spelling):
+    """A batch entry with no valid token (every row fully masked) gives eager's zeros, never NaN."""
+    torch.manual_seed(0)
+    x, valid = torch.randn(3, 200, 16), torch.ones(3, 200, dtype=torch.bool)
+    valid[1] = False
+    valid[2, 100:] = False
+    model = Masked(SEPARABLE[spelling]).eval()
+    with torch.no_grad():
+        expected = model(x, valid)
+    backend, out = _compile(model, (x, valid), 1.0)
+    assert backend.report.sites[0].status == "sparse"
+    assert torch.all(out[1] == 0) and not out.isnan().any()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
