@@ -82,7 +82,7 @@ class Site:
     q_stride: tuple[int, ...]
     scale: float | None  # None: not a constant, the site stays dense
     attn_mask: str | None  # description of the mask argument, None when absent
-    key_padding: bool  # the mask is a boolean (B, 1, 1, Sk) key-padding mask we can honour
+    key_padding: bool  # the mask is a boolean (B, 1, 1, Sk) key-padding mask we can honour (or has one: below)
     is_causal: bool
     dropout_p: float
     token_grid: tuple[int, int, int] | None  # (frames, height, width) of the video tokens
@@ -90,6 +90,9 @@ class Site:
     text_spans: tuple[tuple[int, int], ...]  # token ranges [start, end) of text in joint attention
     # --- detection, policy admission or planning: why the site stays dense (None: it can be rewritten) ---
     dense_reason: str | None = None
+    # the mask is separable (passes/masks.py): key padding (in mask_node) plus query padding, whose
+    # rows the rewritten graph zeroes as eager SDPA does for fully masked rows
+    query_padding: bool = False
     # --- reorder: order of the video tokens the attention sees ---
     token_order: str = "raster"
     # --- planning: the policy's plan (None: dense) ---
@@ -100,6 +103,8 @@ class Site:
     k_node: torch.fx.Node | None = dataclasses.field(default=None, repr=False, compare=False)
     v_node: torch.fx.Node | None = dataclasses.field(default=None, repr=False, compare=False)
     mask_node: torch.fx.Node | None = dataclasses.field(default=None, repr=False, compare=False)
+    # bool (B or 1, 1, Sq, 1) valid queries of a separable mask (mask_node is then its (B or 1, 1, 1, Sk) keys)
+    query_padding_node: torch.fx.Node | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def rewritable(self) -> bool:

@@ -55,8 +55,9 @@ class masked_sites(TorchFunctionMode):
 
     def _sparse(self, site, q, k, v, attn_mask, scale):
         allowed = self._allowed(site, q.shape[-2], k.shape[-2])
-        if attn_mask is not None:  # the key-padding mask the backend honours
-            allowed = allowed & attn_mask.bool().cpu()
+        if attn_mask is not None:  # the key-padding (or separable padding) mask the backend honours
+            valid = attn_mask if attn_mask.dtype == torch.bool else ~torch.isneginf(attn_mask)  # additive 0/-inf
+            allowed = allowed & valid.cpu()
         out = F.scaled_dot_product_attention(
             q.double(), k.double(), v.double(), attn_mask=allowed.to(q.device), scale=scale
         )

@@ -58,6 +58,24 @@ def _hunyuan_inputs(model, grid, batch):
     )
 
 
+def _hunyuan15_inputs(model, grid, batch):
+    c = model.config
+    valid = torch.ones(batch, 9, dtype=torch.int64)
+    valid[:, 6:] = 0  # padded prompt tokens: the model builds a (B, 1, S, S) valid x valid mask from these
+    valid_2 = torch.ones(batch, 5, dtype=torch.int64)
+    valid_2[:, 3:] = 0
+    return dict(
+        hidden_states=torch.randn(batch, c.in_channels, *grid),
+        timestep=torch.full((batch,), 500.0),  # float: the model casts its embedding to the timestep's dtype
+        encoder_hidden_states=torch.randn(batch, 9, c.text_embed_dim),
+        encoder_attention_mask=valid,
+        encoder_hidden_states_2=torch.randn(batch, 5, c.text_embed_2_dim),
+        encoder_attention_mask_2=valid_2,
+        image_embeds=torch.zeros(batch, 3, c.image_embed_dim),  # text-to-video: image tokens all padding
+        return_dict=False,
+    )
+
+
 def _ltx_inputs(model, grid, batch):
     c = model.config
     frames, height, width = grid
@@ -104,6 +122,13 @@ ZOO: dict[str, ZooEntry] = {
              num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
              pooled_projection_dim=16, rope_axes_dim=(16, 24, 24)),
         _hunyuan_inputs,
+    ),
+    # dynamo breaks its graph around the data-dependent text reordering (boolean indexing): not fullgraph
+    "HunyuanVideo15Transformer3DModel": ZooEntry(
+        dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=64, num_layers=1,
+             num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=16,
+             image_embed_dim=16, rope_axes_dim=(16, 24, 24), target_size=64),
+        _hunyuan15_inputs,
     ),
     "LTXVideoTransformer3DModel": ZooEntry(
         dict(in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2,

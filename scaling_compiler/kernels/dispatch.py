@@ -6,8 +6,8 @@ The one place that knows the device rules (detection asks `unsupported_reason`, 
 - CUDA tensors run the Triton kernel (`kernels/triton/`). GPUs with TMA (capability >= 9:
   Hopper, Blackwell) read K/V through TMA descriptors when the layout allows; GPUs without it
   (Ampere, Ada) and layouts it cannot describe take the pointer-load path of the same kernel.
-- Other devices run the block-wise PyTorch path (`kernels/reference.py`), which also takes a
-  boolean key-padding mask. The CUDA kernel takes none yet, so such CUDA sites stay dense.
+- Other devices run the block-wise PyTorch path (`kernels/reference.py`). Both take a boolean
+  key-padding mask (the Triton kernel as a compile-time switch, so unpadded calls are unchanged).
 
 Where a new implementation goes: a member of `Implementation`, a branch in `implementation_for`
 and in `block_sparse_attention`, and its own rows in the cost tables. A backward kernel
@@ -25,8 +25,6 @@ from .reference import blockwise_attention
 from .triton import block_sparse_attention as triton_forward
 
 log = logging.getLogger(__name__)
-
-CUDA_KEY_PADDING = "the CUDA kernel takes no key-padding mask yet (the CPU path does)"
 
 
 class Implementation(str, enum.Enum):
@@ -56,12 +54,10 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pa
     """Why no implementation runs these inputs on their device (None if one does).
 
     The tensors may be fake (detection passes the graph's example values). `key_padding`: the
-    call also has a boolean key-padding mask. Detection keeps a site with a reason dense.
+    call also has a boolean key-padding mask (every implementation takes one). Detection keeps a
+    site with a reason dense.
     """
-    reason = triton_forward.unsupported_reason(q, k, v)  # input rules shared by every implementation
-    if reason is None and key_padding and q.device.type == "cuda":
-        return CUDA_KEY_PADDING
-    return reason
+    return triton_forward.unsupported_reason(q, k, v)  # input rules shared by every implementation
 
 
 def implementation_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: bool = False) -> Implementation:
@@ -99,7 +95,5 @@ def block_sparse_attention(
     implementation = Implementation(implementation)
     if implementation is Implementation.TORCH_BLOCKWISE:
         return blockwise_attention(q, k, v, mask_words, scale, key_padding=key_padding)
-    if key_padding is not None:
-        raise ValueError(f"{implementation.value}: {CUDA_KEY_PADDING}")
-    return triton_forward.block_sparse_attention(q, k, v, mask_words, scale,
+    return triton_forward.block_sparse_attention(q, k, v, mask_words, scale, key_padding=key_padding,
                                                  use_tma=implementation is Implementation.TRITON_TMA)

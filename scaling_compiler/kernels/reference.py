@@ -39,8 +39,11 @@ def masked_attention_reference(
     v: torch.Tensor,  # (B, H, Sk, Dv)
     block_mask: torch.Tensor,  # bool (H, Nq, Nk) or (B, H, Nq, Nk)
     scale: float,
+    key_padding: torch.Tensor | None = None,  # bool (B or 1, Sk): False drops that key
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense float64 block-masked attention. Returns float64 ``out (B, H, Sq, Dv)`` and ``lse (B, H, Sq)``."""
+    """Dense float64 block-masked attention. Returns float64 ``out (B, H, Sq, Dv)`` and ``lse (B, H, Sq)``.
+
+    A row left with no key (by the blocks or the padding) gets ``out = 0``, ``lse = -inf``."""
     B, H, Sq, _ = q.shape
     Sk = k.shape[2]
     nq, nk = num_blocks(Sq), num_blocks(Sk)
@@ -48,6 +51,8 @@ def masked_attention_reference(
     if block_mask.shape[-2:] != (nq, nk) or block_mask.dtype != torch.bool:
         raise ValueError(f"block_mask must be bool (..., {nq}, {nk}), got {block_mask.dtype} {tuple(block_mask.shape)}")
     token_mask = block_mask.repeat_interleave(BLOCK_SIZE, -2).repeat_interleave(BLOCK_SIZE, -1)[..., :Sq, :Sk]
+    if key_padding is not None:
+        token_mask = token_mask & key_padding.to(torch.bool).reshape(-1, 1, 1, Sk)
     s = scale * (q.double() @ k.double().transpose(-1, -2))
     s = s.masked_fill(~token_mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # -inf on empty rows

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..kernels.dispatch import unsupported_reason
 from ..sites import GraphRecord, Pattern, Site, SiteKind
 from .inputs import find_timestep
+from .masks import add_padding_nodes, separable_mask
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ def detect_sites(gm: torch.fx.GraphModule, token_grid: tuple[int, int, int] | No
             continue
         _classify(site, grids)
         site.dense_reason = _dense_reason(site)
+        if site.query_padding and site.rewritable:  # the op gets the mask's padding vectors
+            site.mask_node, site.query_padding_node = add_padding_nodes(
+                gm.graph, site.mask_node, site.q_len, site.kv_len)
         sites.append(site)
     _make_names_unique(sites)
     if token_grid and sites and not any(site.grid_source == "option" for site in sites):
@@ -83,7 +87,7 @@ def _sdpa_site(node: torch.fx.Node) -> Site | None:
     if site is None:
         return None
     site.mask_node = mask if isinstance(mask, torch.fx.Node) else None
-    site.attn_mask, site.key_padding = _describe_mask(mask, site)
+    site.attn_mask, site.key_padding, site.query_padding = _describe_mask(mask, site)
     site.is_causal = bool(bound.get("is_causal", False))  # a traced (non-constant) flag counts as causal
     site.dropout_p = float(dropout_p) if isinstance(dropout_p, (int, float)) else float("nan")
     return site
@@ -138,18 +142,25 @@ def _new_site(node, pattern, q, k, v, scale) -> Site | None:
     )
 
 
-def _describe_mask(mask: Any, site: Site) -> tuple[str | None, bool]:
+def _describe_mask(mask: Any, site: Site) -> tuple[str | None, bool, bool]:
+    """(description, key padding, query padding): a boolean (B, 1, 1, Sk) mask is key padding as it
+    is; a mask the graph builds as an outer product of per-token validity is key padding plus
+    query padding (`masks.separable_mask`); anything else neither."""
     if mask is None:
-        return None, False
+        return None, False, False
     mv = _value(mask)
     if not isinstance(mv, torch.Tensor):
-        return f"attn_mask of type {type(mv).__name__}", False
+        return f"attn_mask of type {type(mv).__name__}", False, False
     desc = f"{str(mv.dtype).removeprefix('torch.')} attn_mask {tuple(mv.shape)}"
     is_key_padding = (
         mv.dtype == torch.bool and mv.dim() == 4 and tuple(mv.shape[1:3]) == (1, 1)
         and mv.shape[0] in (1, site.batch) and mv.shape[3] == site.kv_len
     )
-    return desc, is_key_padding
+    if is_key_padding:
+        return desc, True, False
+    if site.batch and separable_mask(mask, site.batch, site.q_len, site.kv_len):
+        return f"{desc}, separable: key and query padding", True, True
+    return desc, False, False
 
 
 # ---------------------------------------------------------------------------------------
@@ -282,7 +293,8 @@ def _dense_reason(site: Site) -> str | None:
     if site.kind is SiteKind.CROSS:
         return "cross-attention (keys from another sequence)"
     if site.attn_mask is not None and not site.key_padding:
-        return f"{site.attn_mask} (only boolean key-padding masks are supported)"
+        return (f"{site.attn_mask} (only key-padding masks and separable query x key padding masks "
+                "are supported)")
     if site.is_causal:
         return "is_causal=True"
     if not site.dropout_p == 0.0:

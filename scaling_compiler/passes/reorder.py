@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 _SEQ_DIM = 2  # q, k, v and the attention output are (B, H, S, D)
 _MASK_SEQ_DIM = 3  # a key-padding attn_mask is (B, 1, 1, Sk)
 _MAX_CHAIN_NODES = 64  # a hand-written softmax(q @ k^T * c) @ v chain is a handful of nodes
-_NODE_FIELDS = ("node", "q_node", "k_node", "v_node", "mask_node")
+_QUERY_PADDING_DIM = 2  # a separable mask's query padding is (B, 1, Sq, 1)
+_NODE_FIELDS = ("node", "q_node", "k_node", "v_node", "mask_node", "query_padding_node")
 
 
 def reorder(graph: GraphRecord) -> None:
@@ -96,12 +97,15 @@ def _reorder(graph: torch.fx.Graph, site: Site, perm: torch.fx.Node, inverse: to
     sources = {site.q_node: _SEQ_DIM, site.k_node: _SEQ_DIM, site.v_node: _SEQ_DIM}
     if site.key_padding:
         sources[site.mask_node] = _MASK_SEQ_DIM
+    if site.query_padding_node is not None:
+        sources[site.query_padding_node] = _QUERY_PADDING_DIM
     readers = [node] if site.pattern is Pattern.SDPA else _chain(node, set(sources))
     position = {n: i for i, n in enumerate(graph.nodes)}
     gathered = {}
     for source, dim in sources.items():
         users = [reader for reader in readers if source in reader.all_input_nodes]
-        with graph.inserting_before(min(users, key=position.__getitem__)):
+        # padding vectors of a separable mask are read by the rewritten op only: gathered before the site
+        with graph.inserting_before(min(users, key=position.__getitem__) if users else node):
             gathered[source] = _gather(graph, source, dim, perm, node)
         for reader in users:
             reader.replace_input_with(source, gathered[source])
@@ -110,7 +114,8 @@ def _reorder(graph: torch.fx.Graph, site: Site, perm: torch.fx.Node, inverse: to
     node.replace_all_uses_with(output, delete_user_cb=lambda user: user is not output)
     return dataclasses.replace(
         site, q_node=gathered[site.q_node], k_node=gathered[site.k_node], v_node=gathered[site.v_node],
-        mask_node=gathered.get(site.mask_node, site.mask_node), token_order=order.value,
+        mask_node=gathered.get(site.mask_node, site.mask_node),
+        query_padding_node=gathered.get(site.query_padding_node, site.query_padding_node), token_order=order.value,
     )
 
 

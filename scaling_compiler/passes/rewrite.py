@@ -63,6 +63,10 @@ def _replace_site(rewriter: Rewriter, site: Site, copies: dict) -> None:
         if site.key_padding:
             key_padding = graph.call_method("reshape", (copies[site.mask_node], -1, site.kv_len))
         replacement = site.plan.emit(rewriter, site, q, k, v, key_padding)
+        if site.query_padding_node is not None:
+            # rows of padded queries: eager SDPA (torch 2.13, bool or 0/-inf mask) returns zeros for
+            # a fully masked row, not NaN; `where` keeps the op's dtype and shape
+            replacement = graph.call_function(torch.where, (copies[site.query_padding_node], replacement, 0.0))
     replacement.meta.update({k_: v_ for k_, v_ in node.meta.items() if k_ in ("nn_module_stack", "stack_trace")})
     node.replace_all_uses_with(replacement)
     _erase_dead_chain(graph, node, stop_at={q, k, v})

@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from scaling_compiler.kernels import dispatch
 from scaling_compiler.kernels.bitmask import BLOCK_SIZE, num_blocks, pack_block_mask
-from scaling_compiler.kernels.dispatch import CUDA_KEY_PADDING, Implementation
+from scaling_compiler.kernels.dispatch import Implementation
 from scaling_compiler.kernels.reference import masked_attention_reference
 from scaling_compiler.kernels.triton import block_sparse_attention as triton_forward
 
@@ -52,8 +52,7 @@ def capability(monkeypatch):
 def test_reasons_on_fake_tensors():
     q, k, v = _fake((1, 2, 300, 64), (1, 2, 300, 64), (1, 2, 300, 64))
     assert dispatch.unsupported_reason(q, k, v) is None
-    assert dispatch.unsupported_reason(q, k, v, key_padding=True) == CUDA_KEY_PADDING
-    assert CUDA_KEY_PADDING == "the CUDA kernel takes no key-padding mask yet (the CPU path does)"
+    assert dispatch.unsupported_reason(q, k, v, key_padding=True) is None  # the CUDA kernel takes key padding
     cpu = _fake((1, 2, 300, 64), (1, 2, 300, 64), (1, 2, 300, 64), device="cpu")
     assert dispatch.unsupported_reason(*cpu, key_padding=True) is None  # the block-wise path takes the mask
     big = _fake((1, 2, 8, 256), (1, 2, 8, 256), (1, 2, 8, 256))
@@ -64,8 +63,8 @@ def test_reasons_on_fake_tensors():
     assert "mixed" in dispatch.unsupported_reason(*mixed)
 
 
-def test_detection_reports_the_cuda_key_padding_reason():
-    """What detection reports for a key-padding site on CUDA: the mask, then dispatch's reason."""
+def test_detection_accepts_cuda_key_padding():
+    """A key-padding site is rewritable on CUDA as on the CPU (the kernel takes the padding)."""
     from scaling_compiler.passes.detect import detect_sites
 
     def attention(q, k, v, mask):
@@ -80,9 +79,7 @@ def test_detection_reports_the_cuda_key_padding_reason():
             node.meta["val"] = value
         (site,) = detect_sites(gm)
         reasons[device] = site.dense_reason
-    assert reasons["cuda"] == ("bool attn_mask (2, 1, 1, 300): the CUDA kernel takes no key-padding mask yet "
-                               "(the CPU path does)")
-    assert reasons["cpu"] is None
+    assert reasons == {"cuda": None, "cpu": None}
 
 
 # ---------------------------------------------------------------------------------------
@@ -116,8 +113,9 @@ def test_implementation_for_layouts(capability):
     assert dispatch.implementation_for(*strided) is Implementation.TRITON_POINTER
     d80 = _fake((1, 2, 300, 80), (1, 2, 300, 80), (1, 2, 300, 80))
     assert dispatch.implementation_for(*d80) is Implementation.TRITON_POINTER
-    # what no kernel takes runs the block-wise path (a direct call of the op still gets an answer)
-    assert dispatch.implementation_for(q, k, v, key_padding=True) is Implementation.TORCH_BLOCKWISE
+    # key padding runs the same Triton paths
+    assert dispatch.implementation_for(q, k, v, key_padding=True) is Implementation.TRITON_TMA
+    assert dispatch.implementation_for(*strided, key_padding=True) is Implementation.TRITON_POINTER
     cpu = _fake(shape, shape, shape, device="cpu")
     assert dispatch.implementation_for(*cpu) is Implementation.TORCH_BLOCKWISE
     assert dispatch.device_implementation(torch.device("cpu")) is Implementation.TORCH_BLOCKWISE
@@ -195,9 +193,27 @@ def test_key_padding_runs_blockwise_on_cpu():
     assert (unpadded - out).abs().max() > 1e-3  # the padding changed the answer
 
 
-def test_forced_triton_path_rejects_key_padding():
-    q, k, v = _qkv(1, 1, 128, 128, 32, torch.float32, seed=0)
-    words = pack_block_mask(torch.ones(1, 1, 1, dtype=torch.bool))
-    with pytest.raises(ValueError, match="no key-padding mask"):
-        dispatch.block_sparse_attention(q, k, v, words, 0.1, torch.ones(1, 128, dtype=torch.bool),
-                                        implementation=Implementation.TRITON_POINTER)
+@pytest.mark.parametrize("implementation", [Implementation.TRITON_POINTER, Implementation.TRITON_TMA])
+def test_forced_triton_path_takes_key_padding(monkeypatch, implementation):
+    """Both Triton paths honour key padding (float32: 1e-5 of the float64 reference), in the
+    interpreter on CPU tensors or on a GPU; the kernel's own tests on every dtype are
+    tests/kernels/test_key_padding.py."""
+    device = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+    if device == "cpu" and not INTERPRET:
+        pytest.skip("Triton paths need a GPU or TRITON_INTERPRET=1")
+    if device == "cuda" and implementation is Implementation.TRITON_TMA and \
+            torch.cuda.get_device_capability()[0] < triton_forward.TMA_MIN_CAPABILITY:
+        pytest.skip("TMA descriptors need capability >= 9")
+    if INTERPRET:  # one small config in the interpreter
+        monkeypatch.setattr(triton_forward, "default_config", lambda dtype, head_dim, device=None: dict(CONFIG))
+    q, k, v = _qkv(2, 1, 128, 200, 32, torch.float32, seed=0)
+    mask = torch.ones(1, 1, 2, dtype=torch.bool)
+    padding = torch.ones(2, 200, dtype=torch.bool)
+    padding[0, 150:] = False
+    padding[1] = False  # no valid key: out 0, lse -inf, as on the CPU path
+    out, lse = dispatch.block_sparse_attention(*(t.to(device) for t in (q, k, v, pack_block_mask(mask))), 0.1,
+                                               padding.to(device), implementation=implementation)
+    out, lse = out.cpu(), lse.cpu()
+    ref, ref_lse = masked_attention_reference(q, k, v, mask, 0.1, key_padding=padding)
+    assert torch.all(out[1] == 0) and torch.all(torch.isneginf(lse[1]))
+    assert _rel_err(out[0], ref[0]) <= 1e-5 and not out.isnan().any()

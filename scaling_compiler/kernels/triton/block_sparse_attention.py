@@ -32,6 +32,9 @@ Semantics (the contract the rest of the project codes against):
 - Returns ``out`` (q's dtype, contiguous ``(B, H, Sq, D)``) and ``lse`` (float32 ``(B, H, Sq)``,
   natural-log log-sum-exp of ``scale * q.k`` over the kept keys). Key tokens ``>= Sk`` never
   contribute. A query row whose mask row is all zero gets ``out = 0`` and ``lse = -inf``.
+- An optional key-padding mask (bool ``(B or 1, Sk)``, False = padded) drops keys inside kept
+  blocks; a row left with no key is an empty row (out 0, lse -inf), as on the CPU path. It is a
+  constexpr switch (``HAS_PADDING``): without it the kernel is the one measured above.
 - Softmax statistics are kept in float32; exponentials use exp2 with ``scale * log2(e)`` folded
   into the scores, as in the tutorial. fp32 inputs use IEEE fp32 dots (no tf32).
 """
@@ -93,12 +96,15 @@ def _load_kv_tile(ptrs, desc, row0, col0, stride_n, start_n, offs_n, offs_d, N_K
 
 
 @triton.jit
-def _softmax_step(qk, m_i, l_i, qk_scale):
+def _softmax_step(qk, m_i, l_i, qk_scale, GUARD: tl.constexpr):
     # online softmax in the exp2 domain: scores are scaled by sm_scale * log2(e)
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    qk = qk * qk_scale - m_ij[:, None]
+    m_sub = m_ij
+    if GUARD:  # key padding can mask a row's whole tile while m is still -inf: -inf - -inf is NaN
+        m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+    qk = qk * qk_scale - m_sub[:, None]
     p = tl.math.exp2(qk)
-    alpha = tl.math.exp2(m_i - m_ij)
+    alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     return p, alpha, m_ij, l_i
 
@@ -109,10 +115,11 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
                     k_row0, k_col0, v_row0, v_col0,  #
                     stride_kn, stride_vn,  #
                     kv_idx_ptr, lo, hi, N_K, qk_scale,  #
-                    offs_n, offs_d,  #
+                    offs_n, offs_d, pad_ptr,  #
                     dtype: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,  #
                     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, USE_TMA: tl.constexpr,  #
-                    MASK_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    MASK_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,  #
+                    HAS_PADDING: tl.constexpr):
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
         start_n = _tile_start(kv_idx_ptr, i, BLOCK_N, SPLIT)
         k = _load_kv_tile(k_ptrs, desc_k, k_row0, k_col0, stride_kn, start_n, offs_n, offs_d, N_K,  #
@@ -123,7 +130,13 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
         qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
         if MASK_K:
             qk = tl.where((start_n + offs_n)[None, :] < N_K, qk, float("-inf"))
-        p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, qk_scale)
+        if HAS_PADDING:  # key padding (uint8, 0 = padded) of this batch entry
+            if MASK_K:
+                valid = tl.load(pad_ptr + start_n + offs_n, mask=(start_n + offs_n) < N_K, other=0)
+            else:
+                valid = tl.load(pad_ptr + start_n + offs_n)
+            qk = tl.where(valid[None, :] != 0, qk, float("-inf"))
+        p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, qk_scale, HAS_PADDING)
         # -- update output accumulator --
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(dtype), v, acc, input_precision=DOT_PRECISION)
@@ -137,16 +150,18 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd(Q, K, V, desc_k, desc_v, Out, LSE,  #
-              KvIdx, KvCnt, Order, sm_scale,  #
+              KvIdx, KvCnt, Order, KeyPad, sm_scale,  #
               stride_qz, stride_qh, stride_qm, stride_qk,  #
               stride_kz, stride_kh, stride_kn, stride_kk,  #
               stride_vz, stride_vh, stride_vn, stride_vk,  #
               stride_oz, stride_oh, stride_om, stride_ok,  #
               stride_rz, stride_rh,  # (batch, head) -> mask (batch, head) index: (H, 1) or (0, 1)
+              stride_pz,  # batch stride of KeyPad (uint8 (B or 1, Sk)): Sk, or 0 when shared
               H, N_Q, N_K, N_Q_BLOCKS, IDX_STRIDE, k_ld, v_ld,  #
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,  #
               K_TAIL_TILES: tl.constexpr,  # tiles of the last key block holding keys < Sk; 0 if Sk % 128 == 0
               USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,  #
+              HAS_PADDING: tl.constexpr,  # KeyPad is given: padded keys are masked (and empty tiles guarded)
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
     tl.static_assert(MASK_BLOCK % BLOCK_M == 0)
     tl.static_assert(MASK_BLOCK % BLOCK_N == 0)
@@ -190,6 +205,7 @@ def _attn_fwd(Q, K, V, desc_k, desc_v, Out, LSE,  #
     v_col0 = (v_off % v_ld).to(tl.int32)
     k_ptrs = K + k_off + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kk
     v_ptrs = V + v_off + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vk
+    pad_ptr = KeyPad + off_z.to(tl.int64) * stride_pz
 
     # the list is ascending, so only its last block can be the partial key block: it gets a
     # separate masked loop and the main loop runs without masks
@@ -201,16 +217,16 @@ def _attn_fwd(Q, K, V, desc_k, desc_v, Out, LSE,  #
         n_main = n_tiles - has_tail.to(tl.int32) * SPLIT
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v,  #
                                     k_row0, k_col0, v_row0, v_col0, stride_kn, stride_vn,  #
-                                    kv_idx_ptr, 0, n_main, N_K, qk_scale, offs_n, offs_d,  #
+                                    kv_idx_ptr, 0, n_main, N_K, qk_scale, offs_n, offs_d, pad_ptr,  #
                                     dtype, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, SPLIT, USE_TMA,  #
-                                    False, NUM_STAGES, DOT_PRECISION)
+                                    False, NUM_STAGES, DOT_PRECISION, HAS_PADDING)
     if K_TAIL_TILES > 0:
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v,  #
                                         k_row0, k_col0, v_row0, v_col0, stride_kn, stride_vn,  #
                                         kv_idx_ptr, n_main, tl.minimum(n_tiles, n_main + K_TAIL_TILES),  #
-                                        N_K, qk_scale, offs_n, offs_d,  #
+                                        N_K, qk_scale, offs_n, offs_d, pad_ptr,  #
                                         dtype, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, SPLIT, USE_TMA,  #
-                                        True, 1, DOT_PRECISION)
+                                        True, 1, DOT_PRECISION, HAS_PADDING)
 
     # epilogue: an empty mask row (l_i == 0) gives out = 0 and lse = -inf
     empty = l_i == 0.0
@@ -225,7 +241,7 @@ def _attn_fwd(Q, K, V, desc_k, desc_v, Out, LSE,  #
 
 
 _attn_fwd_tuned = triton.autotune(configs=list(filter(keep, configs)),
-                                  key=["N_Q", "N_K", "HEAD_DIM_PAD", "USE_TMA", "K_TAIL_TILES"],
+                                  key=["N_Q", "N_K", "HEAD_DIM_PAD", "USE_TMA", "K_TAIL_TILES", "HAS_PADDING"],
                                   prune_configs_by={"early_config_prune": prune_invalid_configs})(_attn_fwd)
 
 
@@ -309,6 +325,20 @@ def _tma_2d_view(t: torch.Tensor, head_dim: int):
     return base, ss
 
 
+def _padding_argument(key_padding: torch.Tensor | None, batch: int, kv_len: int, device: torch.device,
+                      placeholder: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The kernel's KeyPad pointer (uint8 (B or 1, Sk), a view of the bool mask) and its batch stride;
+    without padding, any tensor on the device (never read: HAS_PADDING is off) and 0."""
+    if key_padding is None:
+        return placeholder, 0
+    if key_padding.dtype != torch.bool or key_padding.dim() != 2 or key_padding.shape[1] != kv_len \
+            or key_padding.shape[0] not in (1, batch) or key_padding.device != device:
+        raise ValueError(f"key_padding must be bool (B={batch} or 1, Sk={kv_len}) on {device}, got "
+                         f"{key_padding.dtype} {tuple(key_padding.shape)} on {key_padding.device}")
+    pad = key_padding.contiguous().view(torch.uint8)
+    return pad, (kv_len if pad.shape[0] == batch and batch > 1 else 0)
+
+
 def block_sparse_attention(
     q: torch.Tensor,  # (B, H, Sq, D)
     k: torch.Tensor,  # (B, H, Sk, D)
@@ -322,6 +352,7 @@ def block_sparse_attention(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     block_lists: BlockLists | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention forward. Returns ``out (B, H, Sq, D)`` (q's dtype, contiguous) and
     float32 ``lse (B, H, Sq)`` (natural log); empty mask rows give ``out = 0``, ``lse = -inf``.
@@ -335,6 +366,9 @@ def block_sparse_attention(
     preallocated outputs (``out`` like q, any strides; ``lse`` contiguous float32).
     ``block_lists``: ``prepare_block_lists(mask_words, Sk)`` computed once for a static mask
     (saves the decode launch and a small sort, ~tens of microseconds per call).
+    ``key_padding``: bool ``(B or 1, Sk)``, False marks keys no query sees (inside kept blocks too);
+    a row left with no key gets ``out = 0``, ``lse = -inf`` as an empty mask row does. None compiles
+    the kernel without the padding loads and the empty-tile guard (the performance path unchanged).
     """
     reason = unsupported_reason(q, k, v)
     if reason is not None:
@@ -367,6 +401,7 @@ def block_sparse_attention(
     if block_lists is None:
         block_lists = prepare_block_lists(mask_words, Sk, lpt_order)
     kv_idx, kv_cnt, order = block_lists
+    pad, stride_pz = _padding_argument(key_padding, B, Sk, q.device, kv_cnt)
     if kv_idx.shape != (*mask_words.shape[:-1], nk) or order.shape != mask_words.shape[:-1]:
         raise ValueError("block_lists do not match mask_words")
 
@@ -389,10 +424,10 @@ def block_sparse_attention(
         return 0 if rem == 0 else triton.cdiv(rem, block_n)
 
     grid = lambda META: (B * H * nq * (BLOCK_SIZE // META["BLOCK_M"]), )
-    args = (q, k, v, desc_k, desc_v, out, lse, kv_idx, kv_cnt, order, scale,  #
+    args = (q, k, v, desc_k, desc_v, out, lse, kv_idx, kv_cnt, order, pad, scale,  #
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
-            stride_rz, 1, H, Sq, Sk, nq, nk, k_ld, v_ld)
-    const = dict(HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, USE_TMA=use_tma,
+            stride_rz, 1, stride_pz, H, Sq, Sk, nq, nk, k_ld, v_ld)
+    const = dict(HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, USE_TMA=use_tma, HAS_PADDING=key_padding is not None,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if config is None and not interpreting():
         # K_TAIL_TILES depends on BLOCK_N; the autotuned configs share one BLOCK_N-independent
