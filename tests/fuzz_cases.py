@@ -122,10 +122,26 @@ class Call:
             return False
         if not self.self_attention or c.kv_heads != c.heads:
             return False
-        if self.masked and c.mask not in ("none", "key_padding"):
+        if self.masked and c.mask not in ("none", "key_padding") and not key_padding_shaped(c):
             return False
         random_dropout = c.dropout == "always" or (c.dropout == "train_only" and c.training)
         return not (self.masked and (c.causal or random_dropout))
+
+
+def mask_shape(c: Config) -> tuple[int, int, int, int]:
+    """The first call's mask shape: key padding (B, 1, 1, Sk); full masks broadcast over batch or heads
+    for some seeds."""
+    keys = c.kv_len if c.structure == "cross" else c.q_len
+    if c.mask == "key_padding":
+        return c.batch, 1, 1, keys
+    return c.batch if c.seed % 2 else 1, c.heads if c.seed % 3 == 0 else 1, c.q_len, keys
+
+
+def key_padding_shaped(c: Config) -> bool:
+    """A boolean mask of shape (B or 1, 1, 1, Sk) is key padding, whatever it was meant as: with one
+    query, a full boolean mask that broadcasts over heads is one (the op may take it)."""
+    shape = mask_shape(c)
+    return c.mask in ("key_padding", "full_bool") and shape[1] == 1 and shape[2] == 1
 
 
 def calls(c: Config) -> list[Call]:
@@ -217,7 +233,7 @@ def make_inputs(c: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | N
         keep[..., 0] = True
         keep[-1] &= not fully_masked
         return x, context, keep
-    shape = (c.batch if c.seed % 2 else 1, c.heads if c.seed % 3 == 0 else 1, c.q_len, keys)
+    shape = mask_shape(c)
     if c.mask == "full_bool":
         keep = torch.rand(*shape, generator=g) > 0.4
         keep[..., 0] = True

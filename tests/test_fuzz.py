@@ -71,6 +71,9 @@ def test_checks_catch_an_op_that_ignores_its_masks(monkeypatch):
     (dict(head_dim=8), False),
     (dict(head_dim=136), False),
     (dict(mask="full_bool"), False),
+    # one query, a (1, 1, 1, Sk) boolean mask: that is key padding (the fuzz run's one finding was this rule)
+    (dict(mask="full_bool", q_len=1, batch=1, heads=1, kv_heads=1, seed=0), True),
+    (dict(mask="full_bool", q_len=1, heads=2, kv_heads=2, seed=3), False),  # per-head mask (2 heads)
     (dict(mask="additive"), False),
     (dict(mask="none", causal=True), False),
     (dict(dropout="always"), False),
