@@ -35,8 +35,8 @@ PRIMES = [p for p in range(2, 600) if all(p % d for d in range(2, int(p ** 0.5) 
 LENGTHS = [1, 127, 128, 129] + [p for p in PRIMES if p > 100]
 HEAD_DIMS = [8, 12, 16, 24, 32, 40, 64, 72, 96, 128, 136, 192, 256]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-# |compiled - reference| <= atol + rtol * |reference|, per dtype: a few units of the dtype's rounding of
-# O(1) attention outputs (the op accumulates in float32, eager SDPA may not; the masked reference in float64)
+# |compiled - reference| <= atol * max(1, max|reference|) + rtol * |reference|, per dtype: a few units of the
+# dtype's rounding (the op accumulates in float32, eager SDPA and hand-written eager attention may not)
 TOLERANCE = {"fp32": (1e-4, 1e-4), "fp64": (1e-9, 1e-9), "fp16": (1e-2, 1e-2), "bf16": (4e-2, 4e-2)}
 MODEL_DIM = 16
 DROPOUT_P = 0.25
@@ -295,6 +295,9 @@ def _check_density(c: Config, model: nn.Module, inputs, expected: torch.Tensor, 
         with torch.set_grad_enabled(c.grad), masked_sites(report):
             reference = model(*inputs).detach()
     atol, rtol = TOLERANCE[c.dtype]
+    # outputs larger than 1 (a large scale over wide heads sharpens the softmax, and bf16/fp16 eager rounds
+    # scores of that size coarsely): the absolute tolerance grows with the output's largest magnitude
+    atol *= max(1.0, float(reference.double().abs().nan_to_num(0.0).max())) if reference.numel() else 1.0
     error = (out.double() - reference.double()).abs() - rtol * reference.double().abs()
     worst = float(torch.nan_to_num(error, nan=float("inf")).max()) if error.numel() else 0.0
     same_nan = torch.equal(out.isnan(), reference.isnan())
