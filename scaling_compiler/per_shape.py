@@ -57,8 +57,9 @@ _SCALARS = (InputKind.SCALAR, InputKind.MODEL_SCALAR)
 
 
 def _fold_scalars(gm: torch.fx.GraphModule, inputs: list[GraphInput], args: tuple[Any, ...]) -> None:
-    """Replace `.item()` of Python numbers passed as 0-d tensors by their values, then fold the Python
-    arithmetic on them, so an attention's scale or dropout p is a constant, as on a static graph.
+    """Replace `.item()` of Python numbers passed as 0-d tensors, and SymInt inputs (sizes), by their
+    values, then fold the Python arithmetic on them, so an attention's scale or dropout p is a constant
+    and sizes are the ints they are on a static graph (a hand-written `scores / n` is then found).
 
     (Left symbolic, an SDPA scale fails fake propagation: its meta function guards on the value.)"""
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
@@ -67,6 +68,8 @@ def _fold_scalars(gm: torch.fx.GraphModule, inputs: list[GraphInput], args: tupl
         if graph_input.kind in _SCALARS and isinstance(arg, torch.Tensor) and arg.numel() == 1:
             constants.update({user: arg.item() for user in node.users
                               if user.op == "call_method" and user.target == "item"})
+        elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            constants[node] = arg  # a SymInt size (the sequence length in `scores / n`): its value
     if not constants:
         return
     for node in list(gm.graph.nodes):
@@ -81,7 +84,7 @@ def _fold_scalars(gm: torch.fx.GraphModule, inputs: list[GraphInput], args: tupl
             user.args, user.kwargs = torch.fx.node.map_arg((user.args, user.kwargs),
                                                            lambda n: value if n is node else n)
     for node in reversed(list(constants)):
-        if not node.users:
+        if not node.users and node.op != "placeholder":  # the call still passes every input
             gm.graph.erase_node(node)
     gm.recompile()
 

@@ -157,3 +157,37 @@ def test_per_shape_dense_rules_match_static(case, reason):
     per_shape = _dense_reason(dynamic=True, case=case)
     assert static[0] == "dense" and reason in static[1]
     assert per_shape == static
+
+
+class LengthScaledSoftmaxAttention(nn.Module):
+    """Hand-written attention whose scores are divided by the sequence length (found by the fuzz
+    suite): with dynamic=True the length is a SymInt input of the graph."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, self.heads, -1).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))
+        probs = (q @ k.transpose(-2, -1) * 8.0 / s).softmax(dim=-1)
+        return (probs @ v).transpose(1, 2).reshape(b, s, -1)
+
+
+def test_dynamic_true_folds_sizes_as_a_static_graph_does():
+    """A SymInt size in the scale (`scores / seq_len`) is its value in each shape's graph: the hand-written
+    site is found and runs sparse with the static graph's scale (it was missed: 'no softmax attention in
+    this graph'), and every call equals eager."""
+    torch.manual_seed(0)
+    model = LengthScaledSoftmaxAttention().eval()
+    backend = ScalingAttnBackend(density=1.0, compiler="eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for seq_len in (256, 300):
+        x = torch.randn(2, seq_len, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        [site] = backend.report.sites
+        assert site.status == "sparse" and site.scale == pytest.approx(8.0 / seq_len), site.reason
+        assert site.shape[2] == seq_len
