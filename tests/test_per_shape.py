@@ -100,18 +100,7 @@ class ScaleArgumentAttention(ScaledAttention):
 def test_dynamic_true_with_python_float_attributes():
     """dynamic=True passes the float attributes as 0-d tensors; each shape's graph folds them back
     into constants: the site runs through the op with the model's scale and equals eager."""
-    torch.manual_seed(0)
-    model = ScaledAttention().eval()
-    backend = ScalingAttnBackend(density=1.0, compiler="eager")
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, dynamic=True)
-    for seq_len in (256, 300):
-        x = torch.randn(2, seq_len, 32)
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
-        [site] = backend.report.sites
-        assert site.status == "sparse" and site.scale == pytest.approx(0.3), site.reason
-        assert site.shape[2] == seq_len
+    check_dynamic_true_site(ScaledAttention(), lambda seq_len: 0.3)
 
 
 def test_dynamic_true_with_a_python_float_argument():
@@ -179,8 +168,14 @@ def test_dynamic_true_folds_sizes_as_a_static_graph_does():
     """A SymInt size in the scale (`scores / seq_len`) is its value in each shape's graph: the hand-written
     site is found and runs sparse with the static graph's scale (it was missed: 'no softmax attention in
     this graph'), and every call equals eager."""
+    check_dynamic_true_site(LengthScaledSoftmaxAttention(), lambda seq_len: 8.0 / seq_len)
+
+
+def check_dynamic_true_site(model, expected_scale) -> None:
+    """Compiled with dynamic=True and called at two lengths: equal to eager, one site run through the op
+    at each length with `expected_scale(length)`."""
     torch.manual_seed(0)
-    model = LengthScaledSoftmaxAttention().eval()
+    model = model.eval()
     backend = ScalingAttnBackend(density=1.0, compiler="eager")
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend, dynamic=True)
@@ -189,5 +184,5 @@ def test_dynamic_true_folds_sizes_as_a_static_graph_does():
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
         [site] = backend.report.sites
-        assert site.status == "sparse" and site.scale == pytest.approx(8.0 / seq_len), site.reason
+        assert site.status == "sparse" and site.scale == pytest.approx(expected_scale(seq_len)), site.reason
         assert site.shape[2] == seq_len
