@@ -18,13 +18,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from .kernels.bitmask import num_blocks, unpack_block_mask
-from .policies.west_fast.plan import MaskPlan, kept_pair_fraction
 from .sites import SitePlan
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .report import PassReport
+    from .report import PassReport, SiteReport
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ def save_report_pictures(report: "PassReport", directory: Path) -> list[Path]:
     written = []
     for site in report.sparse_sites:
         plan = report.plans.get(site.name)
-        picture = _masks_picture(report, site.name, plan, site.kv_len) if plan is not None else None
+        picture = _masks_picture(report, site, plan) if plan is not None else None
         if picture is None:
             log.info("scalingattn: %s chooses its masks at run time: no mask picture", site.name)
             continue
@@ -63,11 +62,13 @@ def shown_steps(steps: int, count: int = MASK_STEPS) -> list[int]:
     return sorted(set(torch.linspace(0, steps - 1, min(count, steps)).round().long().tolist()))
 
 
-def _masks_picture(report: "PassReport", name: str, plan: SitePlan, kv_len: int) -> "Image.Image | None":
+def _masks_picture(report: "PassReport", site: "SiteReport", plan: SitePlan) -> "Image.Image | None":
+    name, kv_len = site.name, site.kv_len
     timesteps = report.step_timesteps
     steps = shown_steps(len(timesteps)) if timesteps is not None else [0]
-    if isinstance(plan, MaskPlan) and plan.static:
-        steps = steps[:1]  # every step has the same masks
+    densities = plan.step_head_densities(site.shape[2], kv_len)
+    if densities is not None and bool((densities == densities[:1]).all()):
+        steps = steps[:1]  # every step keeps the same fractions: the plan's masks do not vary by step
     rows = []
     for step in steps:
         words = plan.masks_at(float(timesteps[step])) if timesteps is not None else None
@@ -108,12 +109,11 @@ def density_cube(report: "PassReport") -> tuple[list[str], list[torch.Tensor]]:
     names, cubes = [], []
     for site in report.sparse_sites:
         plan = report.plans.get(site.name)
-        if not isinstance(plan, MaskPlan):
+        densities = plan.step_head_densities(site.shape[2], site.kv_len) if plan is not None else None
+        if densities is None:  # masks chosen at run time
             continue
-        q_len = site.shape[2]
-        kept = kept_pair_fraction(plan.block_masks, q_len, site.kv_len)  # (L, H)
         names.append(site.name)
-        cubes.append(torch.gather(kept, 0, plan.level_index.to(torch.int64)))  # (steps, H)
+        cubes.append(densities)  # (steps, H)
     return names, cubes
 
 

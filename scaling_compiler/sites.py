@@ -60,6 +60,11 @@ class SitePlan(abc.ABC):
     def summary(self, site: "Site") -> SitePlanSummary:
         """The plan as the report shows it."""
 
+    def step_head_densities(self, q_len: int, kv_len: int) -> torch.Tensor | None:
+        """float64 (steps, H): the fraction of token pairs each head keeps at each step; None where
+        masks are chosen at run time."""
+        return None
+
     def masks_at(self, timestep: float) -> torch.Tensor | None:
         """Packed masks (H, Nq, W) this site uses at `timestep`; None where masks are chosen at run time."""
         return None

@@ -72,9 +72,12 @@ class MaskPlan(SitePlan):
         steps = self.step_timesteps[: self.level_index.shape[0]]  # a static plan has one step
         return pick_step_masks(self.words, self.level_index, torch.tensor([float(timestep)]), steps)
 
+    def step_head_densities(self, q_len: int, kv_len: int) -> torch.Tensor:
+        per_level = kept_pair_fraction(self.block_masks, q_len, kv_len)  # (L, H)
+        return torch.gather(per_level, 0, self.level_index.to(torch.int64))  # (steps, H)
+
     def summary(self, site: Site) -> SitePlanSummary:
-        per_level = kept_pair_fraction(self.block_masks, site.q_len, site.kv_len)  # (L, H)
-        per_step = torch.gather(per_level, 0, self.level_index)  # (steps, H)
+        per_step = self.step_head_densities(site.q_len, site.kv_len)
         return SitePlanSummary(
             reason=self.reason, head_densities=per_step.mean(0).tolist(), head_recall=self.recall,
             step_densities=self.step_densities(), predicted_ms=self.predicted_ms, dense_ms=self.dense_ms,
