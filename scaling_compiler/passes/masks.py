@@ -88,6 +88,20 @@ class _Prover:
             return None
         return frozenset(({"q"} if rows != 1 else set()) | ({"k"} if cols != 1 else set()))
 
+    def _through_layout(self, node: torch.fx.Node, depth: int, walk) -> tuple[bool, Sides | None]:
+        """A broadcast, a reshape that adds or drops unit dims, or a swap of the last two dims keeps
+        which (query, key) pairs a mask allows: (True, the input's sides as `walk` finds them, swapped
+        where the op swaps), else (False, None)."""
+        args = node.args
+        if _is(node, {torch.broadcast_to}, _BROADCASTS) and self._broadcast_of(args[0], node):
+            return True, walk(args[0], depth + 1)
+        if _is(node, set(), _RESHAPES) and self._unit_reshape_of(args[0], node):
+            return True, walk(args[0], depth + 1)
+        if self._last_two_swapped(node):
+            inner = walk(args[0], depth + 1)
+            return True, None if inner is None else _swap(inner)
+        return False, None
+
     def nonzero(self, node: Any, depth: int = 0) -> Sides | None:
         """Sides of a bool/integer node whose nonzero pattern is an AND of one-sided patterns."""
         if depth > _MAX_DEPTH or not isinstance(node, torch.fx.Node):
@@ -104,13 +118,9 @@ class _Prover:
             return self._product(args, depth, need_bool=not logical)
         if _is(node, _MUL, _MUL_METHODS) and len(args) == 2:
             return self._product(args, depth, need_bool=False)
-        if _is(node, {torch.broadcast_to}, _BROADCASTS) and self._broadcast_of(args[0], node):
-            return self.nonzero(args[0], depth + 1)
-        if _is(node, set(), _RESHAPES) and self._unit_reshape_of(args[0], node):
-            return self.nonzero(args[0], depth + 1)
-        if self._last_two_swapped(node):
-            inner = self.nonzero(args[0], depth + 1)
-            return None if inner is None else _swap(inner)
+        handled, sides = self._through_layout(node, depth, self.nonzero)
+        if handled:
+            return sides
         source = _value(args[0]) if args else None
         if _is(node, set(), {"bool", "to", "type", "int", "long"}) and isinstance(source, torch.Tensor) \
                 and not source.is_floating_point():
@@ -160,13 +170,9 @@ class _Prover:
             if _value(args[0]).is_floating_point():
                 return self.allowed(args[0], depth + 1)  # float -> float keeps 0 and -inf
             return None  # bool -> float gives 0/1: not a mask SDPA reads as padding
-        if _is(node, {torch.broadcast_to}, _BROADCASTS) and self._broadcast_of(args[0], node):
-            return self.allowed(args[0], depth + 1)
-        if _is(node, set(), _RESHAPES) and self._unit_reshape_of(args[0], node):
-            return self.allowed(args[0], depth + 1)
-        if self._last_two_swapped(node):
-            inner = self.allowed(args[0], depth + 1)
-            return None if inner is None else _swap(inner)
+        handled, sides = self._through_layout(node, depth, self.allowed)
+        if handled:
+            return sides
         return None
 
     def _negated(self, node: Any, depth: int) -> Sides | None:
