@@ -73,8 +73,7 @@ class MaskPlan(SitePlan):
         return pick_step_masks(self.words, self.level_index, torch.tensor([float(timestep)]), steps)
 
     def step_head_densities(self, q_len: int, kv_len: int) -> torch.Tensor:
-        per_level = kept_pair_fraction(self.block_masks, q_len, kv_len)  # (L, H)
-        return torch.gather(per_level, 0, self.level_index.to(torch.int64))  # (steps, H)
+        return step_head_fraction(self.block_masks, self.level_index, q_len, kv_len)
 
     def summary(self, site: Site) -> SitePlanSummary:
         per_step = self.step_head_densities(site.q_len, site.kv_len)
@@ -92,8 +91,7 @@ def build_plan(site: Site, block_masks: torch.Tensor, densities: tuple[float, ..
     densities asked for: on a coarse block grid the two differ (2x2 blocks cannot keep 20%), and a
     prediction from the asked density would promise speed the masks cannot give.
     """
-    kept = kept_pair_fraction(block_masks, site.q_len, site.kv_len)  # (L, H)
-    per_head = torch.gather(kept, 0, level_index.to(torch.int64))  # (steps, H)
+    per_head = step_head_fraction(block_masks, level_index, site.q_len, site.kv_len)  # (steps, H)
     predicted = sum(cost.sparse_ms(site.dense_flops, row) for row in per_head) / len(per_head)
     return MaskPlan(densities, block_masks, level_index.contiguous(), step_timesteps, reason, recall,
                     predicted, cost.dense_ms(site.dense_flops))
@@ -122,6 +120,13 @@ def median_step_mask(masks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     heads = torch.arange(index.shape[1])
     median_step = index.double().mean(-1).argsort()[len(index) // 2]
     return masks[index[median_step], heads]
+
+
+def step_head_fraction(block_masks: torch.Tensor, level_index: torch.Tensor, q_len: int, kv_len: int
+                       ) -> torch.Tensor:
+    """float64 (steps, H): the fraction of token pairs each head keeps at each step, from the masks at
+    each level (L, H, Nq, Nk) and each step's level per head (steps, H)."""
+    return torch.gather(kept_pair_fraction(block_masks, q_len, kv_len), 0, level_index.to(torch.int64))
 
 
 def kept_pair_fraction(block_mask: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
