@@ -1,14 +1,17 @@
 """The custom ops that rewritten graphs call.
 
-- `torch.ops.scaling_compiler.block_sparse_attention`: attention over given block masks (WEST+FAST).
+- `torch.ops.scaling_compiler.block_sparse_attention`: attention over given block masks (WEST+FAST),
+  differentiable in q, k, v: it is `block_sparse_attention_lse` (out and lse, with an autograd
+  formula calling `block_sparse_attention_backward`) without the lse.
 - `torch.ops.scaling_compiler.step_masks`: the current step's masks, picked from the timestep in-graph.
 
 (A policy's own run-time op lives with the policy: `policies/dfsattn/op.py`.)
 
 Each is a `torch.library.custom_op` with a fake implementation, so dynamo/AOT/inductor treat it
-as one opaque node and compile everything around it (fullgraph=True holds). Sparse attention
-runs what `kernels.dispatch` picks: the Triton kernel for CUDA tensors it supports, otherwise a
-block-wise PyTorch implementation that never materialises an Sq x Sk matrix.
+as one opaque node and compile everything around it (fullgraph=True holds), in the forward and
+the backward graph. Sparse attention runs what `kernels.dispatch` picks: the Triton kernels for
+CUDA tensors they support, otherwise a block-wise PyTorch implementation that never
+materialises an Sq x Sk matrix.
 """
 from __future__ import annotations
 
@@ -21,29 +24,83 @@ from .kernels import dispatch
 log = logging.getLogger(__name__)
 
 
-@torch.library.custom_op("scaling_compiler::block_sparse_attention", mutates_args=())
-def block_sparse_attention_op(
+@torch.library.custom_op("scaling_compiler::block_sparse_attention_lse", mutates_args=())
+def block_sparse_attention_lse(
     q: torch.Tensor,  # (B, H, Sq, D), any strides
     k: torch.Tensor,  # (B, H, Sk, D)
     v: torch.Tensor,  # (B, H, Sk, D)
     mask_words: torch.Tensor,  # int32 (H, Nq, W) or (B, H, Nq, W): bit-packed 128x128 block mask
     scale: float,
     key_padding: torch.Tensor | None = None,  # bool (B or 1, Sk): False marks keys to ignore
-) -> torch.Tensor:  # (B, H, Sq, D), contiguous
-    """Attention of q over the kept 128x128 key blocks (softmax renormalised over them).
+) -> tuple[torch.Tensor, torch.Tensor]:  # out (B, H, Sq, D) contiguous, lse float32 (B, H, Sq)
+    """Attention of q over the kept 128x128 key blocks, and the natural-log log-sum-exp of its
+    scores. A query row with no kept key returns zeros and lse = -inf. Differentiable in q, k, v
+    (through out and lse); the mask and padding are constants."""
+    out, lse = dispatch.block_sparse_attention(q, k, v, mask_words, scale, key_padding)
+    return out.contiguous(), lse
 
-    A query row with no kept key returns zeros.
-    """
-    return sparse_attention(q, k, v, mask_words, scale, key_padding)
 
-
-@block_sparse_attention_op.register_fake
+@block_sparse_attention_lse.register_fake
 def _(q, k, v, mask_words, scale, key_padding=None):
-    return q.new_empty(q.shape)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("scaling_compiler::block_sparse_attention_backward", mutates_args=())
+def block_sparse_attention_backward(
+    grad_out: torch.Tensor,  # (B, H, Sq, D)
+    grad_lse: torch.Tensor | None,  # float32 (B, H, Sq), or None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask_words: torch.Tensor,
+    scale: float,
+    key_padding: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # dq, dk, dv (contiguous)
+    """The backward of `block_sparse_attention_lse`: an op of its own, so that AOTAutograd puts one
+    opaque node in the backward graph."""
+    return dispatch.block_sparse_attention_backward(q, k, v, out, lse, grad_out, mask_words, scale,
+                                                    key_padding=key_padding, grad_lse=grad_lse)
+
+
+@block_sparse_attention_backward.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, mask_words, scale, key_padding=None):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask_words, scale, key_padding = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask_words, key_padding)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, mask_words, key_padding = ctx.saved_tensors
+    dq, dk, dv = block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse, mask_words, ctx.scale,
+                                                 key_padding)
+    return dq, dk, dv, None, None, None
+
+
+block_sparse_attention_lse.register_autograd(_backward, setup_context=_setup_context)
+
+# The op the rewritten graphs call: `block_sparse_attention_lse` without the lse. Composite, so
+# AOTAutograd traces it into that op (and its backward) while its callers keep one output.
+_LIB = torch.library.Library("scaling_compiler", "FRAGMENT")
+_LIB.define("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor mask_words, float scale, "
+            "Tensor? key_padding=None) -> Tensor")
+
+
+@torch.library.impl(_LIB, "block_sparse_attention", "CompositeImplicitAutograd")
+def block_sparse_attention_op(q, k, v, mask_words, scale, key_padding=None):
+    """Attention of q over the kept 128x128 key blocks (softmax renormalised over them): the
+    output of `block_sparse_attention_lse`. A query row with no kept key returns zeros."""
+    return torch.ops.scaling_compiler.block_sparse_attention_lse(q, k, v, mask_words, scale, key_padding)[0]
 
 
 def sparse_attention(q, k, v, mask_words, scale, key_padding) -> torch.Tensor:
-    """The op's body (also DFSAttn's on its sparse steps): (B, H, Sq, D), contiguous."""
+    """The forward alone, outside autograd (DFSAttn's op on its sparse steps): (B, H, Sq, D), contiguous."""
     out, _ = dispatch.block_sparse_attention(q, k, v, mask_words, scale, key_padding)
     return out.contiguous()
 

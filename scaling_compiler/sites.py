@@ -93,6 +93,7 @@ class Site:
     token_grid: tuple[int, int, int] | None  # (frames, height, width) of the video tokens
     grid_source: str  # where token_grid came from, or why it is unknown
     text_spans: tuple[tuple[int, int], ...]  # token ranges [start, end) of text in joint attention
+    requires_grad: bool = False  # q, k or v requires grad: the graph is a training graph (autograd runs the backward)
     # --- detection, policy admission or planning: why the site stays dense (None: it can be rewritten) ---
     dense_reason: str | None = None
     # the mask is separable (passes/masks.py): key padding (in mask_node) plus query padding, whose

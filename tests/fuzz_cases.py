@@ -118,7 +118,7 @@ class Call:
 
     def supported(self, c: Config) -> bool:
         """The test's own rule (not the library's): which calls may be reported sparse."""
-        if c.grad or c.dtype == "fp64" or not 16 <= c.head_dim <= 128 or c.layout == "three_d":
+        if c.dtype == "fp64" or not 16 <= c.head_dim <= 128 or c.layout == "three_d":
             return False
         if not self.self_attention or c.kv_heads != c.heads:
             return False

@@ -8,7 +8,6 @@ import scaling_compiler
 from scaling_compiler import Config, ScalingAttnBackend, cli
 from scaling_compiler.demo import zoo
 from scaling_compiler.kernels.bitmask import pack_block_mask
-from scaling_compiler.ops import block_sparse_attention_op
 
 GRID = (3, 24, 24)
 
@@ -242,17 +241,6 @@ def test_cli_rejects_unknown_model(capsys):
     assert cli.main(["inspect", "NoSuchModel"]) == 2  # a command-line mistake: one line, argparse's status
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("scalingattn inspect: error: unknown model 'NoSuchModel'") and "WanTransformer3DModel" in line
-
-
-@pytest.mark.parametrize("batch_masks", [False, True])
-def test_op_registration(batch_masks):
-    """torch.library.opcheck: schema, fake tensor and autograd-registration checks of the op."""
-    q, k, v = (torch.randn(2, 2, 200, 64) for _ in range(3))
-    block_mask = torch.rand((2, 2, 2, 2) if batch_masks else (2, 2, 2)) > 0.3
-    block_mask[..., 0] = True
-    key_padding = torch.rand(2, 200) > 0.2
-    torch.library.opcheck(block_sparse_attention_op, (q, k, v, pack_block_mask(block_mask), 0.125, key_padding))
-    torch.library.opcheck(block_sparse_attention_op, (q, k, v, pack_block_mask(block_mask), 0.125, None))
 
 
 def test_public_names():

@@ -80,7 +80,7 @@ def test_checks_catch_an_op_that_ignores_its_masks(monkeypatch):
     (dict(training=True), False),  # dropout "train_only" draws in train mode
     (dict(kv_heads=1), False),
     (dict(layout="three_d"), False),
-    (dict(grad=True), False),
+    (dict(grad=True), True),  # the op has a backward
     (dict(structure="cross"), False),
 ])
 def test_oracle_of_supported_calls(change, supported):

@@ -9,10 +9,12 @@ The one place that knows the device rules (detection asks `unsupported_reason`, 
 - Other devices run the block-wise PyTorch path (`kernels/reference.py`). Both take a boolean
   key-padding mask (the Triton kernel as a compile-time switch, so unpadded calls are unchanged).
 
+The backward (`block_sparse_attention_backward`) is picked by the same rules: the Triton backward
+(`kernels/triton/block_sparse_attention_bwd.py`, pointer loads on every GPU) or the block-wise
+torch backward; `ops.py` registers it as the op's autograd formula.
+
 Where a new implementation goes: a member of `Implementation`, a branch in `implementation_for`
-and in `block_sparse_attention`, and its own rows in the cost tables. A backward kernel
-(`kernels/triton/block_sparse_attention_bwd.py`) gets a `block_sparse_attention_backward` here,
-picked by the same rules, which `ops.py` registers with `torch.library.register_autograd`.
+and in both functions here, and its own rows in the cost tables.
 """
 from __future__ import annotations
 
@@ -21,14 +23,15 @@ import logging
 
 import torch
 
-from .reference import blockwise_attention
+from .reference import blockwise_attention, blockwise_attention_backward
 from .triton import block_sparse_attention as triton_forward
+from .triton import block_sparse_attention_bwd as triton_backward
 
 log = logging.getLogger(__name__)
 
 
 class Implementation(str, enum.Enum):
-    """An implementation of the block-sparse attention forward (keys of the cost tables)."""
+    """An implementation of block-sparse attention (keys of the cost tables, with a direction)."""
     TRITON_TMA = "triton_tma"  # Triton kernel, K/V through TMA descriptors (capability >= 9)
     TRITON_POINTER = "triton_pointer"  # the same kernel with pointer loads (Ampere, Ada, odd layouts)
     TORCH_BLOCKWISE = "torch_blockwise"  # pure PyTorch, block by block (CPU and other devices)
@@ -97,3 +100,31 @@ def block_sparse_attention(
         return blockwise_attention(q, k, v, mask_words, scale, key_padding=key_padding)
     return triton_forward.block_sparse_attention(q, k, v, mask_words, scale, key_padding=key_padding,
                                                  use_tma=implementation is Implementation.TRITON_TMA)
+
+
+def block_sparse_attention_backward(
+    q: torch.Tensor,  # (B, H, Sq, D), any strides
+    k: torch.Tensor,  # (B, H, Sk, D)
+    v: torch.Tensor,  # (B, H, Sk, D)
+    out: torch.Tensor,  # (B, H, Sq, D): the forward's output
+    lse: torch.Tensor,  # float32 (B, H, Sq): the forward's lse
+    grad_out: torch.Tensor,  # (B, H, Sq, D)
+    mask_words: torch.Tensor,  # the forward's mask
+    scale: float,
+    key_padding: torch.Tensor | None = None,
+    grad_lse: torch.Tensor | None = None,  # float32 (B, H, Sq), or None when lse has no gradient
+    *,
+    implementation: Implementation | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # dq, dk, dv: contiguous, in q's dtype
+    """Gradients of `block_sparse_attention` by the implementation `implementation_for` picks.
+
+    Both Triton implementations of the forward share one backward (pointer loads): TMA and
+    pointer paths differ only in how the forward reads K/V.
+    """
+    if implementation is None:
+        implementation = implementation_for(q, k, v, key_padding is not None)
+    if Implementation(implementation) is Implementation.TORCH_BLOCKWISE:
+        return blockwise_attention_backward(q, k, v, out, lse, grad_out, mask_words, scale,
+                                            key_padding=key_padding, grad_lse=grad_lse)
+    return triton_backward.block_sparse_attention_backward(q, k, v, out, lse, grad_out, mask_words, scale,
+                                                           key_padding=key_padding, grad_lse=grad_lse)

@@ -139,6 +139,7 @@ def _new_site(node, pattern, q, k, v, scale) -> Site | None:
         scale=float(resolved_scale) if isinstance(resolved_scale, (int, float)) else None,
         attn_mask=None, key_padding=False, is_causal=False, dropout_p=0.0, token_grid=None,
         grid_source="unknown", text_spans=(), node=node, q_node=q, k_node=k, v_node=v,
+        requires_grad=any(t.requires_grad for t in (qv, kv, vv)),
     )
 
 
@@ -304,8 +305,6 @@ def _dense_reason(site: Site) -> str | None:
     if site.scale is None:
         return "scale is not a compile-time constant"
     q, k, v = (_value(n) for n in (site.q_node, site.k_node, site.v_node))
-    if any(t.requires_grad for t in (q, k, v)):
-        return "inputs require grad (the sparse op has no backward yet)"
     if not (q.dtype == k.dtype == v.dtype):
         return f"mixed dtypes {q.dtype}, {k.dtype}, {v.dtype}"
     reason = unsupported_reason(q, k, v, key_padding=site.key_padding)

@@ -69,6 +69,36 @@ _LN2: tl.constexpr = tl.constexpr(LN2)
 # Inner loop: tiles lo..hi of the kept-block list (each kept 128-key block = SPLIT tiles).
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _locate_program(pid, H, N_BLOCKS, SPLIT: tl.constexpr, TILE: tl.constexpr,  #
+                    Order, Cnt, Idx, IDX_STRIDE, stride_rz, stride_rh):
+    """Program ``pid`` -> (its (batch * H + head), batch, head, first token of its tile, the block
+    list it walks, that list's length). Programs of one head are adjacent; within a head ``Order``
+    lists the mask rows (columns, for the backward's dk/dv) heaviest first."""
+    n_tiles = N_BLOCKS * SPLIT
+    off_hz = pid // n_tiles
+    off_z = off_hz // H
+    off_h = off_hz % H
+    slot = pid % n_tiles
+    mask_hz = off_z * stride_rz + off_h * stride_rh
+    row = mask_hz * N_BLOCKS + tl.load(Order + mask_hz * N_BLOCKS + slot // SPLIT)
+    start = (row - mask_hz * N_BLOCKS) * MASK_BLOCK + (slot % SPLIT) * TILE
+    return off_hz, off_z, off_h, start, Idx + row.to(tl.int64) * IDX_STRIDE, tl.load(Cnt + row)
+
+
+@triton.jit
+def _split_tail(idx_ptr, n_kept, SPLIT: tl.constexpr, N, TAIL_TILES: tl.constexpr):
+    """(tiles of the list, tiles before its partial last block): the list is ascending, so only its
+    last block can be the partial one (N % 128 != 0); it gets a separate masked loop."""
+    n_tiles = n_kept * SPLIT
+    n_main = n_tiles
+    if TAIL_TILES > 0:
+        last = tl.load(idx_ptr + tl.maximum(n_kept - 1, 0))
+        has_tail = (n_kept > 0) & (last == N // MASK_BLOCK)
+        n_main = n_tiles - has_tail.to(tl.int32) * SPLIT
+    return n_tiles, n_main
+
+
+@triton.jit
 def _tile_start(kv_idx_ptr, i, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
     i = tl.cast(i, tl.int32)  # a no-op when compiled; a Python int in the interpreter
     kb = tl.load(kv_idx_ptr + i // SPLIT)
@@ -169,22 +199,13 @@ def _attn_fwd(Q, K, V, desc_k, desc_v, Out, LSE,  #
     ROWS_PER_MASK: tl.constexpr = MASK_BLOCK // BLOCK_M  # query tiles per mask row
     dtype = Out.dtype.element_ty
 
-    n_q_tiles = N_Q_BLOCKS * ROWS_PER_MASK
-    pid = tl.program_id(0)
-    off_hz = pid // n_q_tiles
-    off_z = off_hz // H
-    off_h = off_hz % H
-    slot = pid % n_q_tiles
-    mask_hz = off_z * stride_rz + off_h * stride_rh
-    mask_row = mask_hz * N_Q_BLOCKS + tl.load(Order + mask_hz * N_Q_BLOCKS + slot // ROWS_PER_MASK)
-    start_m = (mask_row - mask_hz * N_Q_BLOCKS) * ROWS_PER_MASK + slot % ROWS_PER_MASK
-    kv_idx_ptr = KvIdx + mask_row.to(tl.int64) * IDX_STRIDE
-    n_kept = tl.load(KvCnt + mask_row)
+    off_hz, off_z, off_h, start_m, kv_idx_ptr, n_kept = _locate_program(
+        tl.program_id(0), H, N_Q_BLOCKS, ROWS_PER_MASK, BLOCK_M, Order, KvCnt, KvIdx, IDX_STRIDE, stride_rz, stride_rh)
 
     q_off = off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
     k_off = off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
     v_off = off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
 
@@ -207,14 +228,8 @@ def _attn_fwd(Q, K, V, desc_k, desc_v, Out, LSE,  #
     v_ptrs = V + v_off + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vk
     pad_ptr = KeyPad + off_z.to(tl.int64) * stride_pz
 
-    # the list is ascending, so only its last block can be the partial key block: it gets a
-    # separate masked loop and the main loop runs without masks
-    n_tiles = n_kept * SPLIT
-    n_main = n_tiles
-    if K_TAIL_TILES > 0:
-        last = tl.load(kv_idx_ptr + tl.maximum(n_kept - 1, 0))
-        has_tail = (n_kept > 0) & (last == N_K // MASK_BLOCK)
-        n_main = n_tiles - has_tail.to(tl.int32) * SPLIT
+    # the main loop runs without masks; the partial last key block (if kept) gets a masked loop
+    n_tiles, n_main = _split_tail(kv_idx_ptr, n_kept, SPLIT, N_K, K_TAIL_TILES)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v,  #
                                     k_row0, k_col0, v_row0, v_col0, stride_kn, stride_vn,  #
                                     kv_idx_ptr, 0, n_main, N_K, qk_scale, offs_n, offs_d, pad_ptr,  #

@@ -62,3 +62,50 @@ def prepare_block_lists(mask_words: torch.Tensor, kv_len: int, lpt_order: bool =
         order = torch.arange(nq, dtype=torch.int32, device=mask_words.device).expand(kv_cnt.shape)
     return BlockLists(kv_idx, kv_cnt, order.contiguous())
 
+
+
+@triton.jit
+def _decode_mask_columns(Words, QIdx, QCnt,  #
+                         N_Q_BLOCKS, N_K_BLOCKS, N_WORDS,  #
+                         NQ_PAD: tl.constexpr):
+    # one program per (mask row group g, key block kb): which query blocks of g keep kb
+    g = tl.program_id(0).to(tl.int64)
+    kb = tl.program_id(1)
+    offs = tl.arange(0, NQ_PAD)
+    in_col = offs < N_Q_BLOCKS
+    words = tl.load(Words + (g * N_Q_BLOCKS + offs) * N_WORDS + kb // 32, mask=in_col, other=0)
+    bits = (words >> (kb % 32)) & 1
+    bits = tl.where(in_col, bits, 0)
+    pos = tl.cumsum(bits, 0) - bits
+    col = g * N_K_BLOCKS + kb
+    tl.store(QIdx + col * N_Q_BLOCKS + pos, offs, mask=bits != 0)
+    tl.store(QCnt + col, tl.sum(bits, 0))
+
+
+def decode_mask_columns(mask_words: torch.Tensor, num_k_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The column view of a packed mask, for the backward's pass over key blocks.
+
+    ``mask_words`` int32 ``(..., Nq, W)`` -> ``q_idx`` int32 ``(..., Nk, Nq)`` whose first
+    ``q_cnt[..., c]`` entries of column c are the query blocks keeping key block c, ascending,
+    and ``q_cnt`` int32 ``(..., Nk)``. Decoded from the same words as the rows (no transpose of
+    the mask is stored); one tiny launch, no host sync.
+    """
+    nq, nw = mask_words.shape[-2:]
+    words = mask_words.reshape(-1, nq, nw).contiguous()
+    groups = words.shape[0]
+    q_idx = torch.empty((groups, num_k_blocks, nq), dtype=torch.int32, device=words.device)
+    q_cnt = torch.empty((groups, num_k_blocks), dtype=torch.int32, device=words.device)
+    if groups > 0 and nq > 0:
+        _decode_mask_columns[(groups, num_k_blocks)](words, q_idx, q_cnt, nq, num_k_blocks, nw,
+                                                     NQ_PAD=max(16, triton.next_power_of_2(nq)), num_warps=4)
+    lead = mask_words.shape[:-2]
+    return q_idx.reshape(*lead, num_k_blocks, nq), q_cnt.reshape(*lead, num_k_blocks)
+
+
+def prepare_column_lists(mask_words: torch.Tensor, kv_len: int) -> BlockLists:
+    """The backward's column lists: per (head, key block) the query blocks that keep it, each
+    head's key blocks ordered heaviest first. Fields as in :class:`BlockLists`, over columns:
+    ``kv_idx`` holds query-block indices ``(..., Nk, Nq)``, ``kv_cnt`` and ``order`` are ``(..., Nk)``."""
+    q_idx, q_cnt = decode_mask_columns(mask_words, num_blocks(kv_len))
+    order = torch.argsort(q_cnt, dim=-1, descending=True, stable=True).to(torch.int32)
+    return BlockLists(q_idx, q_cnt, order.contiguous())

@@ -101,6 +101,8 @@ class DFSAttnPolicy(Policy):
                 site.dense_reason = "DFSAttn needs the model's timestep input to follow its step plan"
             elif layer in self.options.dense_layers:
                 site.dense_reason = f"DFSAttn dense layer {layer} (option dense_layers)"
+            elif site.requires_grad:
+                site.dense_reason = "inputs require grad (DFSAttn's run-time scoring has no backward)"
 
     def plan(self, graph: GraphRecord) -> None:
         config = self.config
