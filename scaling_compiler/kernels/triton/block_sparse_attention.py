@@ -340,6 +340,26 @@ def _tma_2d_view(t: torch.Tensor, head_dim: int):
     return base, ss
 
 
+def gpu_has_tma(device: torch.device) -> bool:
+    """Whether tiles can come through host-side TMA descriptors on ``device`` (the interpreter emulates them)."""
+    return TensorDescriptor is not None and (
+        interpreting() or torch.cuda.get_device_capability(device)[0] >= TMA_MIN_CAPABILITY)
+
+
+def tma_descriptors(a: torch.Tensor, b: torch.Tensor, use_tma: bool, head_dim_pad: int):
+    """TMA descriptors of two ``(B, H, S, D)`` tensors that a kernel streams tile by tile.
+
+    Returns ``(True, (desc_a, ld_a), (desc_b, ld_b))`` when ``use_tma`` and both layouts allow
+    (:func:`_tma_2d_view`; the head dim a power of two), else ``(False, (None, 1), (None, 1))``
+    and the kernel uses pointer loads. The block shape is set per launch config (pre-hooks).
+    """
+    D = a.shape[3]
+    views = (_tma_2d_view(a, D), _tma_2d_view(b, D)) if use_tma and D == head_dim_pad else (None, None)
+    if views[0] is None or views[1] is None:
+        return False, (None, 1), (None, 1)
+    return True, *((TensorDescriptor(base, list(base.shape), [ld, 1], [64, head_dim_pad]), ld) for base, ld in views)
+
+
 def _padding_argument(key_padding: torch.Tensor | None, batch: int, kv_len: int, device: torch.device,
                       placeholder: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The kernel's KeyPad pointer (uint8 (B or 1, Sk), a view of the bool mask) and its batch stride;
@@ -420,19 +440,9 @@ def block_sparse_attention(
     if kv_idx.shape != (*mask_words.shape[:-1], nk) or order.shape != mask_words.shape[:-1]:
         raise ValueError("block_lists do not match mask_words")
 
-    k_tma = v_tma = None
     if use_tma is None:
-        use_tma = TensorDescriptor is not None and (
-            interpreting() or torch.cuda.get_device_capability(q.device)[0] >= TMA_MIN_CAPABILITY)
-    if use_tma and D == head_dim_pad:
-        k_tma, v_tma = _tma_2d_view(k, D), _tma_2d_view(v, D)
-    use_tma = k_tma is not None and v_tma is not None
-    desc_k = desc_v = None
-    k_ld = v_ld = 1
-    if use_tma:  # block_shape is set per config (pre-hook)
-        (k_base, k_ld), (v_base, v_ld) = k_tma, v_tma
-        desc_k = TensorDescriptor(k_base, list(k_base.shape), [k_ld, 1], [64, head_dim_pad])
-        desc_v = TensorDescriptor(v_base, list(v_base.shape), [v_ld, 1], [64, head_dim_pad])
+        use_tma = gpu_has_tma(q.device)
+    use_tma, (desc_k, k_ld), (desc_v, v_ld) = tma_descriptors(k, v, use_tma, head_dim_pad)
 
     def k_tail_tiles(block_n):
         rem = Sk % BLOCK_SIZE

@@ -103,9 +103,22 @@ def decode_mask_columns(mask_words: torch.Tensor, num_k_blocks: int) -> tuple[to
 
 
 def prepare_column_lists(mask_words: torch.Tensor, kv_len: int) -> BlockLists:
-    """The backward's column lists: per (head, key block) the query blocks that keep it, each
-    head's key blocks ordered heaviest first. Fields as in :class:`BlockLists`, over columns:
-    ``kv_idx`` holds query-block indices ``(..., Nk, Nq)``, ``kv_cnt`` and ``order`` are ``(..., Nk)``."""
+    """The backward's column lists: per (mask group, key block) the query blocks that keep it.
+
+    Fields as in :class:`BlockLists`, over columns: ``kv_idx`` holds query-block indices
+    ``(..., Nk, Nq)``, ``kv_cnt`` is ``(..., Nk)``; ``order`` is one flat permutation of all
+    columns (``(G * Nk,)``, G the mask's leading size) in launch order: columns kept by at least
+    twice their head's mean number of query blocks (global blocks, attention sinks) first,
+    heaviest first, across all heads; then head by head (that head's q and do stay in L2),
+    heaviest first. Launched head by head, one sink column per head would start last and finish
+    long after the others.
+    """
     q_idx, q_cnt = decode_mask_columns(mask_words, num_blocks(kv_len))
-    order = torch.argsort(q_cnt, dim=-1, descending=True, stable=True).to(torch.int32)
+    counts = q_cnt.reshape(-1, q_cnt.shape[-1]).to(torch.int64)  # (G, Nk)
+    groups, nk = counts.shape
+    heavy = counts >= 2 * counts.float().mean(-1, keepdim=True).clamp_min(1.0)
+    group = torch.arange(groups, device=counts.device)[:, None].expand(groups, nk)
+    # descending sort key: heavy columns by count, then the rest by (group ascending, count descending)
+    key = torch.where(heavy, (groups + 1) << 32 | counts, (groups - group) << 32 | counts)
+    order = torch.argsort(key.reshape(-1), descending=True, stable=True).to(torch.int32)
     return BlockLists(q_idx, q_cnt, order.contiguous())
