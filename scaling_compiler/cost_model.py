@@ -9,8 +9,10 @@ The fixed costs matter at small sizes: the sparse op pays a mask decode, the per
 predicted 4x; with fitted overheads such sites are predicted slower and stay dense.
 
 Tables hold measured rows keyed by implementation (`kernels.dispatch.Implementation`, or `DENSE`)
-and direction ("forward"; "backward" once a backward kernel exists), each at one shape and
-density. The two lines are fitted by least squares on relative error over rows at several shapes,
+and direction ("forward", "backward"), each at one shape and density. The backward rows of our op
+are keyed by the pointer-load Triton backward that follows both Triton forwards
+(`dispatch.backward_implementation`), the dense ones time SDPA's backward alone. A training site
+is predicted by `CostModel.for_training`: the forward's and the backward's lines added. The two lines are fitted by least squares on relative error over rows at several shapes,
 small ones included, so the intercept is measured, not extrapolated. Where a model comes from
 (`CostModel.source`):
 
@@ -24,6 +26,8 @@ small ones included, so the intercept is measured, not extrapolated. Where a mod
   under `cache.cache_dir() / "cost_tables"`, keyed by GPU name, implementation, direction, torch
   and Triton versions.
 - "ideal: no GPU": CPU (and other) devices: sparse = density x dense, no overhead (ratios only).
+  A GPU without backward rows gets this ideal for its backward too (not measured on first use),
+  at `BACKWARD_FLOP_RATIO` times the forward's time per FLOP.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .kernels.dispatch import Implementation, device_implementation
+from .kernels.dispatch import Implementation, backward_implementation, device_implementation, implementation_for
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,7 @@ TABLE_FORMAT = 2
 DENSE = "sdpa"  # the dense rows' implementation key: F.scaled_dot_product_attention (cuDNN / flash)
 FORWARD, BACKWARD = "forward", "backward"
 DEFAULT_DENSE_FLOPS_PER_MS = 5.0e11  # 500 TFLOP/s: only ratios matter without a table
+BACKWARD_FLOP_RATIO = 2.5  # backward / forward matmul FLOPs of attention (5 products of Sq x Sk x D vs 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,21 +73,38 @@ class CostModel:
     def dense_ms(self, dense_flops: int) -> float:
         return self.dense_overhead_ms + dense_flops * self.dense_ms_per_flop
 
+    def plus(self, other: "CostModel") -> "CostModel":
+        """Running this and `other` once each per call (a training site: forward, then backward):
+        both lines add."""
+        return CostModel(f"{self.source} + {other.source}", self.sparse_ms_per_flop + other.sparse_ms_per_flop,
+                         self.sparse_overhead_ms + other.sparse_overhead_ms,
+                         self.dense_ms_per_flop + other.dense_ms_per_flop,
+                         self.dense_overhead_ms + other.dense_overhead_ms)
+
     @classmethod
     def for_device(cls, device: torch.device, implementation: Implementation | str | None = None,
                    direction: str = FORWARD) -> "CostModel":
         """The model for `device`: its committed table, else one measured now (once per GPU and
         setup, then cached), else (no GPU) the ideal. `implementation`: default the one
-        `kernels.dispatch` picks for the device."""
+        `kernels.dispatch` picks for the device; the backward's rows are those of the backward that
+        follows it (`dispatch.backward_implementation`)."""
         if device.type != "cuda":
-            return cls.ideal("ideal: no GPU")
+            return cls.ideal("ideal: no GPU", BACKWARD_FLOP_RATIO if direction == BACKWARD else 1.0)
         implementation = Implementation(implementation or device_implementation(device))
+        if direction == BACKWARD:
+            implementation = backward_implementation(implementation)
         index = device.index if device.index is not None else torch.cuda.current_device()
         return _for_gpu(torch.cuda.get_device_name(index), index, implementation.value, direction)
 
     @classmethod
-    def ideal(cls, source: str) -> "CostModel":
-        per_flop = 1.0 / DEFAULT_DENSE_FLOPS_PER_MS
+    def for_training(cls, device: torch.device, implementation: Implementation | str | None = None) -> "CostModel":
+        """The model of a site whose inputs require grad: forward plus backward, each from its rows."""
+        return cls.for_device(device, implementation, FORWARD).plus(cls.for_device(device, implementation, BACKWARD))
+
+    @classmethod
+    def ideal(cls, source: str, flop_ratio: float = 1.0) -> "CostModel":
+        """sparse = density x dense at 500 TFLOP/s over `flop_ratio` times the forward's FLOPs."""
+        per_flop = flop_ratio / DEFAULT_DENSE_FLOPS_PER_MS
         return cls(source, per_flop, 0.0, per_flop, 0.0)
 
     @classmethod
@@ -227,7 +249,7 @@ def _for_gpu(gpu: str, index: int, implementation: str, direction: str) -> CostM
             return model
         log.info("scalingattn: %s has no %s %s rows", committed, implementation, direction)
     if direction != FORWARD:
-        return CostModel.ideal(f"ideal: no measured {direction} rows for {gpu}")
+        return CostModel.ideal(f"ideal: no measured {direction} rows for {gpu}", BACKWARD_FLOP_RATIO)
     try:
         return measured_model(gpu, implementation, direction, op_timer(torch.device("cuda", index)))
     except Exception as error:  # noqa: BLE001 - planning goes on with the documented default
@@ -279,9 +301,8 @@ def measured_model(gpu: str, implementation: str, direction: str, measure: Measu
 
 def measure_rows(implementation: str, direction: str, measure: Measure, shapes: Iterable[Shape] = MEASURE_SHAPES,
                  densities: Iterable[float] = MEASURE_DENSITIES, dense: bool = True) -> list[dict]:
-    """Rows for `implementation` and (with `dense`) the dense baseline at each shape."""
-    if direction != FORWARD:
-        raise ValueError(f"only the forward can be measured yet, not {direction!r}")
+    """Rows for `implementation` and (with `dense`) the dense baseline at each shape, labelled
+    `direction` (`measure` times that direction: `op_timer(..., direction=...)`)."""
     rows = []
     shapes = list(shapes)
     for i, shape in enumerate(shapes):
@@ -297,9 +318,11 @@ def measure_rows(implementation: str, direction: str, measure: Measure, shapes: 
 
 
 def op_timer(device: torch.device, time_fn: Callable[[Callable[[], object]], float] | None = None,
-             dtype: torch.dtype = torch.bfloat16) -> Measure:
+             dtype: torch.dtype = torch.bfloat16, direction: str = FORWARD) -> Measure:
     """Times what a rewritten graph runs per site: `ops.step_masks` then the sparse op (the custom
     op when `implementation` is the device's own, else dispatch forced to it), or dense SDPA.
+    With `direction` BACKWARD: what autograd runs after them, the op's backward on the forward's
+    out / lse (the picked masks given), or SDPA's backward alone.
 
     Inputs are transposed views of (B, S, H, D), as diffusers passes them; masks are random per
     head. `time_fn(fn) -> ms` (default: CUDA events over back-to-back calls, so per-call host
@@ -324,6 +347,8 @@ def op_timer(device: torch.device, time_fn: Callable[[Callable[[], object]], flo
         g = torch.Generator().manual_seed(shape.S)
         scale = shape.D**-0.5
         if implementation == DENSE:
+            if direction == BACKWARD:
+                return 1.0, time_fn(_dense_backward(q, k, v, scale))
             return 1.0, time_fn(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale))
         nb = num_blocks(shape.S)
         keep = torch.rand(2, shape.H, nb, nb, generator=g) < density  # two density levels, the first one used
@@ -335,15 +360,49 @@ def op_timer(device: torch.device, time_fn: Callable[[Callable[[], object]], flo
         level_index = torch.zeros(steps, shape.H, dtype=torch.int64, device=device)
         timestep = torch.full((shape.B,), 500.0, device=device)
         step_times = torch.linspace(990.0, 10.0, steps, device=device)  # the picked step does not change the time
+        step_masks = torch.ops.scaling_compiler.step_masks
+        if direction == BACKWARD:
+            return actual, time_fn(_sparse_backward(q, k, v, step_masks(words, level_index, timestep, step_times),
+                                                    scale, implementation))
         if Implementation(implementation) is device_implementation(q.device):
             op = torch.ops.scaling_compiler.block_sparse_attention
         else:
             from .kernels import dispatch
             op = lambda q, k, v, w, s: dispatch.block_sparse_attention(q, k, v, w, s, implementation=implementation)
-        step_masks = torch.ops.scaling_compiler.step_masks
         return actual, time_fn(lambda: op(q, k, v, step_masks(words, level_index, timestep, step_times), scale))
 
     return measure
+
+
+def _upstream_grad(out: torch.Tensor) -> torch.Tensor:
+    """A fixed random gradient of the output (the same for the dense and the sparse timer)."""
+    g = torch.Generator(device=out.device).manual_seed(0)
+    return torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype)
+
+
+def _dense_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Callable[[], object]:
+    """SDPA's backward alone, repeatable: the forward's graph is kept (`retain_graph`)."""
+    import torch.nn.functional as F
+
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    grad_out = _upstream_grad(out)
+    return lambda: torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
+
+
+def _sparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, scale: float,
+                     implementation: str) -> Callable[[], object]:
+    """The op's backward alone on its forward's out / lse: the backward op where `implementation` is
+    the one it picks for these inputs, else dispatch forced to it."""
+    from .kernels import dispatch
+
+    out, lse = dispatch.block_sparse_attention(q, k, v, masks, scale)
+    grad_out = _upstream_grad(out)
+    if Implementation(implementation) is backward_implementation(implementation_for(q, k, v)):
+        op = torch.ops.scaling_compiler.block_sparse_attention_backward
+        return lambda: op(grad_out, None, q, k, v, out, lse, masks, scale)
+    return lambda: dispatch.block_sparse_attention_backward(q, k, v, out, lse, grad_out, masks, scale,
+                                                            implementation=implementation)
 
 
 def _cuda_time_ms(fn: Callable[[], object], rounds: int = 3, min_round_ms: float = 20.0) -> float:
@@ -364,22 +423,29 @@ def _cuda_time_ms(fn: Callable[[], object], rounds: int = 3, min_round_ms: float
     return sorted(timed(reps) for _ in range(rounds))[rounds // 2]
 
 
-def write_committed_table(out_dir: Path, implementations: Iterable[str] | None = None) -> Path:
-    """Measure this GPU's forward rows (every Triton implementation it runs, and SDPA) and write
-    them to `out_dir/<gpu>.json` (merged with rows already there)."""
+def write_committed_table(out_dir: Path, implementations: Iterable[str] | None = None,
+                          directions: Iterable[str] = (FORWARD, BACKWARD)) -> Path:
+    """Measure this GPU's rows (forward: every Triton implementation it runs; backward: the one
+    backward they share; SDPA in each direction) and write them to `out_dir/<gpu>.json` (merged
+    with rows already there)."""
     device = torch.device("cuda", torch.cuda.current_device())
     gpu = torch.cuda.get_device_name(device)
     if implementations is None:
         own = device_implementation(device)
         implementations = [own.value] + ([Implementation.TRITON_POINTER.value]
                                          if own is Implementation.TRITON_TMA else [])
-    measure = op_timer(device)
     rows: list[dict] = []
-    for i, implementation in enumerate(implementations):
-        rows += measure_rows(implementation, FORWARD, measure, dense=i == 0)
+    fitted = []
+    for direction in directions:
+        measure = op_timer(device, direction=direction)
+        own = list(implementations) if direction == FORWARD else \
+            list(dict.fromkeys(backward_implementation(i).value for i in implementations))
+        for i, implementation in enumerate(own):
+            rows += measure_rows(implementation, direction, measure, dense=i == 0)
+        fitted += [(implementation, direction) for implementation in own]
     path = write_table(Path(out_dir) / f"{slug(gpu)}.json", rows, {**environment(gpu), "how": "cost_model --write"})
-    for implementation in implementations:
-        log.info("%s", CostModel.from_table(path, implementation))
+    for implementation, direction in fitted:
+        log.info("%s %s: %s", implementation, direction, CostModel.from_table(path, implementation, direction))
     return path
 
 
@@ -390,10 +456,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="measure this GPU and write DIR/<gpu>.json (e.g. scaling_compiler/cost_tables/)")
     parser.add_argument("--implementations", help="comma-separated (default: the GPU's own, plus "
                         "triton_pointer on a TMA GPU)")
+    parser.add_argument("--directions", default=f"{FORWARD},{BACKWARD}", help="comma-separated (default: both)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     implementations = args.implementations.split(",") if args.implementations else None
-    log.info("wrote %s", write_committed_table(Path(args.write), implementations))
+    log.info("wrote %s", write_committed_table(Path(args.write), implementations, args.directions.split(",")))
 
 
 if __name__ == "__main__":

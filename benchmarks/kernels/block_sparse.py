@@ -121,7 +121,9 @@ def kept_flops(mask, S, D, B=1):
 # ----------------------------------------------------------------------------------------------
 # Timing helpers
 # ----------------------------------------------------------------------------------------------
-def bench(fn, dry_run=False):
+def bench(fn, dry_run=False, reps=None):
+    """Median ms of ``fn``: ``triton.testing.do_bench`` (at least 8 calls), or with ``reps`` the
+    median of that many CUDA-event-timed calls after one warm-up (calls of a second or more)."""
     if dry_run:  # the interpreter has no do_bench: one timed call
         t = time.perf_counter()
         fn()
@@ -129,7 +131,17 @@ def bench(fn, dry_run=False):
     import triton
     fn()
     torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    if reps is None:
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def gpu_name():
@@ -305,13 +317,20 @@ def write_cost_table(rows, info, config, args):
                                                  for t in table_rows):
             table_rows.append(cost_model.row(cost_model.DENSE, r["direction"], shape, 1.0, r["ms_cudnn"], dtype,
                                              backend="cudnn", source=MODULE))
+    merge_cost_rows(table_rows, info, args.dry_run, args.cost_dir)
+
+
+def merge_cost_rows(table_rows, info, dry_run, cost_dir=None):
+    """Merge ``cost_model.row`` rows into ``<cost_dir>/<gpu>.json`` (default: the committed tables;
+    a dry run writes ``<gpu>_dry.json``); rows of other keys already there are kept."""
     if not table_rows:
-        return
-    out_dir = Path(args.cost_dir) if args.cost_dir else ROOT / "scaling_compiler" / "cost_tables"
-    path = out_dir / f"{slug(info['gpu'])}{'_dry' if args.dry_run else ''}.json"
+        return None
+    out_dir = Path(cost_dir) if cost_dir else ROOT / "scaling_compiler" / "cost_tables"
+    path = out_dir / f"{slug(info['gpu'])}{'_dry' if dry_run else ''}.json"
     env = {**cost_model.environment(info["gpu"]), "date": info["date"]}
     cost_model.write_table(path, table_rows, env)
     print(f"wrote {path}")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,6 +53,13 @@ def device_implementation(device: torch.device) -> Implementation:
     return Implementation.TRITON_POINTER
 
 
+def backward_implementation(implementation: Implementation | str) -> Implementation:
+    """The implementation whose backward follows `implementation`'s forward: both Triton paths share
+    the pointer-load backward, so the cost tables key the backward rows by `TRITON_POINTER`."""
+    implementation = Implementation(implementation)
+    return Implementation.TRITON_POINTER if implementation is Implementation.TRITON_TMA else implementation
+
+
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: bool = False) -> str | None:
     """Why no implementation runs these inputs on their device (None if one does).
 
@@ -119,11 +126,11 @@ def block_sparse_attention_backward(
     """Gradients of `block_sparse_attention` by the implementation `implementation_for` picks.
 
     Both Triton implementations of the forward share one backward (pointer loads): TMA and
-    pointer paths differ only in how the forward reads K/V.
+    pointer paths differ only in how the forward reads K/V (`backward_implementation`).
     """
     if implementation is None:
         implementation = implementation_for(q, k, v, key_padding is not None)
-    if Implementation(implementation) is Implementation.TORCH_BLOCKWISE:
+    if backward_implementation(implementation) is Implementation.TORCH_BLOCKWISE:
         return blockwise_attention_backward(q, k, v, out, lse, grad_out, mask_words, scale,
                                             key_padding=key_padding, grad_lse=grad_lse)
     return triton_backward.block_sparse_attention_backward(q, k, v, out, lse, grad_out, mask_words, scale,

@@ -47,9 +47,12 @@ class Policy(abc.ABC):
         self.options = config.options
         self._cost_model = cost_model  # benchmarks may fix one (e.g. the ideal model, to measure masks alone)
 
-    def cost_model(self, device: torch.device) -> "CostModel":
-        """The cost model for sites on `device`: the one given, else the device's measured table."""
-        return self._cost_model or CostModel.for_device(device)
+    def cost_model(self, device: torch.device, requires_grad: bool = False) -> "CostModel":
+        """The cost model for sites on `device`: the one given, else the device's measured table;
+        for a site whose inputs require grad, its forward plus its backward."""
+        if self._cost_model is not None:
+            return self._cost_model
+        return CostModel.for_training(device) if requires_grad else CostModel.for_device(device)
 
     def admit(self, graph: "GraphRecord") -> None:
         """Mark sites dense that this policy will not plan (before reordering)."""

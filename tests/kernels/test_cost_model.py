@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from scaling_compiler import cost_model
-from scaling_compiler.cost_model import (DENSE, FORWARD, MEASURE_SHAPES, TABLES, CostModel, Shape, fit_line,
+from scaling_compiler.cost_model import (BACKWARD, DENSE, FORWARD, MEASURE_SHAPES, TABLES, CostModel, Shape, fit_line,
                                          measure_rows, measured_model, row)
 from scaling_compiler.kernels import dispatch
 from scaling_compiler.kernels.dispatch import Implementation
@@ -28,10 +28,13 @@ def flops(shape: Shape) -> float:
 # An H200-like world where the README demo's slowdown happens: the sparse op pays 0.4 ms per call
 # (mask pick, decode, launches, host work), SDPA 0.02 ms.
 LAWS = {TMA: (0.40, 1 / 550e9), POINTER: (0.45, 1 / 300e9), DENSE: (0.02, 1 / 600e9)}
+# backward (2.5x the forward's FLOPs): one pointer-load backward behind both forwards, SDPA's backward
+# faster per FLOP than ours, so that a training site's verdict can differ from its forward's
+BACKWARD_LAWS = {POINTER: (0.50, 2.5 / 120e9), DENSE: (0.05, 2.5 / 500e9)}
 
 
-def law_ms(implementation: str, shape: Shape, density: float) -> float:
-    overhead, per_flop = LAWS[implementation]
+def law_ms(implementation: str, shape: Shape, density: float, direction: str = FORWARD) -> float:
+    overhead, per_flop = (LAWS if direction == FORWARD else BACKWARD_LAWS)[implementation]
     return overhead + per_flop * density * flops(shape)
 
 
@@ -104,13 +107,14 @@ def test_first_format_h100_table_reads_as_the_tma_forward():
 
 
 class FakeClock:
-    """Times by the law above, counting calls (no GPU)."""
-    def __init__(self):
+    """Times by the laws above, counting calls (no GPU)."""
+    def __init__(self, direction: str = FORWARD):
         self.calls = 0
+        self.direction = direction
 
     def __call__(self, implementation, shape, density):
         self.calls += 1
-        return density, law_ms(implementation, shape, density)
+        return density, law_ms(implementation, shape, density, self.direction)
 
 
 def test_measured_table_cache_round_trip(tmp_path):
@@ -208,24 +212,120 @@ def test_op_timer_runs_the_op_path_on_cpu(implementation):
 
 
 def test_write_committed_table_for_both_triton_paths(fake_gpu, monkeypatch, tmp_path):
-    """`python -m scaling_compiler.cost_model --write DIR` on a TMA GPU: rows for the TMA and the
-    pointer path and one set of dense rows, read back as committed tables; a rerun merges."""
+    """`python -m scaling_compiler.cost_model --write DIR` on a TMA GPU: forward rows for the TMA and
+    the pointer path, backward rows for the one backward they share, dense rows in each direction,
+    read back as committed tables; a rerun merges."""
     fake_gpu("NVIDIA H200", 9)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    clock = FakeClock()
-    monkeypatch.setattr(cost_model, "op_timer", lambda device: clock)
+    monkeypatch.setattr(cost_model, "op_timer", lambda device, direction=FORWARD: FakeClock(direction))
     out = tmp_path / "tables"
     cost_model.main(["--write", str(out)])
     path = out / "nvidia-h200.json"
     rows = json.loads(path.read_text())["rows"]
     per_shape = len(cost_model.MEASURE_DENSITIES)
-    assert [r["implementation"] for r in rows].count(DENSE) == len(MEASURE_SHAPES)
-    assert [r["implementation"] for r in rows].count(TMA) == [r["implementation"] for r in rows].count(POINTER) \
-        == len(MEASURE_SHAPES) * per_shape
+    count = lambda implementation, direction: sum((r["implementation"], r["direction"]) == (implementation, direction)
+                                                  for r in rows)
+    assert count(DENSE, FORWARD) == count(DENSE, BACKWARD) == len(MEASURE_SHAPES)
+    assert count(TMA, FORWARD) == count(POINTER, FORWARD) == count(POINTER, BACKWARD) == len(MEASURE_SHAPES) * per_shape
+    assert count(TMA, BACKWARD) == 0
     for implementation in (TMA, POINTER):
         model = CostModel.from_table(path, implementation)
         assert model.source == "committed table nvidia-h200.json"
         assert model.sparse_overhead_ms == pytest.approx(LAWS[implementation][0], rel=1e-9)
+    backward = CostModel.from_table(path, POINTER, BACKWARD)
+    assert backward.sparse_overhead_ms == pytest.approx(BACKWARD_LAWS[POINTER][0], rel=1e-9)
+    assert backward.dense_ms_per_flop == pytest.approx(BACKWARD_LAWS[DENSE][1], rel=1e-9)
     extra = row(TMA, "backward", WAN, 0.5, 1.0)
     cost_model.write_table(path, [extra], cost_model.environment("NVIDIA H200"))  # merged, not replaced
     assert len(json.loads(path.read_text())["rows"]) == len(rows) + 1
+
+
+def test_for_device_fits_the_backward_from_committed_rows(fake_gpu, monkeypatch, tmp_path):
+    """On a TMA GPU the backward's rows are the pointer backward's (the backward both forwards share);
+    a training site's model adds the forward's and the backward's lines."""
+    device = fake_gpu("NVIDIA H200", 9)
+    rows = law_rows(implementations=(TMA,))
+    rows += [row(DENSE, BACKWARD, s, 1.0, law_ms(DENSE, s, 1.0, BACKWARD)) for s in SHAPES]
+    rows += [row(POINTER, BACKWARD, s, d, law_ms(POINTER, s, d, BACKWARD)) for s in SHAPES for d in (1.0, 0.5, 0.1)]
+    cost_model.write_table(tmp_path / "nvidia-h200.json", rows, cost_model.environment("NVIDIA H200"))
+    monkeypatch.setattr(cost_model, "TABLES", tmp_path)
+    monkeypatch.setattr(cost_model, "op_timer", lambda *a, **k: pytest.fail("measured despite a committed table"))
+    for implementation in (None, TMA, POINTER):
+        backward = CostModel.for_device(device, implementation, BACKWARD)
+        assert backward.source == "committed table nvidia-h200.json"
+        assert (backward.sparse_overhead_ms, backward.sparse_ms_per_flop) == pytest.approx(BACKWARD_LAWS[POINTER], rel=1e-9)
+        assert (backward.dense_overhead_ms, backward.dense_ms_per_flop) == pytest.approx(BACKWARD_LAWS[DENSE], rel=1e-9)
+    training = CostModel.for_training(device)
+    forward = CostModel.for_device(device)
+    half = torch.full((12,), 0.5)
+    assert training.source == "committed table nvidia-h200.json + committed table nvidia-h200.json"
+    assert training.sparse_ms(flops(WAN), half) == pytest.approx(
+        forward.sparse_ms(flops(WAN), half) + law_ms(POINTER, WAN, 0.5, BACKWARD), rel=1e-9)
+    assert training.dense_ms(flops(WAN)) == pytest.approx(law_ms(DENSE, WAN, 1.0) + law_ms(DENSE, WAN, 1.0, BACKWARD))
+
+
+def test_backward_without_rows_is_the_ideal_at_its_flops():
+    """No backward rows (here: no GPU): the ideal at 2.5x the forward's time per FLOP, so that a
+    training site's sum weighs the backward as its FLOPs do."""
+    forward, backward = (CostModel.for_device(torch.device("cpu"), direction=d) for d in (FORWARD, BACKWARD))
+    assert backward.dense_ms(flops(WAN)) == pytest.approx(cost_model.BACKWARD_FLOP_RATIO * forward.dense_ms(flops(WAN)))
+    training = CostModel.for_training(torch.device("cpu"))
+    assert training.dense_ms(flops(WAN)) == pytest.approx(3.5 * forward.dense_ms(flops(WAN)))
+    assert training.sparse_ms(flops(WAN), torch.full((2,), 0.2)) == pytest.approx(0.2 * training.dense_ms(flops(WAN)))
+
+
+def test_training_site_verdict_counts_the_backward(fake_gpu, monkeypatch, tmp_path):
+    """west_fast's plan of a Wan-sized site at density 0.5: sparse pays in the forward alone, but a
+    training site adds a backward that does not pay (BACKWARD_LAWS), so it stays dense."""
+    from scaling_compiler.config import Config
+    from scaling_compiler.policies.west_fast.plan import build_plan, unless_slower
+    from scaling_compiler.policies.west_fast.policy import WestFastPolicy
+    from scaling_compiler.sites import Site
+
+    device = fake_gpu("NVIDIA H200", 9)
+    rows = law_rows(implementations=(TMA,))
+    rows += [row(DENSE, BACKWARD, s, 1.0, law_ms(DENSE, s, 1.0, BACKWARD)) for s in SHAPES]
+    rows += [row(POINTER, BACKWARD, s, d, law_ms(POINTER, s, d, BACKWARD)) for s in SHAPES for d in (1.0, 0.5)]
+    cost_model.write_table(tmp_path / "nvidia-h200.json", rows, cost_model.environment("NVIDIA H200"))
+    monkeypatch.setattr(cost_model, "TABLES", tmp_path)
+    policy = WestFastPolicy(Config.from_options({"density": 0.5, "masks": "local_band"}))
+    nb = (WAN.S + 127) // 128
+    masks = (torch.arange(nb)[:, None] + torch.arange(nb)[None, :]) % 2 == 0  # half the blocks
+    masks = masks.expand(1, WAN.H, nb, nb)
+    verdicts = {}
+    for requires_grad in (False, True):
+        site = Site("blocks.0.attn1", None, None, WAN.B, WAN.H, WAN.H, WAN.S, WAN.S, WAN.D, torch.bfloat16, device, (),
+                    WAN.D**-0.5, None, False, False, 0.0, None, "", (), requires_grad=requires_grad)
+        cost = policy.cost_model(device, site.requires_grad)
+        plan = build_plan(site, masks, (0.5,), torch.zeros(1, WAN.H, dtype=torch.int64), torch.tensor([500.0]),
+                          "test", None, cost)
+        backward = law_ms(DENSE, WAN, 1.0, BACKWARD) if requires_grad else 0.0
+        assert plan.dense_ms == pytest.approx(law_ms(DENSE, WAN, 1.0) + backward, rel=1e-6)
+        verdicts[requires_grad] = unless_slower(plan, cost)
+    assert not isinstance(verdicts[False], str)  # inference: sparse
+    assert isinstance(verdicts[True], str) and "+ committed table" in verdicts[True]  # training: dense
+
+
+@pytest.mark.parametrize("implementation", [Implementation.TORCH_BLOCKWISE.value, POINTER])
+def test_op_timer_times_the_backward_on_cpu(implementation):
+    """The backward timer's calls run the op's backward (forced to the pointer path in the
+    interpreter) and SDPA's backward; with every block kept their gradients agree (fp32)."""
+    import os
+    if implementation == POINTER and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("forcing a Triton path on CPU tensors needs the interpreter")
+    outputs = []
+
+    def one_call(fn):
+        outputs.append(fn())
+        outputs.append(fn())  # repeatable: the forward's graph and out / lse are kept
+        return 2.5
+
+    measure = cost_model.op_timer(torch.device("cpu"), time_fn=one_call, dtype=torch.float32, direction=BACKWARD)
+    shape = Shape("t", 1, 2, 300, 32)
+    assert measure(DENSE, shape, 1.0) == (1.0, 2.5)
+    assert measure(implementation, shape, 1.0) == (1.0, 2.5)
+    dense, sparse = outputs[0], outputs[2]
+    for d, s in zip(dense, sparse):
+        assert s.shape == (1, 2, 300, 32) and torch.isfinite(s).all()
+        assert (d - s).abs().max() < 1e-4
+    assert measure_rows(implementation, BACKWARD, measure, [shape], [1.0])[1]["direction"] == BACKWARD

@@ -35,8 +35,8 @@ class MaskPlan(SitePlan):
     step_timesteps: torch.Tensor  # float32 (steps,): the timestep of each step bin
     reason: str
     recall: list[float] | None  # per head, calibration recall at the step of median density (WEST)
-    predicted_ms: float  # mean over steps, from the cost model
-    dense_ms: float
+    predicted_ms: float  # mean over steps, from the cost model (a training site: forward + backward)
+    dense_ms: float  # SDPA, in the same directions
 
     @property
     def static(self) -> bool:
@@ -90,6 +90,10 @@ def build_plan(site: Site, block_masks: torch.Tensor, densities: tuple[float, ..
     The times are predicted from the fraction of token pairs the masks really keep, not from the
     densities asked for: on a coarse block grid the two differ (2x2 blocks cannot keep 20%), and a
     prediction from the asked density would promise speed the masks cannot give.
+
+    `cost` is the site's model: for a training site (`site.requires_grad`) the forward's plus the
+    backward's (`CostModel.for_training`: our backward's rows against SDPA's backward rows), so the
+    times and `unless_slower`'s verdict count what autograd runs too.
     """
     per_head = step_head_fraction(block_masks, level_index, site.q_len, site.kv_len)  # (steps, H)
     predicted = sum(cost.sparse_ms(site.dense_flops, row) for row in per_head) / len(per_head)

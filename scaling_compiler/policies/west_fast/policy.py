@@ -178,11 +178,10 @@ class WestFastPolicy(Policy):
         sites = graph.rewritable
         if not sites:
             return
-        cost = self.cost_model(sites[0].device)
         if not options.sparse:  # every block through the op, whatever the cost: the exactness and overhead check
             for site in sites:
                 site.plan = build_plan(site, full_mask(site)[None], (1.0,), torch.zeros(1, site.heads, dtype=torch.int64),
-                                       graph.step_timesteps, "density 1: every block", None, cost)
+                                       graph.step_timesteps, "density 1: every block", None, self._cost(site))
             return
         topology = None
         if options.masks == WEST:
@@ -197,7 +196,11 @@ class WestFastPolicy(Policy):
         schedule = self._schedule(sites, topology, steps)
         graph.schedule = schedule.kind.value
         for i, site in enumerate(sites):
-            self._plan_site(site, schedule, i, topology, graph.step_timesteps, cost)
+            self._plan_site(site, schedule, i, topology, graph.step_timesteps, self._cost(site))
+
+    def _cost(self, site: Site) -> CostModel:
+        """A training site (inputs requiring grad) is timed forward plus backward, on both sides."""
+        return self.cost_model(site.device, site.requires_grad)
 
     @staticmethod
     def _calibration_failed(graph: GraphRecord, sites: list[Site], error: CalibrationError) -> None:
@@ -218,7 +221,7 @@ class WestFastPolicy(Policy):
         return uniform_schedule([site.heads for site in sites], steps, options.density, options.warmup or 0.0)
 
     def _plan_site(self, site: Site, schedule: Schedule, i: int, topology: Topology | None,
-                   timesteps: torch.Tensor, cost) -> None:
+                   timesteps: torch.Tensor, cost: CostModel) -> None:
         densities, index = schedule.densities[i], schedule.index[i]
         used = sorted({densities[j] for j in index.unique().tolist()}, reverse=True)
         index = torch.tensor([used.index(d) if d in used else -1 for d in densities])[index]  # drop unused
