@@ -10,9 +10,9 @@ predicted 4x; with fitted overheads such sites are predicted slower and stay den
 
 Tables hold measured rows keyed by implementation (`kernels.dispatch.Implementation`, or `DENSE`)
 and direction ("forward", "backward"), each at one shape and density. The backward rows of our op
-are keyed by the pointer-load Triton backward that follows both Triton forwards
-(`dispatch.backward_implementation`), the dense ones time SDPA's backward alone. A training site
-is predicted by `CostModel.for_training`: the forward's and the backward's lines added. The two lines are fitted by least squares on relative error over rows at several shapes,
+are keyed by the same implementation as its forward (the Triton backward streams tiles through
+TMA or pointer loads as the forward does); the dense ones time SDPA's backward alone. A training
+site is predicted by `CostModel.for_training`: the forward's and the backward's lines added. The two lines are fitted by least squares on relative error over rows at several shapes,
 small ones included, so the intercept is measured, not extrapolated. Where a model comes from
 (`CostModel.source`):
 
@@ -45,7 +45,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .kernels.dispatch import Implementation, backward_implementation, device_implementation, implementation_for
+from .kernels.dispatch import Implementation, device_implementation, implementation_for
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,10 @@ class CostModel:
                    direction: str = FORWARD) -> "CostModel":
         """The model for `device`: its committed table, else one measured now (once per GPU and
         setup, then cached), else (no GPU) the ideal. `implementation`: default the one
-        `kernels.dispatch` picks for the device; the backward's rows are those of the backward that
-        follows it (`dispatch.backward_implementation`)."""
+        `kernels.dispatch` picks for the device (forward and backward alike)."""
         if device.type != "cuda":
             return cls.ideal("ideal: no GPU", BACKWARD_FLOP_RATIO if direction == BACKWARD else 1.0)
         implementation = Implementation(implementation or device_implementation(device))
-        if direction == BACKWARD:
-            implementation = backward_implementation(implementation)
         index = device.index if device.index is not None else torch.cuda.current_device()
         return _for_gpu(torch.cuda.get_device_name(index), index, implementation.value, direction)
 
@@ -398,7 +395,7 @@ def _sparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: t
 
     out, lse = dispatch.block_sparse_attention(q, k, v, masks, scale)
     grad_out = _upstream_grad(out)
-    if Implementation(implementation) is backward_implementation(implementation_for(q, k, v)):
+    if Implementation(implementation) is implementation_for(q, k, v):
         op = torch.ops.scaling_compiler.block_sparse_attention_backward
         return lambda: op(grad_out, None, q, k, v, out, lse, masks, scale)
     return lambda: dispatch.block_sparse_attention_backward(q, k, v, out, lse, grad_out, masks, scale,
@@ -425,8 +422,8 @@ def _cuda_time_ms(fn: Callable[[], object], rounds: int = 3, min_round_ms: float
 
 def write_committed_table(out_dir: Path, implementations: Iterable[str] | None = None,
                           directions: Iterable[str] = (FORWARD, BACKWARD)) -> Path:
-    """Measure this GPU's rows (forward: every Triton implementation it runs; backward: the one
-    backward they share; SDPA in each direction) and write them to `out_dir/<gpu>.json` (merged
+    """Measure this GPU's rows (every Triton implementation it runs, in each direction; SDPA in
+    each direction) and write them to `out_dir/<gpu>.json` (merged
     with rows already there)."""
     device = torch.device("cuda", torch.cuda.current_device())
     gpu = torch.cuda.get_device_name(device)
@@ -438,8 +435,7 @@ def write_committed_table(out_dir: Path, implementations: Iterable[str] | None =
     fitted = []
     for direction in directions:
         measure = op_timer(device, direction=direction)
-        own = list(implementations) if direction == FORWARD else \
-            list(dict.fromkeys(backward_implementation(i).value for i in implementations))
+        own = list(implementations)
         for i, implementation in enumerate(own):
             rows += measure_rows(implementation, direction, measure, dense=i == 0)
         fitted += [(implementation, direction) for implementation in own]

@@ -26,8 +26,8 @@ gradients of our backward are checked against Flex's (the CPU: the op's block-wi
 ``grad_err`` is the worst relative Frobenius error of dq, dk, dv.
 
 Results: ``benchmarks/results/kernel_backward_<gpu>_<date>[_dry].json``. ``--write-cost-table``
-merges rows of direction "backward" (our backward as ``triton_pointer``, the pointer-load backward
-every GPU runs; cuDNN's backward as the dense rows) into ``scaling_compiler/cost_tables/<gpu>.json``.
+merges rows of direction "backward" (our backward keyed by the implementation the op runs, as the
+forward's rows are; cuDNN's backward as the dense rows) into ``scaling_compiler/cost_tables/<gpu>.json``.
 """
 from __future__ import annotations
 
@@ -129,19 +129,21 @@ def measure(shape: str, density: float, tensors: dict[str, Any], dense: dict[str
     mask = random_mask(H, num_blocks(S), num_blocks(S), density, seed=1)
     words = pack_block_mask(mask).to(q.device)
     flops = kept_flops(mask, S, D, B)
-    # the Triton forward (the interpreter: pointer loads) and the backward it pairs with
+    # the Triton implementation (the interpreter: pointer loads), forward and backward
     forward_impl = Implementation.TRITON_POINTER if dry_run else dispatch.implementation_for(q, k, v)
+    use_tma = forward_impl is Implementation.TRITON_TMA
     configs = default_configs(q.dtype) if dry_run else None  # None: autotuned, as the op runs it
 
     forward = lambda: dispatch.block_sparse_attention(q, k, v, words, scale, implementation=forward_impl)
     ms_fwd = timer(forward)
     out, lse = forward()
-    backward = lambda: block_sparse_attention_backward(q, k, v, out, lse, grad_out, words, scale, configs=configs)
+    backward = lambda: block_sparse_attention_backward(q, k, v, out, lse, grad_out, words, scale, configs=configs,
+                                                       use_tma=use_tma)
     ms_bwd = timer(backward)
     direct = backward()  # checked below against Flex's gradients (the CPU: the op's block-wise torch backward)
     lists = prepare_block_lists(words, S), prepare_column_lists(words, S)
     ms_bwd_kernel = timer(lambda: block_sparse_attention_backward(q, k, v, out, lse, grad_out, words, scale,
-                                                                  configs=configs, row_lists=lists[0],
+                                                                  configs=configs, use_tma=use_tma, row_lists=lists[0],
                                                                   column_lists=lists[1]))
     del out, lse, lists
     op = lambda q, k, v: torch.ops.scaling_compiler.block_sparse_attention(q, k, v, words, scale)
@@ -167,7 +169,7 @@ def measure(shape: str, density: float, tensors: dict[str, Any], dense: dict[str
     ratio = lambda a, b: a / b if a is not None and b is not None else None
     per_ms = lambda f, ms: f / ms / 1e9 if ms else None  # TFLOP/s
     return {
-        "implementation": Implementation.TRITON_POINTER.value, "direction": cost_model.BACKWARD,
+        "implementation": forward_impl.value, "direction": cost_model.BACKWARD,
         "forward_implementation": forward_impl.value,
         "op_implementation": dispatch.implementation_for(q, k, v).value,  # the op's forward on these tensors
         "shape": shape, "B": B, "H": H, "S": S, "D": D, "dtype": str(q.dtype).removeprefix("torch."), "mask": "random",

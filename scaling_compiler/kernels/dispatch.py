@@ -10,8 +10,8 @@ The one place that knows the device rules (detection asks `unsupported_reason`, 
   key-padding mask (the Triton kernel as a compile-time switch, so unpadded calls are unchanged).
 
 The backward (`block_sparse_attention_backward`) is picked by the same rules: the Triton backward
-(`kernels/triton/block_sparse_attention_bwd.py`, pointer loads on every GPU) or the block-wise
-torch backward; `ops.py` registers it as the op's autograd formula.
+(`kernels/triton/block_sparse_attention_bwd.py`, TMA or pointer loads as the forward) or the
+block-wise torch backward; `ops.py` registers it as the op's autograd formula.
 
 Where a new implementation goes: a member of `Implementation`, a branch in `implementation_for`
 and in both functions here, and its own rows in the cost tables.
@@ -51,13 +51,6 @@ def device_implementation(device: torch.device) -> Implementation:
             device_capability(device)[0] >= triton_forward.TMA_MIN_CAPABILITY:
         return Implementation.TRITON_TMA
     return Implementation.TRITON_POINTER
-
-
-def backward_implementation(implementation: Implementation | str) -> Implementation:
-    """The implementation whose backward follows `implementation`'s forward: both Triton paths share
-    the pointer-load backward, so the cost tables key the backward rows by `TRITON_POINTER`."""
-    implementation = Implementation(implementation)
-    return Implementation.TRITON_POINTER if implementation is Implementation.TRITON_TMA else implementation
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: bool = False) -> str | None:
@@ -123,15 +116,16 @@ def block_sparse_attention_backward(
     *,
     implementation: Implementation | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # dq, dk, dv: contiguous, in q's dtype
-    """Gradients of `block_sparse_attention` by the implementation `implementation_for` picks.
-
-    Both Triton implementations of the forward share one backward (pointer loads): TMA and
-    pointer paths differ only in how the forward reads K/V (`backward_implementation`).
+    """Gradients of `block_sparse_attention` by the implementation `implementation_for` picks (the
+    forward's): the Triton backward streams its tiles through TMA on the TMA implementation (where
+    grad_out's layout allows too), through pointer loads otherwise.
     """
     if implementation is None:
         implementation = implementation_for(q, k, v, key_padding is not None)
-    if backward_implementation(implementation) is Implementation.TORCH_BLOCKWISE:
+    implementation = Implementation(implementation)
+    if implementation is Implementation.TORCH_BLOCKWISE:
         return blockwise_attention_backward(q, k, v, out, lse, grad_out, mask_words, scale,
                                             key_padding=key_padding, grad_lse=grad_lse)
     return triton_backward.block_sparse_attention_backward(q, k, v, out, lse, grad_out, mask_words, scale,
-                                                           key_padding=key_padding, grad_lse=grad_lse)
+                                                           key_padding=key_padding, grad_lse=grad_lse,
+                                                           use_tma=implementation is Implementation.TRITON_TMA)

@@ -28,9 +28,9 @@ def flops(shape: Shape) -> float:
 # An H200-like world where the README demo's slowdown happens: the sparse op pays 0.4 ms per call
 # (mask pick, decode, launches, host work), SDPA 0.02 ms.
 LAWS = {TMA: (0.40, 1 / 550e9), POINTER: (0.45, 1 / 300e9), DENSE: (0.02, 1 / 600e9)}
-# backward (2.5x the forward's FLOPs): one pointer-load backward behind both forwards, SDPA's backward
-# faster per FLOP than ours, so that a training site's verdict can differ from its forward's
-BACKWARD_LAWS = {POINTER: (0.50, 2.5 / 120e9), DENSE: (0.05, 2.5 / 500e9)}
+# backward (2.5x the forward's FLOPs): each Triton path has its backward, SDPA's backward faster per
+# FLOP than ours, so that a training site's verdict can differ from its forward's
+BACKWARD_LAWS = {TMA: (0.50, 2.5 / 120e9), POINTER: (0.55, 2.5 / 100e9), DENSE: (0.05, 2.5 / 500e9)}
 
 
 def law_ms(implementation: str, shape: Shape, density: float, direction: str = FORWARD) -> float:
@@ -212,9 +212,8 @@ def test_op_timer_runs_the_op_path_on_cpu(implementation):
 
 
 def test_write_committed_table_for_both_triton_paths(fake_gpu, monkeypatch, tmp_path):
-    """`python -m scaling_compiler.cost_model --write DIR` on a TMA GPU: forward rows for the TMA and
-    the pointer path, backward rows for the one backward they share, dense rows in each direction,
-    read back as committed tables; a rerun merges."""
+    """`python -m scaling_compiler.cost_model --write DIR` on a TMA GPU: rows for the TMA and the
+    pointer path and dense rows, in each direction, read back as committed tables; a rerun merges."""
     fake_gpu("NVIDIA H200", 9)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(cost_model, "op_timer", lambda device, direction=FORWARD: FakeClock(direction))
@@ -226,41 +225,43 @@ def test_write_committed_table_for_both_triton_paths(fake_gpu, monkeypatch, tmp_
     count = lambda implementation, direction: sum((r["implementation"], r["direction"]) == (implementation, direction)
                                                   for r in rows)
     assert count(DENSE, FORWARD) == count(DENSE, BACKWARD) == len(MEASURE_SHAPES)
-    assert count(TMA, FORWARD) == count(POINTER, FORWARD) == count(POINTER, BACKWARD) == len(MEASURE_SHAPES) * per_shape
-    assert count(TMA, BACKWARD) == 0
+    assert count(TMA, FORWARD) == count(POINTER, FORWARD) == len(MEASURE_SHAPES) * per_shape
+    assert count(TMA, BACKWARD) == count(POINTER, BACKWARD) == len(MEASURE_SHAPES) * per_shape
     for implementation in (TMA, POINTER):
         model = CostModel.from_table(path, implementation)
         assert model.source == "committed table nvidia-h200.json"
         assert model.sparse_overhead_ms == pytest.approx(LAWS[implementation][0], rel=1e-9)
-    backward = CostModel.from_table(path, POINTER, BACKWARD)
-    assert backward.sparse_overhead_ms == pytest.approx(BACKWARD_LAWS[POINTER][0], rel=1e-9)
-    assert backward.dense_ms_per_flop == pytest.approx(BACKWARD_LAWS[DENSE][1], rel=1e-9)
-    extra = row(TMA, "backward", WAN, 0.5, 1.0)
+    for implementation in (TMA, POINTER):
+        backward = CostModel.from_table(path, implementation, BACKWARD)
+        assert backward.sparse_overhead_ms == pytest.approx(BACKWARD_LAWS[implementation][0], rel=1e-9)
+        assert backward.dense_ms_per_flop == pytest.approx(BACKWARD_LAWS[DENSE][1], rel=1e-9)
+    extra = row(TMA, "backward", Shape("other", 1, 2, 512, 64), 0.5, 1.0)
     cost_model.write_table(path, [extra], cost_model.environment("NVIDIA H200"))  # merged, not replaced
     assert len(json.loads(path.read_text())["rows"]) == len(rows) + 1
 
 
 def test_for_device_fits_the_backward_from_committed_rows(fake_gpu, monkeypatch, tmp_path):
-    """On a TMA GPU the backward's rows are the pointer backward's (the backward both forwards share);
-    a training site's model adds the forward's and the backward's lines."""
+    """Each implementation's backward is fitted from its own committed rows; a training site's model
+    adds the forward's and the backward's lines."""
     device = fake_gpu("NVIDIA H200", 9)
     rows = law_rows(implementations=(TMA,))
     rows += [row(DENSE, BACKWARD, s, 1.0, law_ms(DENSE, s, 1.0, BACKWARD)) for s in SHAPES]
-    rows += [row(POINTER, BACKWARD, s, d, law_ms(POINTER, s, d, BACKWARD)) for s in SHAPES for d in (1.0, 0.5, 0.1)]
+    rows += [row(i, BACKWARD, s, d, law_ms(i, s, d, BACKWARD)) for i in (TMA, POINTER) for s in SHAPES
+             for d in (1.0, 0.5, 0.1)]
     cost_model.write_table(tmp_path / "nvidia-h200.json", rows, cost_model.environment("NVIDIA H200"))
     monkeypatch.setattr(cost_model, "TABLES", tmp_path)
     monkeypatch.setattr(cost_model, "op_timer", lambda *a, **k: pytest.fail("measured despite a committed table"))
-    for implementation in (None, TMA, POINTER):
+    for implementation, laws in ((None, TMA), (TMA, TMA), (POINTER, POINTER)):
         backward = CostModel.for_device(device, implementation, BACKWARD)
         assert backward.source == "committed table nvidia-h200.json"
-        assert (backward.sparse_overhead_ms, backward.sparse_ms_per_flop) == pytest.approx(BACKWARD_LAWS[POINTER], rel=1e-9)
+        assert (backward.sparse_overhead_ms, backward.sparse_ms_per_flop) == pytest.approx(BACKWARD_LAWS[laws], rel=1e-9)
         assert (backward.dense_overhead_ms, backward.dense_ms_per_flop) == pytest.approx(BACKWARD_LAWS[DENSE], rel=1e-9)
     training = CostModel.for_training(device)
     forward = CostModel.for_device(device)
     half = torch.full((12,), 0.5)
     assert training.source == "committed table nvidia-h200.json + committed table nvidia-h200.json"
     assert training.sparse_ms(flops(WAN), half) == pytest.approx(
-        forward.sparse_ms(flops(WAN), half) + law_ms(POINTER, WAN, 0.5, BACKWARD), rel=1e-9)
+        forward.sparse_ms(flops(WAN), half) + law_ms(TMA, WAN, 0.5, BACKWARD), rel=1e-9)
     assert training.dense_ms(flops(WAN)) == pytest.approx(law_ms(DENSE, WAN, 1.0) + law_ms(DENSE, WAN, 1.0, BACKWARD))
 
 
@@ -285,7 +286,7 @@ def test_training_site_verdict_counts_the_backward(fake_gpu, monkeypatch, tmp_pa
     device = fake_gpu("NVIDIA H200", 9)
     rows = law_rows(implementations=(TMA,))
     rows += [row(DENSE, BACKWARD, s, 1.0, law_ms(DENSE, s, 1.0, BACKWARD)) for s in SHAPES]
-    rows += [row(POINTER, BACKWARD, s, d, law_ms(POINTER, s, d, BACKWARD)) for s in SHAPES for d in (1.0, 0.5)]
+    rows += [row(TMA, BACKWARD, s, d, law_ms(TMA, s, d, BACKWARD)) for s in SHAPES for d in (1.0, 0.5)]
     cost_model.write_table(tmp_path / "nvidia-h200.json", rows, cost_model.environment("NVIDIA H200"))
     monkeypatch.setattr(cost_model, "TABLES", tmp_path)
     policy = WestFastPolicy(Config.from_options({"density": 0.5, "masks": "local_band"}))
