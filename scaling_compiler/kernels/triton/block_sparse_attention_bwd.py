@@ -352,6 +352,11 @@ def default_configs(dtype: torch.dtype) -> tuple[dict, dict]:
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
+def _smallest(tile: str) -> int:
+    """The smallest ``tile`` ("BLOCK_M" or "BLOCK_N") any autotuned or fp32 config launches with."""
+    return min([c.kwargs[tile] for c in DKDV_CONFIGS + DQ_CONFIGS] + [FP32_CONFIG[tile]])
+
+
 def _tail_tiles(length: int, tile: int) -> int:
     rem = length % BLOCK_SIZE
     return 0 if rem == 0 else triton.cdiv(rem, tile)
@@ -438,8 +443,9 @@ def block_sparse_attention_backward(
     dq_grid = lambda META: (B * H * nq * (BLOCK_SIZE // META["BLOCK_M"]), )
     if configs is None and not interpreting():
         # the tail-tile bounds only cap a loop: the smallest tile of the configs bounds them all
-        _bwd_dkdv_tuned[dkdv_grid](*dkdv_args, Q_TAIL_TILES=_tail_tiles(Sq, 64), USE_TMA=tma_q, **const)
-        _bwd_dq_tuned[dq_grid](*dq_args, K_TAIL_TILES=_tail_tiles(Sk, 64), USE_TMA=tma_k, **const)
+        _bwd_dkdv_tuned[dkdv_grid](*dkdv_args, Q_TAIL_TILES=_tail_tiles(Sq, _smallest("BLOCK_M")), USE_TMA=tma_q,
+                                   **const)
+        _bwd_dq_tuned[dq_grid](*dq_args, K_TAIL_TILES=_tail_tiles(Sk, _smallest("BLOCK_N")), USE_TMA=tma_k, **const)
         return dq, dk, dv
     dkdv_config, dq_config = configs or default_configs(q.dtype)
     launches = ((_bwd_dkdv, dkdv_grid, dkdv_args, dkdv_config, "Q_TAIL_TILES", Sq, "BLOCK_M", tma_q, (desc_q, desc_do)),
