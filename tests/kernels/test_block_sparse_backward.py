@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from scaling_compiler.kernels.bitmask import BLOCK_SIZE, num_blocks, pack_block_mask
 from scaling_compiler.kernels.reference import masked_attention_reference
 from scaling_compiler.kernels.triton.block_sparse_attention import block_sparse_attention
-from scaling_compiler.kernels.triton.block_sparse_attention_bwd import block_sparse_attention_backward
+from scaling_compiler.kernels.triton.block_sparse_attention_bwd import block_sparse_attention_backward, default_configs
 
 from .test_block_sparse_kernel import DEVICE, LOW_DTYPES, SHAPES, _qkv, _random_mask, _rel_err, gpu_only
 
-# explicit (dkdv, dq) configs: the default tiles, and 32-row / 32-key tiles (several tiles per mask block)
+# explicit (dkdv, dq) configs (None: `default_configs`): the default tiles, and 32-row / 32-key tiles
+# (several tiles per mask block). Only `test_gpu_large` autotunes (each shape compiles every config).
 CONFIGS = {
     "default": None,
     "small": ({"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
@@ -40,12 +41,15 @@ def _sdpa_grads(q, k, v, grad_out, token_mask, scale):
     return torch.autograd.grad((out * grad_out.cpu()).nan_to_num(0.0).sum(), (q, k, v))
 
 
-def check_backward(q, k, v, block_mask, scale, *, key_padding=None, grad_lse=False, configs=None, seed=0):
+def check_backward(q, k, v, block_mask, scale, *, key_padding=None, grad_lse=False, configs=None, autotune=False,
+                   seed=0):
     """Run our forward + backward; compare dq, dk, dv (and their zeros) with the float64 reference."""
+    if configs is None and not autotune:
+        configs = default_configs(q.dtype)
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     words = pack_block_mask(block_mask).to(q.device)
-    out, lse = block_sparse_attention(q, k, v, words, scale, key_padding=key_padding)
+    out, lse = block_sparse_attention(q, k, v, words, scale, None if autotune else {}, key_padding=key_padding)
     g = torch.Generator().manual_seed(seed)
     grad_out = torch.randn(q.shape, generator=g).to(q.dtype).to(q.device)
     grad_lse_t = torch.randn(lse.shape, generator=g).to(q.device) if grad_lse else None
@@ -125,7 +129,7 @@ def test_key_padding_batch_masks_and_lse_gradient():
 def test_gpu_large(dtype, D):
     """A few thousand tokens with a partial last block, on the GPU (autotuned configs)."""
     q, k, v = _qkv(1, 2, 4000, 4000, D, dtype, seed=D)
-    check_backward(q, k, v, _random_mask((2,), 32, 32, 0.3, seed=D), D ** -0.5)
+    check_backward(q, k, v, _random_mask((2,), 32, 32, 0.3, seed=D), D ** -0.5, autotune=True)
 
 
 def test_matches_cpu_backward():
