@@ -1,16 +1,12 @@
 """The Triton implementation of the kernels, behind `kernels.dispatch`.
 
 - `block_sparse_attention.py`: the forward kernel (TMA or pointer loads of K/V) and its launcher;
-  `mask_decode.py` turns packed masks into the kept-block lists it walks, `configs.py` holds its
-  launch configs.
+  `mask_decode.py` turns packed masks into the kept-block lists it walks (rows) and the backward's
+  column lists, `configs.py` holds its launch configs.
+- `block_sparse_attention_bwd.py`: the backward (dq, dk, dv from the forward's out and lse), with
+  its own configs; `kernels/dispatch.py` picks it per device and `ops.py` registers it as the
+  autograd formula of `scaling_compiler::block_sparse_attention_lse`.
 - `block_mass.py`: WEST's calibration reduction (exact attention mass per 128x128 block).
-
-A backward kernel goes beside them in `block_sparse_attention_bwd.py` (dq, dk, dv from the
-forward's `lse`, walking the same decoded block lists, plus the transposed lists for dk/dv);
-`kernels/dispatch.py` gets a `block_sparse_attention_backward` that picks it per device, and
-`ops.py` registers it with `torch.library.register_autograd` on the
-`scaling_compiler::block_sparse_attention` op (the op then returns `lse` for the backward to
-save). Its cost rows go into the same tables under direction "backward" (`cost_model.py`).
 """
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 
 Callers go through ``kernels/dispatch.py``, which picks this kernel for CUDA tensors and its
 K/V load path per GPU: TMA descriptors on Hopper and later (capability >= 9), pointer loads on
-GPUs without TMA (Ampere, Ada). The backward goes beside this file, in
-``block_sparse_attention_bwd.py`` (see ``kernels/triton/__init__.py``), registered through
-dispatch and ``ops.py`` with ``torch.library.register_autograd``.
+GPUs without TMA (Ampere, Ada). The backward is beside this file, in
+``block_sparse_attention_bwd.py``; it shares the program-locating, tail-splitting and tile-loading
+helpers below.
 
 Laid out like Triton's fused-attention tutorial: the inner loop, the kernel, then the launcher;
 the mask decoder is in ``mask_decode.py`` and the autotune configs with their pruning filter in
