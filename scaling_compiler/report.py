@@ -37,6 +37,7 @@ class SiteReport:
     attn_mask: str | None
     is_causal: bool
     dropout_p: float
+    requires_grad: bool  # q, k or v requires grad: a training graph, autograd runs the site's backward
     token_grid: tuple[int, int, int] | None
     grid_source: str
     text_spans: tuple[tuple[int, int], ...]
@@ -199,6 +200,10 @@ class PassReport:
             + "\n" + (self.policy_state.report_line() if isinstance(self.policy_state, PolicyState)
                       else f"policy: {self.policy}")
         )
+        trained = sum(site.requires_grad for site in self.sparse_sites)
+        if trained:
+            summary += (f"\ntraining graph: autograd runs the block-sparse backward of {trained} sparse "
+                        f"site{'s' if trained != 1 else ''} with the forward's masks (constants, no gradient)")
         if all(site.kind == "cross" for site in self.sites):
             summary += ("\nnote: only cross-attention in this graph, which stays dense: no softmax self-attention to "
                         "make sparse (linear attention, as Sana's, is not softmax attention)")
@@ -290,7 +295,7 @@ def site_report(site: Site) -> SiteReport:
         name=site.name, kind=site.kind.value, pattern=site.pattern.value, shape=shape, q_stride=site.q_stride,
         kv_len=site.kv_len, kv_heads=site.kv_heads, dtype=str(site.dtype).removeprefix("torch."), scale=site.scale,
         attn_mask=site.attn_mask, is_causal=site.is_causal, dropout_p=site.dropout_p,
-        token_grid=site.token_grid, grid_source=site.grid_source, text_spans=site.text_spans,
+        requires_grad=site.requires_grad, token_grid=site.token_grid, grid_source=site.grid_source, text_spans=site.text_spans,
         dense_flops=site.dense_flops, token_order=site.token_order,
     )
     if site.plan is None:

@@ -8,13 +8,24 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from scaling_compiler.kernels.bitmask import BLOCK_SIZE, unpack_block_mask
+from scaling_compiler.kernels.bitmask import BLOCK_SIZE, num_blocks, unpack_block_mask
+from scaling_compiler.policies.token_order import inverse_permutation, sequence_order
 
 
 def token_mask(words: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
     """bool (H, Sq, Sk) from packed words (H, Nq, W)."""
     blocks = unpack_block_mask(words.cpu(), -(-kv_len // BLOCK_SIZE))
     return blocks.repeat_interleave(BLOCK_SIZE, 1).repeat_interleave(BLOCK_SIZE, 2)[:, :q_len, :kv_len]
+
+
+def model_order_mask(words: torch.Tensor, site) -> torch.Tensor:
+    """bool (..., S, S) token mask in the model's token order from packed words (..., Nq, W) in the
+    site's (a reordered site's masks are in its curve order)."""
+    seq = site.shape[2]
+    blocks = unpack_block_mask(words.cpu(), num_blocks(seq))
+    tokens = blocks.repeat_interleave(BLOCK_SIZE, -2).repeat_interleave(BLOCK_SIZE, -1)[..., :seq, :seq]
+    inverse = inverse_permutation(sequence_order(seq, site.token_grid, site.text_spans, site.token_order))
+    return tokens[..., inverse, :][..., inverse]  # the model's token i sits at position inverse[i]
 
 
 class masked_sites(TorchFunctionMode):

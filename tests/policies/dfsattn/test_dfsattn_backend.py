@@ -17,10 +17,10 @@ from scaling_compiler.policies.dfsattn.op import dfs_attention_op
 from scaling_compiler.policies.dfsattn.registry import DFSRegistry
 from scaling_compiler.policies.dfsattn.schedule import DFSSchedule
 from scaling_compiler.policies.dfsattn.scoring import block_scores, topk_block_mask
-from scaling_compiler.policies.token_order import inverse_permutation, sequence_order
+from scaling_compiler.policies.token_order import sequence_order
 from scaling_compiler.sites import Site, Pattern, SiteKind
 
-from tests.attention_reference import masked_sites
+from tests.attention_reference import masked_sites, model_order_mask
 
 WAN = "WanTransformer3DModel"
 GRID = (3, 24, 24)  # latent grid: 3 x 12 x 12 = 432 tokens, 4 blocks (the last one partial)
@@ -51,15 +51,6 @@ def run(model, inputs, timestep):
     inputs["timestep"] = torch.full_like(inputs["timestep"], timestep, dtype=torch.float32)
     with torch.no_grad():
         return model(**inputs)[0]
-
-
-def model_order_mask(words, site):
-    """bool (..., S, S) token mask in the model's token order from packed words (..., Nq, W) in the site's."""
-    seq = site.shape[2]
-    blocks = unpack_block_mask(words.cpu(), num_blocks(seq))
-    tokens = blocks.repeat_interleave(BLOCK_SIZE, -2).repeat_interleave(BLOCK_SIZE, -1)[..., :seq, :seq]
-    inverse = inverse_permutation(sequence_order(seq, site.token_grid, site.text_spans, site.token_order))
-    return tokens[..., inverse, :][..., inverse]  # the model's token i sits at position inverse[i]
 
 
 def reference(model, inputs, report, timestep):
