@@ -9,7 +9,10 @@ hand-written softmax attention, `dynamic=True`). `run_case(config)` compiles the
 - density 0.5: dense sites equal eager and sparse sites the masked reference built from the op's
   own masks (`tests/attention_reference.masked_sites`), within the same tolerance;
 - at both densities: no site that no kernel supports (independent of the library's own rules:
-  `Call.supported`) is reported sparse, and no NaN/inf where eager has none.
+  `Call.supported`) is reported sparse, and no NaN/inf where eager has none;
+- with `grad` (parameters and inputs require grad): the gradients of the parameters and inputs (a
+  vector-Jacobian product with a fixed random cotangent) equal the same reference's, with the same
+  tolerance rule per gradient tensor.
 
 Where the module draws random numbers while running (dropout with p > 0), only the report and
 finiteness are checked: eager and compiled draw different numbers.
@@ -256,24 +259,46 @@ def run_case(c: Config, stats: collections.Counter | None = None) -> list[Failur
     model = FuzzAttention(c).to(DTYPES[c.dtype]).train(c.training)
     model.requires_grad_(c.grad)
     inputs = make_inputs(c)
-    with torch.set_grad_enabled(c.grad):
-        expected = model(*inputs).detach()
+    for tensor in inputs[:2]:
+        tensor.requires_grad_(c.grad)
+    expected = forward_and_grads(c, model, model, inputs)
     failures: list[Failure] = []
     for density in (1.0, 0.5):
         failures += _check_density(c, model, inputs, expected, density, stats)
     return failures
 
 
-def _check_density(c: Config, model: nn.Module, inputs, expected: torch.Tensor, density: float,
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """A forward's output and, with `grad`, the gradients of its parameters and inputs by name."""
+
+    out: torch.Tensor
+    grads: dict[str, torch.Tensor | None]
+
+
+def forward_and_grads(c: Config, model: nn.Module, fn, inputs) -> Result:
+    """`fn(*inputs)` (the model, eager or compiled), and with `c.grad` the vector-Jacobian product with a
+    fixed random cotangent: the gradients of `model`'s parameters and of x and context (None: unused)."""
+    with torch.set_grad_enabled(c.grad):
+        out = fn(*inputs)
+    if not c.grad:
+        return Result(out.detach(), {})
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(c.seed)).to(out.dtype)
+    wrt = dict(model.named_parameters()) | {"x": inputs[0], "context": inputs[1]}
+    grads = torch.autograd.grad(out, list(wrt.values()), cotangent, allow_unused=True)
+    return Result(out.detach(), dict(zip(wrt, grads)))
+
+
+def _check_density(c: Config, model: nn.Module, inputs, expected: Result, density: float,
                    stats: collections.Counter | None) -> list[Failure]:
     backend = ScalingAttnBackend(density=density, compiler=c.compiler, cache=False, calibration_samples=1,
                                  cost_model=CostModel.ideal("fuzz: every supported site sparse"))
     torch._dynamo.reset()
     try:
-        with warnings.catch_warnings(), torch.set_grad_enabled(c.grad):
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=c.dynamic)
-            out = compiled(*inputs).detach()
+            got = forward_and_grads(c, model, compiled, inputs)
     except Exception as error:  # noqa: BLE001  (every exception out of torch.compile is a finding)
         return [Failure("crash", density, f"{type(error).__name__}: {str(error)[:300]}")]
     report, expected_calls = backend.report, detectable_calls(c)
@@ -285,23 +310,47 @@ def _check_density(c: Config, model: nn.Module, inputs, expected: torch.Tensor, 
     failures = [Failure("unsupported_sparse", density, f"{site.name}: {site.shape} {site.reason}")
                 for site, call in zip(report.sites, expected_calls)
                 if site.status == "sparse" and not call.supported(c)]
-    if bool(torch.isfinite(expected).all()) and not bool(torch.isfinite(out).all()):
+    if bool(torch.isfinite(expected.out).all()) and not bool(torch.isfinite(got.out).all()):
         failures.append(Failure("nonfinite", density, "NaN/inf in the compiled output, none in eager"))
     random_dropout = c.dropout == "always" or (c.dropout == "train_only" and c.training)
     if random_dropout:
         return failures
     reference = expected
     if report.sparse_sites:
-        with torch.set_grad_enabled(c.grad), masked_sites(report):
-            reference = model(*inputs).detach()
+        with masked_sites(report):
+            reference = forward_and_grads(c, model, model, inputs)
+    return failures + _wrong(c, got, reference, density, len(report.sparse_sites))
+
+
+def _wrong(c: Config, got: Result, reference: Result, density: float, sparse: int) -> list[Failure]:
+    """The output and each gradient against the reference's."""
+    # a gradient that is zero in exact arithmetic (a key projection's bias: softmax is shift-invariant) is
+    # the rounding noise of the terms it sums: its tolerance scales with the largest gradient, as its terms do
+    largest = max((_largest(grad) for grad in reference.grads.values() if grad is not None), default=0.0)
+    compared = {"output": (got.out, reference.out, _largest(reference.out))} | {
+        f"grad of {name}": (got.grads[name], grad, largest) for name, grad in reference.grads.items()}
+    details = {what: mismatch(c, *values) for what, values in compared.items()}
+    return [Failure("wrong", density, f"{what}: {detail} ({sparse} sparse sites)")
+            for what, detail in details.items() if detail is not None]
+
+
+def _largest(t: torch.Tensor) -> float:
+    return float(t.double().abs().nan_to_num(0.0).max()) if t.numel() else 0.0
+
+
+def mismatch(c: Config, got: torch.Tensor | None, reference: torch.Tensor | None, magnitude: float) -> str | None:
+    """Why `got` is not `reference` within the dtype's tolerance (None: it is), the absolute part scaled
+    by `magnitude` where it is above 1."""
+    if got is None or reference is None:
+        return None if got is None and reference is None else f"gradient {got} where the reference has {reference}"
     atol, rtol = TOLERANCE[c.dtype]
-    # outputs larger than 1 (a large scale over wide heads sharpens the softmax, and bf16/fp16 eager rounds
-    # scores of that size coarsely): the absolute tolerance grows with the output's largest magnitude
-    atol *= max(1.0, float(reference.double().abs().nan_to_num(0.0).max())) if reference.numel() else 1.0
-    error = (out.double() - reference.double()).abs() - rtol * reference.double().abs()
+    # values larger than 1 (a large scale over wide heads sharpens the softmax, and bf16/fp16 eager rounds
+    # scores of that size coarsely; gradients summed over many tokens): the absolute tolerance grows with
+    # the largest magnitude
+    reference = reference.double()
+    atol *= max(1.0, magnitude)
+    error = (got.double() - reference).abs() - rtol * reference.abs()
     worst = float(torch.nan_to_num(error, nan=float("inf")).max()) if error.numel() else 0.0
-    same_nan = torch.equal(out.isnan(), reference.isnan())
-    if worst > atol or not same_nan:
-        failures.append(Failure("wrong", density, f"max excess error {worst:.3g} > atol {atol:g} "
-                                f"({len(report.sparse_sites)} sparse sites)"))
-    return failures
+    if worst > atol or not torch.equal(got.isnan(), reference.isnan()):
+        return f"max excess error {worst:.3g} > atol {atol:g}"
+    return None

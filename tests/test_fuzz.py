@@ -90,3 +90,25 @@ def test_oracle_of_supported_calls(change, supported):
     config = dataclasses.replace(SUPPORTED, **change)
     first = fuzz_cases.calls(config)[0]
     assert first.supported(config) is supported
+
+
+def test_gradients_are_compared(monkeypatch):
+    """With `grad`, the supported site runs sparse through the op's backward and its gradients pass; a
+    backward that drops the key gradient is reported wrong at both densities, on the key projection."""
+    import dataclasses
+
+    from scaling_compiler.kernels import dispatch
+
+    config = dataclasses.replace(SUPPORTED, grad=True)
+    assert run_case(config) == []
+    backward = dispatch.block_sparse_attention_backward
+
+    def without_dk(*args, **kwargs):
+        dq, dk, dv = backward(*args, **kwargs)
+        return dq, torch.zeros_like(dk), dv
+
+    monkeypatch.setattr(dispatch, "block_sparse_attention_backward", without_dk)
+    failures = run_case(config)
+    assert {(f.kind, f.density) for f in failures} == {("wrong", 1.0), ("wrong", 0.5)}
+    assert all("grad of" in f.detail for f in failures)
+    assert any("grad of to_k.0.weight" in f.detail for f in failures)
