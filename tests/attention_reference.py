@@ -73,3 +73,18 @@ class masked_sites(TorchFunctionMode):
             q.double(), k.double(), v.double(), attn_mask=allowed.to(q.device), scale=scale
         )
         return out.to(q.dtype)
+
+
+class AllReports:
+    """The sites and masks of every graph a backend compiled, in execution order (the model breaks
+    into several graphs; `masked_sites` walks the attention calls of the whole forward)."""
+
+    def __init__(self, reports):
+        self.sites = [site for report in reports for site in report.sites]
+        self._reports = reports
+
+    def masks_at(self, timestep):
+        masks = {}
+        for report in self._reports:
+            masks.update(report.masks_at(timestep))
+        return masks

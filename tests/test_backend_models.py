@@ -12,7 +12,7 @@ from scaling_compiler.cost_model import CostModel
 from scaling_compiler.demo import zoo
 from scaling_compiler.kernels.bitmask import num_blocks
 
-from tests.attention_reference import masked_sites
+from tests.attention_reference import AllReports, masked_sites
 from tests.handwritten_dit import build_hand_dit, hand_dit_inputs
 
 GRID = (3, 24, 24)  # latent (frames, height, width): 3 x 12 x 12 = 432 video tokens = 4 blocks
@@ -150,21 +150,6 @@ def test_recompile_on_new_shape_gets_new_masks():
 HUNYUAN15 = "HunyuanVideo15Transformer3DModel"
 
 
-class _AllReports:
-    """The sites and masks of every graph a backend compiled, in execution order (the model breaks
-    into several graphs; `masked_sites` walks the attention calls of the whole forward)."""
-
-    def __init__(self, reports):
-        self.sites = [site for report in reports for site in report.sites]
-        self._reports = reports
-
-    def masks_at(self, timestep):
-        masks = {}
-        for report in self._reports:
-            masks.update(report.masks_at(timestep))
-        return masks
-
-
 def _hunyuan15_joint(backend):
     sites = [s for r in backend.reports for s in r.sites if s.kind == "joint"]
     assert len(sites) == 1
@@ -198,7 +183,7 @@ def test_hunyuan15_sparse_mask_matches_masked_reference():
         out = first_output(torch.compile(model, backend=backend)(**inputs))
         joint = _hunyuan15_joint(backend)
         assert joint.status == "sparse" and joint.density < 1.0
-        with masked_sites(_AllReports(backend.reports), timestep_of(inputs)):
+        with masked_sites(AllReports(backend.reports), timestep_of(inputs)):
             expected = first_output(model(**inputs))
         dense = first_output(model(**inputs))
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
@@ -221,6 +206,6 @@ def test_padded_joint_attention_runs_sparse_on_cuda(name):
         out = first_output(torch.compile(model, backend=backend)(**inputs))
         joint = [s for r in backend.reports for s in r.sites if s.kind == "joint" and s.attn_mask]
         assert joint and all(s.status == "sparse" and s.density < 1.0 for s in joint), [s.reason for s in joint]
-        with masked_sites(_AllReports(backend.reports), timestep_of(inputs)):
+        with masked_sites(AllReports(backend.reports), timestep_of(inputs)):
             expected = first_output(model(**inputs))
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
