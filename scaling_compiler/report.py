@@ -67,6 +67,7 @@ class PassReport:
     schedule: str | None  # "fast" | "uniform" | None (no sparse site)
     step_source: str  # what picks the step's masks at run time
     mask_bytes: int = 0  # device memory of the masks and step tables the graph takes as inputs
+    subgraph_attention: int = 0  # SDPA calls inside subgraphs (activation checkpointing): not rewritten, dense
     # the plans of the sparse sites, the step timesteps, WEST's topology (not in the JSON)
     plans: dict[str, SitePlan] = dataclasses.field(default_factory=dict, repr=False)
     step_timesteps: torch.Tensor | None = dataclasses.field(default=None, repr=False)  # (steps,)
@@ -131,6 +132,7 @@ class PassReport:
             "step_source": self.step_source,
             "predicted_speedup": self.predicted_speedup,
             "mask_bytes": self.mask_bytes,
+            "subgraph_attention": self.subgraph_attention,
             "attention_flops": self.attention_flops,
             "flops_saved": self.flops_saved,
             "sites": [dataclasses.asdict(s) | {"density": s.density} for s in self.sites],
@@ -172,10 +174,19 @@ class PassReport:
 
         return save_report_pictures(self, Path(directory))
 
+    def subgraph_note(self) -> str:
+        """A line on the attention calls inside subgraphs (empty without any)."""
+        if not self.subgraph_attention:
+            return ""
+        calls = self.subgraph_attention
+        return (f"\nnote: {calls} attention call{'s' if calls != 1 else ''} inside subgraphs (activation "
+                "checkpointing, e.g. enable_gradient_checkpointing()) run dense: the backend does not rewrite "
+                "inside them; compile without gradient checkpointing to make them sparse")
+
     def __str__(self) -> str:
         if not self.sites:
             return (f"scalingattn graph {self.graph_index}: no softmax attention in this graph, nothing to rewrite "
-                    "(it runs as dynamo captured it)")
+                    "(it runs as dynamo captured it)" + self.subgraph_note())
         rows = [
             [
                 s.name, s.kind, "x".join(map(str, s.shape)) + ("" if s.kv_len == s.shape[2] else f" kv{s.kv_len}"),
@@ -207,6 +218,7 @@ class PassReport:
         if all(site.kind == "cross" for site in self.sites):
             summary += ("\nnote: only cross-attention in this graph, which stays dense: no softmax self-attention to "
                         "make sparse (linear attention, as Sana's, is not softmax attention)")
+        summary += self.subgraph_note()
         notes = self.coarse_grid_notes()
         if notes:
             summary += (f"\nnote: too few blocks for density {self.requested_density:g} (the sequence is short): "
@@ -262,7 +274,11 @@ def compile_summary(reports: list[PassReport], breaks: collections.Counter | Non
         hint = graph_break_hint(breaks.most_common(1)[0][0])
         if hint:
             lines.append(f"dynamo's hint: {hint}")
-    if reports and not with_sites:
+    hidden = sum(r.subgraph_attention for r in reports)
+    if hidden:
+        lines.append(f"{hidden} attention call{'s' if hidden != 1 else ''} inside subgraphs (activation checkpointing): "
+                     "not rewritten, dense")
+    elif reports and not with_sites:
         lines.append("no softmax attention in any graph: nothing was rewritten ("
                      + ("attention in code around the graph breaks runs eagerly, unseen" if breaks else
                         "linear attention, as Sana's, is not softmax attention") + ")")
@@ -283,6 +299,7 @@ def build_report(graph: GraphRecord, graph_index: int) -> PassReport:
         graph_index=graph_index, config=graph.config.as_dict(), sites=[site_report(site) for site in graph.sites],
         topology_origin=graph.masks_origin, calibration_seconds=graph.calibration_seconds, schedule=graph.schedule,
         step_source=graph.step_source, mask_bytes=sum(t.numel() * t.element_size() for t in graph.extra_inputs),
+        subgraph_attention=graph.subgraph_attention,
         plans={site.name: site.plan for site in graph.sites if site.plan is not None},
         step_timesteps=graph.step_timesteps, topology=graph.topology, policy_state=graph.policy_state,
     )

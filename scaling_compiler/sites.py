@@ -139,6 +139,7 @@ class GraphRecord:
     config: "Config"
     sites: list[Site] = dataclasses.field(default_factory=list)
     timestep: TimestepInput | None = None  # detection
+    subgraph_attention: int = 0  # detection: SDPA calls inside subgraphs (checkpointed regions), left dense
     # planning (the policy): for the report
     masks_origin: str = "no masks needed"
     calibration_seconds: float = 0.0

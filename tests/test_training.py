@@ -180,6 +180,25 @@ def test_separable_mask_and_graph_breaks_train():
     assert_grads_close(model, expected_model)
 
 
+def test_gradient_checkpointing_is_reported():
+    """With diffusers' gradient checkpointing, dynamo puts each block in a checkpointed subgraph, which the
+    passes do not rewrite: the report counts its attention calls and says they run dense (instead of "no
+    softmax attention"), and the training step equals eager's."""
+    model, inputs, target = build("WanTransformer3DModel")
+    model.enable_gradient_checkpointing()
+    expected_model = copy.deepcopy(model)
+    backend = make_backend(0.5)
+    torch._dynamo.reset()
+    out = training_step(torch.compile(model, backend=backend, fullgraph=True), inputs, target)
+    report = backend.report
+    assert not report.sites and report.subgraph_attention == 4  # 2 blocks x (self, cross)
+    assert report.to_dict()["subgraph_attention"] == 4
+    assert "4 attention calls inside subgraphs (activation checkpointing" in str(report)
+    assert "4 attention calls inside subgraphs" in backend.summary() and "no softmax" not in backend.summary()
+    torch.testing.assert_close(out, training_step(expected_model, inputs, target), rtol=RTOL, atol=RTOL)
+    assert_grads_close(model, expected_model)
+
+
 def test_masks_are_constants_and_an_optimizer_step_matches_eager():
     """The graph's extra inputs (int32 masks, int64 step tables, float step timesteps) never require
     grad nor get one; an SGD step after the compiled backward moves the weights as eager's does, and

@@ -46,6 +46,14 @@ def detect(graph: GraphRecord) -> None:
     """The detection pass: the graph's attention sites and its timestep input."""
     graph.sites = detect_sites(graph.gm, graph.config.token_grid)
     graph.timestep = find_timestep(graph.gm, graph.example_inputs, graph.config.timestep_max)
+    graph.subgraph_attention = subgraph_attention_calls(graph.gm)
+
+
+def subgraph_attention_calls(gm: torch.fx.GraphModule) -> int:
+    """SDPA calls inside the graph's subgraphs (the bodies of higher-order ops, such as the regions of
+    activation checkpointing: `enable_gradient_checkpointing()`), which the passes do not rewrite."""
+    return sum(_is_call(node, ({_SDPA}, ())) for name, module in gm.named_modules()
+               if name and isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes)
 
 
 def detect_sites(gm: torch.fx.GraphModule, token_grid: tuple[int, int, int] | None = None) -> list[Site]:
