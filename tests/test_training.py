@@ -96,13 +96,19 @@ def assert_grads_close(model, expected_model) -> None:
                                    msg=lambda m: f"{name}: {m}")
 
 
+def largest_grad_difference(model, other) -> float:
+    """max |grad - other's grad| over all parameters, over the largest of other's gradients."""
+    pairs = [(p.grad, q.grad) for p, q in zip(model.parameters(), other.parameters()) if q.grad is not None]
+    return max(float((g - h).abs().max()) for g, h in pairs) / max(float(h.abs().max()) for _, h in pairs)
+
+
 def assert_sparse_training_report(report, density: float) -> None:
     """Some self/joint sites run sparse (the op and its backward), at the density asked."""
     sparse = report.sparse_sites
     assert sparse, [s.reason for s in report.sites]
     assert all(s.requires_grad for s in report.sites)
     assert all(s.kind != "cross" for s in sparse)
-    assert all(s.shape[2] > 2 * 128 for s in sparse)  # at least 2 mask blocks: 0.5 can drop some
+    assert all(s.shape[2] > 128 for s in sparse)  # at least 2 mask blocks: 0.5 can drop some
     if density < 1.0:
         assert all(s.density < 1.0 for s in sparse) and report.flops_saved > 0
     else:
@@ -130,8 +136,7 @@ def check_training_step(name: str, density: float, compiler: str = "aot_eager", 
     assert_grads_close(model, expected_model)
     if density < 1.0:  # the masks really changed the gradients (the comparison is not with a dense step)
         training_step(dense_model, inputs, target)
-        with pytest.raises(AssertionError):
-            assert_grads_close(model, dense_model)
+        assert largest_grad_difference(model, dense_model) > 10 * ATOL_OF_LARGEST  # measured: 2e-3 (Flux) and up
     return backend
 
 
