@@ -1,6 +1,7 @@
 """The `scalingattn` dynamo backend: the passes, in order, over one graph record, then the inner compiler.
 
-    detect -> admit (policy) -> reorder -> plan (policy: calibrate + tune) -> rewrite -> inner compiler
+    detect -> admit (policy) -> reorder -> plan (policy: calibrate + tune) [-> linear branches]
+    -> rewrite -> inner compiler
 
 Each pass takes the `GraphRecord` (sites.py) and adds to it; the report is built from the final
 record. The policy (`policies/`, chosen by the `policy` option) decides which blocks each site
@@ -34,10 +35,12 @@ from .passes.detect import detect
 from .passes.inputs import annotate_inputs
 from .per_shape import PerShapeCompiled
 from .passes.reorder import reorder
+from .passes.linear_branch import add_linear_branches
 from .passes.rewrite import rewrite
 from .policies import policy_class
 from .policies.west_fast.fast import FitSettings
 from .report import PassReport, build_report, compile_summary, graph_breaks
+from .salad.branch import BranchWeights, LinearBranches
 from .sites import GraphRecord
 
 log = logging.getLogger(__name__)
@@ -59,7 +62,14 @@ class ScalingAttnBackend:
         self.reports: list[PassReport] = []
         extensions = {"fast_fit": fast_fit} if fast_fit is not None else {}
         self.policy = policy_class(self.config.policy)(self.config, cost_model, **extensions)
+        self.linear_branches = LinearBranches()  # SALAD branches of every compiled site (option linear_branch)
+        weights = self.config.linear_branch_weights
+        self._branch_weights = BranchWeights(weights) if weights is not None else None
         self._breaks_before = graph_breaks()  # dynamo's graph breaks are process-wide: count from here
+
+    def _linear_branches(self, graph: GraphRecord) -> None:
+        if self.config.linear_branch:
+            add_linear_branches(graph, self.linear_branches, self._branch_weights)
 
     def summary(self) -> str:
         """All graphs this backend compiled: how many, why dynamo broke the model (where it says),
@@ -84,7 +94,7 @@ class ScalingAttnBackend:
     def compile_static(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> CompiledFn:
         """Run the passes on a graph whose example inputs have concrete shapes."""
         graph = GraphRecord(gm, example_inputs, self.config)
-        for compile_pass in (detect, self.policy.admit, reorder, self.policy.plan, rewrite):
+        for compile_pass in (detect, self.policy.admit, reorder, self.policy.plan, self._linear_branches, rewrite):
             compile_pass(graph)
         report = build_report(graph, len(self.reports))
         self.reports.append(report)

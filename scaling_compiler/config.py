@@ -70,6 +70,13 @@ class Config:
     cache: bool = True
     """Reuse WEST topologies from the on-disk cache ($SCALINGATTN_CACHE_DIR)."""
 
+    linear_branch: bool = False
+    """SALAD: add a gated linear-attention branch (zero-initialised, trainable) beside each sparse
+    site; its parameters are the backend's `linear_branches`."""
+
+    linear_branch_weights: str | None = None
+    """A safetensors file of tuned branches (`LinearBranches.save`) to load; needs `linear_branch`."""
+
     def __post_init__(self) -> None:
         policy = policy_class(self.policy)
         if self.options is None:
@@ -91,6 +98,7 @@ class Config:
         self._check_steps()
         if not isinstance(self.cache, bool):
             raise ValueError(f"option 'cache' must be True or False, got {self.cache!r}")
+        self._check_linear_branch()
         if self.token_grid is not None:
             grid = tuple(self.token_grid)
             if len(grid) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in grid):
@@ -102,6 +110,16 @@ class Config:
             object.__setattr__(self, "token_order", policy.default_token_order)
         _check_choice(self, "token_order", TokenOrder)
         self.options.check(self)
+
+    def _check_linear_branch(self) -> None:
+        if not isinstance(self.linear_branch, bool):
+            raise ValueError(f"option 'linear_branch' must be True or False, got {self.linear_branch!r}")
+        if self.linear_branch_weights is not None:
+            if not isinstance(self.linear_branch_weights, (str, os.PathLike)):
+                raise ValueError(f"option 'linear_branch_weights' must be a path, got {self.linear_branch_weights!r}")
+            if not self.linear_branch:
+                raise ValueError("option 'linear_branch_weights' needs linear_branch=True")
+            object.__setattr__(self, "linear_branch_weights", os.fspath(self.linear_branch_weights))
 
     def _check_steps(self) -> None:
         if self.timesteps is not None:

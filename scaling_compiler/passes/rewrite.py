@@ -21,6 +21,7 @@ class Rewriter:
         self.graph = graph
         self.timestep = timestep  # the model's timestep placeholder, if the graph has one
         self.extra_inputs: list[torch.Tensor] = []
+        self.modules: dict[str, torch.nn.Module] = {}  # submodules the new call_module nodes call
         self._anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
         self._shared: dict[str, torch.fx.Node] = {}
 
@@ -37,6 +38,13 @@ class Rewriter:
         return self._anchor
 
 
+    def add_module(self, name: str, module: torch.nn.Module) -> str:
+        """Register `module` as a submodule of the rewritten graph module; returns the target name for
+        `graph.call_module` (its parameters become the compiled graph's, e.g. trainable)."""
+        self.modules[name] = module
+        return name
+
+
 def rewrite(graph: GraphRecord) -> None:
     """The rewrite pass: sites with a plan call their op; `graph.gm` becomes the rewritten copy."""
     planned = [site for site in graph.sites if site.plan is not None]
@@ -50,6 +58,8 @@ def rewrite(graph: GraphRecord) -> None:
     for site in planned:
         _replace_site(rewriter, site, copies)
     copy.lint()
+    for name, module in rewriter.modules.items():
+        graph.gm.add_submodule(name, module)
     graph.gm = torch.fx.GraphModule(graph.gm, copy)
     graph.extra_inputs = rewriter.extra_inputs
 

@@ -1,0 +1,146 @@
+"""The linear-attention branch of SALAD and its per-model container.
+
+Per site, beside the sparse attention and on the same q, k, v (B, H, S, D):
+
+    O = O_sparse + g * Proj(O_linear)
+    O_linear = phi(q) (phi(k)^T v) / (phi(q) . sum_j phi(k_j)),   phi = ReLU      (per head, O(S D^2))
+    g = sigmoid(w . mean_tokens(q) + b)                             (a scalar per sample)
+
+`Proj` is a (H*D x H*D) linear over each token's heads, zero-initialised: a fresh branch adds
+exactly zero, so a freshly compiled model equals the sparse-only one. Linear attention is
+permutation-equivariant over tokens and the gate pools over them, so the branch is the same in
+any token order (it runs after the reorder pass's gathers). Parameters are float32; the branch
+computes in the activations' dtype (bf16 on the GPU: its matmuls run on the tensor cores).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+EPS = 1e-6  # the ReLU normaliser can be 0 (a query with no positive feature)
+
+
+class LinearBranchMismatch(ValueError):
+    """Tuned branch weights that do not fit the compiled model (site names or shapes)."""
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    """ReLU linear attention per (batch, head): (B, H, S, D) -> (B, H, S, D), never S x S.
+
+    `key_padding` bool (B or 1, S): False drops that key (as the sparse op does). The (D x D)
+    state and the key sum are accumulated in float32 (sums over tens of thousands of tokens), the
+    output returned in v's dtype.
+    """
+    phi_q, phi_k = torch.relu(q), torch.relu(k)
+    if key_padding is not None:
+        phi_k = phi_k * key_padding[:, None, :, None].to(phi_k.dtype)
+    state = torch.einsum("bhsd,bhse->bhde", phi_k.float(), v.float())  # (B, H, D, Dv)
+    key_sum = phi_k.float().sum(2)  # (B, H, D)
+    numerator = torch.einsum("bhsd,bhde->bhse", phi_q.float(), state)
+    denominator = torch.einsum("bhsd,bhd->bhs", phi_q.float(), key_sum)[..., None] + EPS
+    return (numerator / denominator).to(v.dtype)
+
+
+class LinearBranch(nn.Module):
+    """One site's branch: a zero-initialised projection of the linear-attention output and a gate."""
+
+    def __init__(self, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        width = heads * head_dim
+        self.proj = nn.Linear(width, width)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.gate = nn.Linear(width, 1)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse_out: torch.Tensor,
+                key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """`sparse_out` (B, H, S, D) plus the gated, projected linear attention of q, k, v."""
+        B, H, S, D = q.shape
+        dtype = sparse_out.dtype
+        tokens = linear_attention(q, k, v, key_padding).transpose(1, 2).reshape(B, S, H * D)
+        projected = nn.functional.linear(tokens, self.proj.weight.to(dtype), self.proj.bias.to(dtype))
+        pooled = q.mean(2).reshape(B, H * D)  # (B, H*D): the gate's view of this sample
+        gate = torch.sigmoid(nn.functional.linear(pooled.float(), self.gate.weight, self.gate.bias)).to(dtype)
+        extra = (gate[:, :, None] * projected).reshape(B, S, H, D).transpose(1, 2)
+        return sparse_out + extra
+
+
+def module_key(site_name: str) -> str:
+    """A site's name as a ModuleDict key (no dots): "blocks.0.attn1" -> "blocks__0__attn1"."""
+    return site_name.replace(".", "__")
+
+
+class LinearBranches(nn.Module):
+    """The branches of every site a backend compiled, by site name.
+
+    Hand `.parameters()` to an optimizer; `save(path)` writes them as safetensors (with each site's
+    name and shape), and the option `linear_branch_weights=path` loads them into a later compile.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites = nn.ModuleDict()
+
+    def branch_for(self, site_name: str, heads: int, head_dim: int, device: torch.device,
+                   weights: "BranchWeights | None") -> tuple[str, LinearBranch]:
+        """The site's branch (created on first use, with `weights` loaded if given) and its key."""
+        key = module_key(site_name)
+        if key in self.sites:
+            branch = self.sites[key]
+            if (branch.heads, branch.head_dim) != (heads, head_dim):
+                raise LinearBranchMismatch(f"site {site_name!r} was compiled with {branch.heads} heads of "
+                                           f"{branch.head_dim}, now {heads} heads of {head_dim}")
+            return key, branch
+        branch = LinearBranch(heads, head_dim).to(device)
+        if weights is not None:
+            weights.load_into(site_name, key, branch)
+        self.sites[key] = branch
+        return key, branch
+
+    def save(self, path: str | Path) -> Path:
+        """Write every branch's parameters to a safetensors file."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {name: p.detach().float().cpu().contiguous() for name, p in self.state_dict().items()}
+        shapes = {key: [b.heads, b.head_dim] for key, b in self.sites.items()}
+        save_file(tensors, str(path), metadata={"scalingattn_linear_branches": json.dumps(shapes)})
+        return path
+
+
+class BranchWeights:
+    """Tuned branch weights read from a safetensors file (option `linear_branch_weights`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"option 'linear_branch_weights': no file {str(self.path)!r}")
+        with safe_open(str(self.path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if "scalingattn_linear_branches" not in metadata:
+                raise LinearBranchMismatch(f"{self.path} holds no linear branches (not written by LinearBranches.save)")
+            self.shapes = {k: tuple(v) for k, v in json.loads(metadata["scalingattn_linear_branches"]).items()}
+            self.tensors = {name: f.get_tensor(name) for name in f.keys()}
+
+    def load_into(self, site_name: str, key: str, branch: LinearBranch) -> None:
+        if key not in self.shapes:
+            raise LinearBranchMismatch(f"{self.path} has no branch for site {site_name!r} "
+                                       f"(it has {sorted(self.shapes)})")
+        if self.shapes[key] != (branch.heads, branch.head_dim):
+            heads, head_dim = self.shapes[key]
+            raise LinearBranchMismatch(f"{self.path}: site {site_name!r} was tuned with {heads} heads of {head_dim}, "
+                                       f"the model has {branch.heads} heads of {branch.head_dim}")
+        prefix = f"sites.{key}."
+        state = {name[len(prefix):]: t for name, t in self.tensors.items() if name.startswith(prefix)}
+        branch.load_state_dict(state)  # strict: a missing or extra tensor is an error naming it
+        log.info("linear branch of %s loaded from %s", site_name, self.path)
