@@ -35,16 +35,17 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """ReLU linear attention per (batch, head): (B, H, S, D) -> (B, H, S, D), never S x S.
 
     `key_padding` bool (B or 1, S): False drops that key (as the sparse op does). The (D x D)
-    state and the key sum are accumulated in float32 (sums over tens of thousands of tokens), the
-    output returned in v's dtype.
+    state and the key sum are accumulated in float32 at least (sums over tens of thousands of
+    tokens), the output returned in v's dtype.
     """
     phi_q, phi_k = torch.relu(q), torch.relu(k)
     if key_padding is not None:
         phi_k = phi_k * key_padding[:, None, :, None].to(phi_k.dtype)
-    state = torch.einsum("bhsd,bhse->bhde", phi_k.float(), v.float())  # (B, H, D, Dv)
-    key_sum = phi_k.float().sum(2)  # (B, H, D)
-    numerator = torch.einsum("bhsd,bhde->bhse", phi_q.float(), state)
-    denominator = torch.einsum("bhsd,bhd->bhs", phi_q.float(), key_sum)[..., None] + EPS
+    acc = torch.promote_types(v.dtype, torch.float32)
+    state = torch.einsum("bhsd,bhse->bhde", phi_k.to(acc), v.to(acc))  # (B, H, D, Dv)
+    key_sum = phi_k.to(acc).sum(2)  # (B, H, D)
+    numerator = torch.einsum("bhsd,bhde->bhse", phi_q.to(acc), state)
+    denominator = torch.einsum("bhsd,bhd->bhs", phi_q.to(acc), key_sum)[..., None] + EPS
     return (numerator / denominator).to(v.dtype)
 
 
