@@ -51,6 +51,7 @@ class SiteReport:
     predicted_ms: float | None  # cost model, mean over steps (None for dense sites)
     dense_ms: float | None
     token_order: str  # order of the video tokens the attention sees: raster | morton | hilbert
+    model_heads: tuple[int, ...] | None = None  # under Ulysses: which of the model's heads this rank's site holds
 
     @property
     def density(self) -> float:
@@ -314,6 +315,7 @@ def site_report(site: Site) -> SiteReport:
         attn_mask=site.attn_mask, is_causal=site.is_causal, dropout_p=site.dropout_p,
         requires_grad=site.requires_grad, token_grid=site.token_grid, grid_source=site.grid_source, text_spans=site.text_spans,
         dense_flops=site.dense_flops, token_order=site.token_order,
+        model_heads=site.ulysses.heads if site.ulysses is not None else None,
     )
     if site.plan is None:
         return SiteReport(**fields, status="dense", reason=site.dense_reason, head_densities=[1.0] * max(site.heads, 1),

@@ -99,6 +99,9 @@ class Site:
     # the mask is separable (passes/masks.py): key padding (in mask_node) plus query padding, whose
     # rows the rewritten graph zeroes as eager SDPA does for fully masked rows
     query_padding: bool = False
+    # diffusers' Ulysses context parallelism: which of the model's heads this rank's site holds
+    # (passes/ulysses.py), None outside it
+    ulysses: Any = None
     # --- reorder: order of the video tokens the attention sees ---
     token_order: str = "raster"
     # --- planning: the policy's plan (None: dense) ---

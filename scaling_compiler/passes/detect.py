@@ -28,6 +28,7 @@ from ..kernels.dispatch import unsupported_reason
 from ..sites import GraphRecord, Pattern, Site, SiteKind
 from .inputs import find_timestep
 from .masks import add_padding_nodes, separable_mask
+from .ulysses import RING_REASON, find_ulysses, is_ring
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def detect_sites(gm: torch.fx.GraphModule, token_grid: tuple[int, int, int] | No
             continue
         _classify(site, grids)
         site.dense_reason = _dense_reason(site)
+        _context_parallel(site)
         if site.query_padding and site.rewritable:  # the op gets the mask's padding vectors
             site.mask_node, site.query_padding_node = add_padding_nodes(
                 gm.graph, site.mask_node, site.q_len, site.kv_len)
@@ -387,6 +389,11 @@ def _untranspose_last_two(node: Any) -> torch.fx.Node | None:
     return None
 
 
+# diffusers' hooks (HookRegistry, e.g. context parallelism's) wrap a module's forward: dynamo then
+# spells the path through the wrapper, e.g. L['function_reference'].forward.__self__.__dict__[...]
+# ['blocks'].0.forward.func.__closure__[0].cell_contents.forward.__self__.attn1 for blocks.0.attn1
+_HOOK_WRAPPER = re.compile(r"(?:L\['function_reference'\]|\.forward\.func\.__closure__\[\d+\]\.cell_contents)"
+                           r"\.forward\.__self__")
 _MODULE_KEY = re.compile(r"\.__dict__\['_modules'\]\['([^']+)'\]|\['([^']+)'\]|\[(\d+)\]")
 
 
@@ -395,10 +402,18 @@ def _module_path(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return "<model>"
-    raw = list(stack.values())[-1][0]
+    raw = _HOOK_WRAPPER.sub("", list(stack.values())[-1][0])
     raw = raw.replace("L['self']", "", 1) if raw.startswith("L['self']") else raw
     path = _MODULE_KEY.sub(lambda m: "." + next(g for g in m.groups() if g is not None), raw)
     return path.strip(".") or "<model>"
+
+
+def _context_parallel(site: Site) -> None:
+    """Under diffusers' context parallelism: the rank's heads (Ulysses), or dense (ring)."""
+    if site.heads and isinstance(site.q_node, torch.fx.Node):
+        site.ulysses = find_ulysses(site.node, (site.q_node, site.k_node, site.v_node), site.heads)
+    if site.rewritable and is_ring(site.k_node):
+        site.dense_reason = RING_REASON
 
 
 def _make_names_unique(sites: list[Site]) -> None:

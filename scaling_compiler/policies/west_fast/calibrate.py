@@ -35,7 +35,9 @@ from ... import cache
 from ...kernels.bitmask import BLOCK_SIZE, num_blocks
 from ...kernels.block_mass import block_mass, row_block_mass
 from ...passes.inputs import GraphInput, graph_inputs
+from ...passes.ulysses import UlyssesSlice, agree
 from ...sites import GraphRecord, Site, TimestepInput
+from .parallel import gather_topology
 from .topology import SiteTopology, Topology, site_problem, thresholds_from_significance
 
 log = logging.getLogger(__name__)
@@ -223,26 +225,49 @@ def west_topology(graph: GraphRecord, sites: list[Site], options: Any) -> tuple[
         maps.update(_from_file(options.topology_file, sites))
         origin.append(f"{len(maps)} sites from {options.topology_file}")
     missing = [site for site in sites if site.name not in maps]
+    ulysses = next((site.ulysses for site in missing if site.ulysses is not None), None)
     if missing:
         payload = {"fingerprint": fingerprint, "sites": [_signature(s) for s in missing], "calibration": settings}
         key, fields = cache.cache_key(payload, sites[0].device), cache.key_fields(payload, sites[0].device)
         path = cache.entry_path(key)
         use_cache = config.cache and cache.writable_dir() is not None  # else: warned, compile uncached
         cached = _load_cached(path, fields, fingerprint, settings, missing) if use_cache else None
+        if ulysses is not None and not agree(cached is not None, ulysses, sites[0].device):
+            cached = None  # every rank calibrates, or none: calibration runs the graph's all-to-alls
         if cached is not None:
             maps.update(cached.sites)
             origin.append(f"{len(missing)} sites from cache {cache.cache_dir() / key}")
         else:
             start = time.perf_counter()
-            calibrated = calibrate(gm, example_inputs, missing, options.calibration_samples,
-                                   options.calibration_seed, options.calibration_inputs, graph.timestep)
+            calibrated = _calibrate_all_ranks(graph, missing, options, ulysses)
             maps.update(calibrated)
             seconds = time.perf_counter() - start
             origin.append(f"{len(missing)} sites calibrated on {options.calibration_samples} "
-                          f"{settings['inputs']} samples in {seconds:.1f} s")
-            if use_cache:
+                          f"{settings['inputs']} samples in {seconds:.1f} s"
+                          + (f" (Ulysses: {ulysses.world} ranks, heads gathered)" if ulysses else ""))
+            if use_cache and (ulysses is None or ulysses.rank == 0):  # one writer per entry
                 cache.store(path, Topology(fingerprint, calibrated, settings, key=fields).save)
     return Topology(fingerprint, maps, settings), "; ".join(origin), seconds
+
+
+def _calibrate_all_ranks(graph: GraphRecord, sites: list[Site], options: Any, ulysses: UlyssesSlice | None
+                         ) -> dict[str, SiteTopology]:
+    """`calibrate`; under Ulysses on every rank at once, each rank's heads then gathered, so that every
+    rank holds the maps of all heads (those a single process calibrates). A rank whose calibration
+    fails makes every rank fail, after the others finished theirs (no rank is left in a collective)."""
+    error = None
+    try:
+        maps = calibrate(graph.gm, graph.example_inputs, sites, options.calibration_samples,
+                         options.calibration_seed, options.calibration_inputs, graph.timestep)
+    except CalibrationError as failure:
+        if ulysses is None:
+            raise
+        error, maps = failure, {}
+    if ulysses is None:
+        return maps
+    if not agree(error is None, ulysses, sites[0].device):
+        raise error or CalibrationError("calibration failed on another Ulysses rank")
+    return gather_topology(Topology("", maps, {}), sites).sites
 
 
 def _load_cached(path, fields: dict[str, Any], fingerprint: str, settings: dict[str, Any],
@@ -267,7 +292,8 @@ def _load_cached(path, fields: dict[str, Any], fingerprint: str, settings: dict[
             return f"sites {sorted(topology.sites)} != {sorted(s.name for s in sites)}"
         for site in sites:
             site_map = topology.sites[site.name]
-            reason = site_problem(site_map, site.heads, site.q_len, site.kv_len, site.token_grid, site.text_spans)
+            heads = site.ulysses.total_heads if site.ulysses is not None else site.heads
+            reason = site_problem(site_map, heads, site.q_len, site.kv_len, site.token_grid, site.text_spans)
             if reason is None and (site_map.source != "calibrated" or site_map.row_mass is None):
                 reason = f"source {site_map.source!r}, sampled rows {'missing' if site_map.row_mass is None else 'kept'}"
             if reason:
@@ -300,8 +326,9 @@ def _from_file(path: str, sites: list[Site]) -> dict[str, SiteTopology]:
 
 
 def _signature(site: Site) -> dict[str, Any]:
+    heads = site.ulysses.total_heads if site.ulysses is not None else site.heads  # the model's, on any rank
     return {
-        "name": site.name, "shape": [site.batch, site.heads, site.q_len, site.kv_len, site.head_dim],
+        "name": site.name, "shape": [site.batch, heads, site.q_len, site.kv_len, site.head_dim],
         "dtype": str(site.dtype), "grid": site.token_grid, "text_spans": site.text_spans,
         "token_order": site.token_order,
     }

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from ...cost_model import CostModel
+from ...passes.ulysses import permute_heads
 from ...passes.inputs import step_source, step_timesteps
 from ...sites import GraphRecord, Site
 from ..base import Policy, PolicyOptions
@@ -24,6 +25,7 @@ from ..static import RULES
 from ..token_order import TokenOrder
 from .calibrate import CalibrationError, west_topology
 from .fast import FitSettings, Schedule, ScheduleKind, fast_schedule, fidelity_curve, uniform_schedule
+from .parallel import RankTimes, balance, head_ms, local_view, rank_times, total_heads
 from .plan import build_plan, full_mask, median_step_mask, unless_slower
 from .topology import Topology
 
@@ -71,6 +73,10 @@ class WestFastOptions(PolicyOptions):
     topology_file: str | None = None
     """A topology written by `scalingattn calibrate`; resized to each site's token grid."""
 
+    balance_heads: bool = False
+    """Under diffusers' Ulysses context parallelism: permute each site's heads around its all-to-alls so
+    that every rank's predicted attention time is about equal (FAST gives heads different densities)."""
+
     @property
     def sparse(self) -> bool:
         """Whether any mask can drop a block."""
@@ -96,6 +102,8 @@ class WestFastOptions(PolicyOptions):
                 raise ValueError("option 'calibration_inputs' must be a non-empty list of dicts {argument name: tensor}")
             object.__setattr__(self, "calibration_inputs", inputs)
         self.check_topology_file()
+        if not isinstance(self.balance_heads, bool):
+            raise ValueError(f"option 'balance_heads' must be True or False, got {self.balance_heads!r}")
         self._check_schedule()
         if self.warmup is not None and (isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float))
                                         or not 0.0 <= self.warmup < 1.0):
@@ -159,6 +167,26 @@ class WestFastOptions(PolicyOptions):
                              "(topology files are in raster order)")
 
 
+@dataclasses.dataclass
+class UlyssesPlan:
+    """west_fast's run-time state under Ulysses: what the report says of the ranks' balance."""
+
+    rank_times: RankTimes
+    balanced: bool  # the heads were permuted to the balanced order (option balance_heads)
+
+    def report_line(self) -> str:
+        applied = "heads permuted to the balanced order" if self.balanced else "heads in the model's order"
+        return f"Ulysses: {self.rank_times.line()}; {applied}"
+
+    def report_json(self) -> dict:
+        return {"ulysses": {"rank_ms_before": list(self.rank_times.before),
+                            "rank_ms_balanced": list(self.rank_times.after), "balanced": self.balanced}}
+
+
+def _add(total: list[float] | None, times: tuple[float, ...]) -> list[float]:
+    return list(times) if total is None else [a + b for a, b in zip(total, times)]
+
+
 class WestFastPolicy(Policy):
     name = "west_fast"
     options_class = WestFastOptions
@@ -179,6 +207,9 @@ class WestFastPolicy(Policy):
         if not sites:
             return
         if not options.sparse:  # every block through the op, whatever the cost: the exactness and overhead check
+            if any(site.ulysses is not None for site in sites):
+                heads = [total_heads(site) for site in sites]
+                graph.policy_state = self._balance(graph, sites, uniform_schedule(heads, steps, 1.0))
             for site in sites:
                 site.plan = build_plan(site, full_mask(site)[None], (1.0,), torch.zeros(1, site.heads, dtype=torch.int64),
                                        graph.step_timesteps, "density 1: every block", None, self._cost(site))
@@ -193,10 +224,39 @@ class WestFastPolicy(Policy):
             graph.topology = topology
         else:
             graph.masks_origin = f"{options.masks} rule"
-        schedule = self._schedule(sites, topology, steps)
+        schedule = self._schedule(sites, topology, steps)  # all heads of the model, on every rank
         graph.schedule = schedule.kind.value
+        if any(site.ulysses is not None for site in sites):
+            graph.policy_state = self._balance(graph, sites, schedule)
+            topology, schedule = local_view(topology, schedule, sites)  # this rank's heads
         for i, site in enumerate(sites):
             self._plan_site(site, schedule, i, topology, graph.step_timesteps, self._cost(site))
+
+    def _balance(self, graph: GraphRecord, sites: list[Site], schedule: Schedule) -> "UlyssesPlan":
+        """Each rank's predicted attention time with the model's head order and with `balance`'s; with
+        option `balance_heads`, the graph's heads permuted around the all-to-alls to the balanced order."""
+        parallel = [(i, site) for i, site in enumerate(sites) if site.ulysses is not None]
+        applied = self.options.balance_heads and self._permutable(parallel)
+        before: list[float] | None = None
+        after: list[float] | None = None
+        for i, site in parallel:
+            times, world = head_ms(site, schedule, i, self._cost(site)), site.ulysses.world
+            order = balance(times, world, after)
+            before = _add(before, rank_times(times, range(len(times)), world))
+            after = _add(after, rank_times(times, order, world))
+            if applied:
+                site.ulysses = permute_heads(graph.gm.graph, site.ulysses, order)
+        if applied:
+            graph.gm.recompile()
+        return UlyssesPlan(RankTimes(tuple(before), tuple(after)), applied)
+
+    @staticmethod
+    def _permutable(parallel: list[tuple[int, Site]]) -> bool:
+        unknown = [site.name for _, site in parallel if site.ulysses.head_out is None]
+        if unknown:
+            log.warning("scalingattn: option 'balance_heads': the Ulysses all-to-alls of %s are not recognised; "
+                        "heads keep the model's order", unknown)
+        return not unknown
 
     def _cost(self, site: Site) -> CostModel:
         """A training site (inputs requiring grad) is timed forward plus backward, on both sides."""
@@ -218,7 +278,7 @@ class WestFastPolicy(Policy):
             curves = [fidelity_curve(topology.sites[site.name], self.fit.ladder) for site in sites]
             density = None if options.min_fidelity else options.density
             return fast_schedule(curves, steps, density, options.min_fidelity, options.warmup, self.fit)
-        return uniform_schedule([site.heads for site in sites], steps, options.density, options.warmup or 0.0)
+        return uniform_schedule([total_heads(site) for site in sites], steps, options.density, options.warmup or 0.0)
 
     def _plan_site(self, site: Site, schedule: Schedule, i: int, topology: Topology | None,
                    timesteps: torch.Tensor, cost: CostModel) -> None:

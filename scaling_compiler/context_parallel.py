@@ -1,0 +1,26 @@
+"""Compiling a diffusers model under its context parallelism (`model.enable_parallelism(config=
+ContextParallelConfig(ulysses_degree=N))`) with `backend="scalingattn"` and `fullgraph=True`.
+
+diffusers' context-parallel hooks log a warning from inside the traced forward when an input of the
+model's `_cp_plan` has fewer dims than the plan expects (Wan2.1's 1-D timestep), through
+`logger.warning_once`, which dynamo cannot trace: without this, `fullgraph=True` fails and a plain
+compile breaks the graph there. The hooks also look up the forward's signature on first use
+(`inspect.signature`, not traceable either): call the model once eagerly before compiling it.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+
+def ignore_warning_once() -> bool:
+    """Let dynamo skip `logging.Logger.warning_once` (installed by transformers, which diffusers
+    imports) instead of breaking the graph. Returns whether there was one to skip."""
+    warning_once = getattr(logging.Logger, "warning_once", None)
+    if warning_once is None:
+        return False
+    config = torch._dynamo.config
+    ignored = getattr(config, "ignore_logging_functions", None)  # torch >= 2.12; before: ignore_logger_methods
+    (ignored if ignored is not None else config.ignore_logger_methods).add(warning_once)
+    return True
