@@ -4,8 +4,8 @@ The compiled model under Ulysses 2 must equal the single-process compiled model 
 masks: each rank's site holds H/2 heads over the whole sequence, and its masks are its heads' slice
 of the whole model's plan, with the heads in the model's order or permuted for balance.
 
-CPU workaround (test only): diffusers picks the device as `rank % torch.accelerator.device_count()`,
-which is 0 without an accelerator; `enable_parallelism` runs with a device count of 1 patched in.
+On the CPU, `context_parallel.enable_ulysses` works around diffusers' device choice
+(`rank % torch.accelerator.device_count()`, a division by 0 without an accelerator).
 """
 import os
 import pathlib
@@ -13,7 +13,6 @@ import socket
 import tempfile
 import time
 import traceback
-import unittest.mock
 
 import pytest
 import torch
@@ -60,15 +59,6 @@ def _masks(report, name, heads=None):
     return [m if heads is None else m[list(heads)] for m in masks]
 
 
-def _enable_ulysses(model, degree: int) -> None:
-    from diffusers import ContextParallelConfig
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh("cpu", (1, degree), mesh_dim_names=("ring", "ulysses"))
-    with unittest.mock.patch("torch.accelerator.device_count", return_value=1):
-        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree, mesh=mesh))
-
-
 def _worker(rank: int, port: int, cache_dir: str, results) -> None:
     try:
         results.put((rank, _compare(rank, port, cache_dir)))
@@ -79,7 +69,7 @@ def _worker(rank: int, port: int, cache_dir: str, results) -> None:
 def _compare(rank: int, port: int, cache_dir: str) -> dict:
     import torch.distributed as dist
 
-    from scaling_compiler.context_parallel import ignore_warning_once
+    from scaling_compiler.context_parallel import enable_ulysses, ignore_warning_once
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -87,7 +77,7 @@ def _compare(rank: int, port: int, cache_dir: str) -> dict:
     model, inputs = _tiny_wan()
     ignore_warning_once()
     single = {case: _compile(model, inputs, options) for case, options in CASES.items()}
-    _enable_ulysses(model, 2)
+    enable_ulysses(model, 2)
     with torch.no_grad():
         model(**inputs)  # diffusers' hooks read the forward's signature on first use: not traceable
     outcome = {}
@@ -221,3 +211,25 @@ def test_balance_counts_earlier_sites():
 
 def test_balance_is_deterministic_on_ties():
     assert balance([1.0] * 4, 2) == balance([1.0] * 4, 2) == (0, 2, 1, 3)
+
+
+# ---------------------------------------------------------------------------------------
+# Names and options (no processes)
+# ---------------------------------------------------------------------------------------
+
+
+def test_hook_wrapped_module_paths_read_as_plain_ones():
+    """diffusers' hooks wrap forwards; dynamo names the modules through the wrappers."""
+    from types import SimpleNamespace
+
+    from scaling_compiler.passes.detect import _module_path
+
+    wrapped = ("L['function_reference'].forward.__self__.__dict__['_modules']['blocks'].0.forward.func"
+               ".__closure__[0].cell_contents.forward.__self__.attn1")
+    node = SimpleNamespace(meta={"nn_module_stack": {"k": (wrapped, None)}})
+    assert _module_path(node) == "blocks.0.attn1"
+
+
+def test_balance_heads_must_be_a_bool():
+    with pytest.raises(ValueError, match="option 'balance_heads' must be True or False"):
+        ScalingAttnBackend(balance_heads="yes")

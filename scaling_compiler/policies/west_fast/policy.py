@@ -236,17 +236,20 @@ class WestFastPolicy(Policy):
         """Each rank's predicted attention time with the model's head order and with `balance`'s; with
         option `balance_heads`, the graph's heads permuted around the all-to-alls to the balanced order."""
         parallel = [(i, site) for i, site in enumerate(sites) if site.ulysses is not None]
-        applied = self.options.balance_heads and self._permutable(parallel)
         before: list[float] | None = None
         after: list[float] | None = None
+        orders = []
         for i, site in parallel:
             times, world = head_ms(site, schedule, i, self._cost(site)), site.ulysses.world
-            order = balance(times, world, after)
+            orders.append(balance(times, world, after))
             before = _add(before, rank_times(times, range(len(times)), world))
-            after = _add(after, rank_times(times, order, world))
-            if applied:
-                site.ulysses = permute_heads(graph.gm.graph, site.ulysses, order)
+            after = _add(after, rank_times(times, orders[-1], world))
+        # the model's order where balancing predicts no gain (e.g. FAST's densities already even out over sites)
+        applied = (self.options.balance_heads and RankTimes.spread(after) <= RankTimes.spread(before)
+                   and self._permutable(parallel))
         if applied:
+            for (_, site), order in zip(parallel, orders):
+                site.ulysses = permute_heads(graph.gm.graph, site.ulysses, order)
             graph.gm.recompile()
         return UlyssesPlan(RankTimes(tuple(before), tuple(after)), applied)
 
