@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from ...cost_model import CostModel
-from ...passes.ulysses import permute_heads
+from ...passes.ulysses import agree, permute_heads
 from ...passes.inputs import step_source, step_timesteps
 from ...sites import GraphRecord, Site
 from ..base import Policy, PolicyOptions
@@ -183,6 +183,12 @@ class UlyssesPlan:
                             "rank_ms_balanced": list(self.rank_times.after), "balanced": self.balanced}}
 
 
+def _dense_on_every_rank(site: Site) -> None:
+    """A site the cost model keeps dense on one Ulysses rank runs dense on all: one decision per site."""
+    if site.plan is not None:
+        site.plan, site.dense_reason = None, "cost model: sparse does not pay on another Ulysses rank's heads"
+
+
 def _add(total: list[float] | None, times: tuple[float, ...]) -> list[float]:
     return list(times) if total is None else [a + b for a, b in zip(total, times)]
 
@@ -231,6 +237,9 @@ class WestFastPolicy(Policy):
             topology, schedule = local_view(topology, schedule, sites)  # this rank's heads
         for i, site in enumerate(sites):
             self._plan_site(site, schedule, i, topology, graph.step_timesteps, self._cost(site))
+        for site in sites:
+            if site.ulysses is not None and not agree(site.plan is not None, site.ulysses, site.device):
+                _dense_on_every_rank(site)
 
     def _balance(self, graph: GraphRecord, sites: list[Site], schedule: Schedule) -> "UlyssesPlan":
         """Each rank's predicted attention time with the model's head order and with `balance`'s; with
