@@ -233,3 +233,20 @@ def test_hook_wrapped_module_paths_read_as_plain_ones():
 def test_balance_heads_must_be_a_bool():
     with pytest.raises(ValueError, match="option 'balance_heads' must be True or False"):
         ScalingAttnBackend(balance_heads="yes")
+
+
+def test_ring_attention_keys_are_recognised():
+    """Ring attention's k: a slice of a chunk of the all-gathered key/value buffer (diffusers'
+    TemplatedRingAttention); such a site stays dense. A plain k is not ring attention."""
+    import operator
+
+    from scaling_compiler.passes.ulysses import is_ring
+
+    functional = torch.ops._c10d_functional
+    graph = torch.fx.Graph()
+    kv = graph.placeholder("kv")
+    gathered = graph.call_function(functional.all_gather_into_tensor.default, (kv, 2, "0"))
+    chunks = graph.call_method("chunk", (graph.call_function(functional.wait_tensor.default, (gathered,)), 2))
+    key = graph.call_method("reshape_as", (graph.call_function(operator.getitem, (chunks, 1)), kv))
+    assert is_ring(graph.call_method("permute", (key, 0, 2, 1, 3)))
+    assert not is_ring(graph.call_method("permute", (kv, 0, 2, 1, 3)))

@@ -17,6 +17,7 @@ deadlock as long as every rank compiles the same graphs.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 import torch
@@ -27,7 +28,9 @@ RING_REASON = ("ring attention (ring_degree > 1): the sparse op would need to me
                "through its log-sum-exp inside diffusers' ring template; kept dense")
 
 # ops that only move a tensor's elements (or wait on a collective) between an all-to-all and the site
-_PASS_THROUGH_METHODS = {"permute", "contiguous", "flatten", "reshape", "view", "transpose", "type_as", "to"}
+# (ring attention: k is a slice of a chunk of the all-gathered key/value buffer)
+_PASS_THROUGH_METHODS = {"permute", "contiguous", "flatten", "reshape", "view", "transpose", "type_as", "to",
+                         "chunk", "reshape_as"}
 _MAX_HOPS = 16
 
 
@@ -152,7 +155,8 @@ def _collective_above(node: Any, name: str) -> torch.fx.Node | None:
                 return node
             if not target.startswith("_c10d_functional.wait_tensor"):
                 return None
-        elif not (node.op == "call_method" and node.target in _PASS_THROUGH_METHODS):
+        elif not (node.op == "call_method" and node.target in _PASS_THROUGH_METHODS
+                  or node.op == "call_function" and node.target is operator.getitem):
             return None
         node = node.args[0] if node.args else None
     return None
