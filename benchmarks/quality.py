@@ -27,6 +27,13 @@ block fraction over all steps meets the density. Every layer is sparse (the pape
 layer 0 dense, which alone would exceed low densities on a 6-layer model). A "/order" suffix
 ("west:fast/hilbert", "local_band/morton", "dfsattn/raster") sets the token order.
 
+"salad" is "west:fast" plus SALAD's tuned linear branches: `--salad-weights` names branch files
+written by examples/finetune_salad.py, each tuned at one density (in its header); the variant
+runs at each --densities value with the file tuned there (a density without one is an error).
+The harness says whether its prompts and seeds were held out of that tuning (the file records
+the prompts it never drew and its seed range). Densities count attention blocks only, as for
+"west:fast" (the same masks): the branch's linear attention is not counted.
+
 Density actually used comes from the backend's PassReport: the attention-FLOP-weighted kept
 fraction over every attention site (cross-attention stays dense and counts as 1.0) and over
 the self-attention sites alone, averaged over the sampling steps ("with dense steps"); and the
@@ -58,7 +65,7 @@ import torch
 from tabulate import tabulate
 
 from benchmarks.common import RESULTS_DIR
-from benchmarks.variants import backend_options, variants
+from benchmarks.variants import SALAD, backend_options, variants
 from scaling_compiler import ScalingAttnBackend
 from scaling_compiler.cache import CACHE_DIR_ENV_VAR
 from scaling_compiler.cost_model import CostModel, slug
@@ -69,12 +76,9 @@ from scaling_compiler.demo.sampling import (DEFAULT_GUIDANCE, DEFAULT_SHIFT, sam
 from scaling_compiler.demo.video_dit import load_pretrained
 from scaling_compiler.kernels.bitmask import num_blocks, unpack_block_mask
 from scaling_compiler.policies.west_fast.policy import DEFAULT_CALIBRATION_SAMPLES
+from scaling_compiler.salad import read_metadata
 
-# every shape, colour and motion at least once
-PROMPTS = [
-    "red circle bounce", "blue square rotate", "green triangle grow", "yellow cross shrink",
-    "cyan ring orbit", "magenta hexagon bounce", "white square orbit", "orange hexagon rotate",
-]
+PROMPTS = list(sv.EVAL_PROMPTS)  # every shape, colour and motion at least once; never tuned on
 VARIANTS = ["west:fast", "west:uniform:0.2", "window_3d", "dfsattn"]
 DENSITIES = [0.5, 0.25, 0.1]
 SHEET_DENSITY = 0.25
@@ -97,12 +101,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None, help="default: the model's (64), --quick 32")
     p.add_argument("--variants", nargs="+", default=VARIANTS,
                    help="mask rule (west, window_3d, local_band) [: schedule (fast, uniform) [: warm-up fraction]], "
-                        "or dfsattn [: dense-step fraction]; either with /order (raster, morton, hilbert)")
+                        "or dfsattn [: dense-step fraction]; either with /order (raster, morton, hilbert); "
+                        "or salad (west:fast + tuned linear branches, --salad-weights)")
     p.add_argument("--densities", nargs="+", type=float, default=None,
                    help=f"default {DENSITIES}; --quick {QUICK['densities']}")
     p.add_argument("--sheet-density", type=float, default=None,
                    help=f"density of the variants in the contact sheet (default {SHEET_DENSITY} if run, "
                         "else the lowest)")
+    p.add_argument("--salad-weights", nargs="+", default=[],
+                   help="branch files of the 'salad' variant (examples/finetune_salad.py), one per density")
     p.add_argument("--calibration-samples", type=int, default=None, help="WEST calibration runs (backend default 8)")
     p.add_argument("--compiler", default="aot_eager", choices=["aot_eager", "inductor", "eager"],
                    help="inner compiler of the backend (quality does not depend on it)")
@@ -125,10 +132,74 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sv.parse_prompt(prompt)  # fail early on a bad prompt
     if not all(0 < d <= 1 for d in args.densities):
         p.error("densities must be in (0, 1]")
-    for variant, density in variants(args.variants, args.densities):
-        if variant != "all_blocks":
-            backend_options(variant, density, "eager", args.steps)  # fail early on a bad variant
+    try:
+        args.salad_files = salad_files(args.salad_weights)
+        for variant, density in variants(args.variants, args.densities):
+            if variant != "all_blocks":  # fail early on a bad variant
+                backend_options(variant, density, "eager", args.steps, linear_branch_weights=salad_file(args, density))
+    except (ValueError, FileNotFoundError) as error:
+        p.error(str(error))
     return args
+
+
+def salad_files(paths: list[str]) -> dict[float, tuple[str, dict]]:
+    """Branch files by the density they were tuned at (their header): density -> (path, tuning record)."""
+    files: dict[float, tuple[str, dict]] = {}
+    for path in paths:
+        metadata = read_metadata(path) if Path(path).is_file() else None
+        if metadata is None or "density" not in metadata:
+            raise ValueError(f"--salad-weights {path}: not a branch file written by examples/finetune_salad.py "
+                             "(no density in its header)")
+        density = float(metadata["density"])
+        if density in files:
+            raise ValueError(f"--salad-weights: {files[density][0]} and {path} were both tuned at density {density:g}")
+        files[density] = (str(path), json.loads(metadata.get("tuning", "{}")))
+    return files
+
+
+def salad_file(args: argparse.Namespace, density: float) -> str | None:
+    """The branch file of the "salad" variant at `density`; ValueError if none was tuned there."""
+    if SALAD not in args.variants:
+        return None
+    if density not in args.salad_files:
+        tuned = ", ".join(f"{d:g}" for d in sorted(args.salad_files)) or "none given"
+        raise ValueError(f"variant 'salad' at density {density:g}: no --salad-weights file tuned at that density "
+                         f"(tuned: {tuned}); run examples/finetune_salad.py --density {density:g}")
+    return args.salad_files[density][0]
+
+
+def salad_entry(args: argparse.Namespace, density: float, jobs: list[tuple[str, int]],
+                video_shape: tuple[int, int, int, int]) -> dict:
+    """The "salad" variant's branch file, how it was tuned, and whether this run's videos were held out
+    of that tuning (printed as a warning where not, or where the tuning's steps or video differ)."""
+    path, tuning = args.salad_files[density]
+    held_out = salad_held_out(tuning, jobs)
+    if not held_out:
+        print(f"  warning: {path} was tuned on some of these prompts or seeds (not held out)", flush=True)
+    for name, here in (("sampler_steps", args.steps), ("video", list(video_shape[1:]))):
+        if name in tuning and tuning[name] != here:
+            print(f"  note: {path} was tuned with {name} {tuning[name]}, this run has {here}", flush=True)
+    return {"weights": path, "held_out": held_out, "tuning": tuning}
+
+
+def salad_held_out(tuning: dict, jobs: list[tuple[str, int]]) -> bool:
+    """Whether every (prompt, seed) of the harness was kept out of the tuning the record describes."""
+    prompts = set(tuning.get("held_out_prompts", ()))
+    seed_base = tuning.get("train_seed_base")
+    return all(prompt in prompts and seed_base is not None and seed < seed_base for prompt, seed in jobs)
+
+
+def salad_gains(results: list[dict]) -> list[dict]:
+    """Per density run with both: the salad variant's mean PSNR and SSIM against west:fast's."""
+    by_name = {r["variant"]: r for r in results}
+    gains = []
+    for r in results:
+        west = by_name.get(f"west:fast@{r['density_target']:g}")
+        if r["salad"] is not None and west is not None:
+            gains.append({"density": r["density_target"], "psnr_gain_db": r["psnr_mean"] - west["psnr_mean"],
+                          "ssim_west_fast": west["ssim_mean"], "ssim_salad": r["ssim_mean"],
+                          "held_out": r["salad"]["held_out"]})
+    return gains
 
 
 def device_name(device: torch.device) -> str:
@@ -272,8 +343,9 @@ def run_variant(model, variant, density, args, jobs, video_shape, device, fast_f
     """
     torch._dynamo.reset()
     num_k_blocks = num_blocks(model.config.num_tokens(*video_shape[1:]))
+    weights = salad_file(args, density) if variant == SALAD else None
     options = backend_options("window_3d" if variant == "all_blocks" else variant, density, args.compiler, args.steps,
-                              num_k_blocks)
+                              num_k_blocks, linear_branch_weights=weights)
     if args.calibration_samples is not None and options.get("policy") != "dfsattn":
         options["calibration_samples"] = args.calibration_samples
     # the masks' quality, not the device's speed: every plannable site sparse, whatever the device's costs
@@ -341,7 +413,8 @@ def _run(args, device, dtype, out, fast_fit=None) -> dict:
     west_topology = None
     for variant, density in variants(args.variants, args.densities):
         label = f"{variant}@{density:g}"
-        masks = variant.partition("/")[0].split(":")[0]
+        masks = "west" if variant == SALAD else variant.partition("/")[0].split(":")[0]
+        salad = salad_entry(args, density, jobs, video_shape) if variant == SALAD else None
         print(f"{label} ...", flush=True)
         videos, backend, compile_s, sample_s = run_variant(model, variant, density, args, jobs, video_shape, device,
                                                                  fast_fit)
@@ -365,6 +438,7 @@ def _run(args, device, dtype, out, fast_fit=None) -> dict:
             "graphs_compiled": len(reports),
             "backend_config": reports[0].config if reports else None,
             "topology_origin": [r.topology_origin for r in reports],
+            "salad": salad,
             "videos": [{"prompt": prompt, "seed": seed, "psnr": float(pv), "ssim": float(sv_)}
                        for (prompt, seed), pv, sv_ in zip(jobs, p, s)],
         }
@@ -390,6 +464,10 @@ def _run(args, device, dtype, out, fast_fit=None) -> dict:
                                   "w/o dense steps", "dense steps", "calib. recall", "compile s", "sample s"]))
     print(f"dense: sampled in {dense_s:.1f} s. Self-attention densities are FLOP-weighted over sites and "
           f"averaged over steps; 'w/o dense steps' leaves out the steps where every site is dense.")
+    for gain in salad_gains(results):
+        print(f"salad vs west:fast at density {gain['density']:g}: {gain['psnr_gain_db']:+.2f} dB PSNR, "
+              f"SSIM {gain['ssim_west_fast']:.4f} -> {gain['ssim_salad']:.4f} "
+              f"({'held-out' if gain['held_out'] else 'NOT held-out'} prompts and seeds)")
 
     device_slug = result_slug(name, device) + (f"_{args.tag}" if args.tag else "")
     result = {
@@ -411,6 +489,7 @@ def _run(args, device, dtype, out, fast_fit=None) -> dict:
                   "'without_dense_steps' leaves out the steps where every site is dense."),
         "dense": {"sample_s": dense_s, "sample_s_per_video": dense_s / len(jobs)},
         "variants": results,
+        "salad_gains": salad_gains(results),
     }
     json_path = out / f"quality_{device_slug}.json"
     json_path.write_text(json.dumps(result, indent=1) + "\n")

@@ -1,5 +1,8 @@
 """Quality variants shared by the benchmarks: a spec such as "west:fast", "west:uniform:0.2",
-"window_3d" or "dfsattn[:dense_fraction][/order]" at a density -> ScalingAttnBackend options.
+"window_3d", "dfsattn[:dense_fraction][/order]" or "salad" at a density -> ScalingAttnBackend options.
+
+"salad" is "west:fast" plus SALAD's linear branches (`linear_branch=True`) loaded from a branch
+file tuned at the same density (examples/finetune_salad.py).
 
 `benchmarks.quality` runs them; `benchmarks.policies.fast_ablation` runs "west:fast" under
 several fit settings.
@@ -10,18 +13,24 @@ from scaling_compiler import ScalingAttnBackend
 from scaling_compiler.demo.sampling import DEFAULT_SHIFT, sampler_timesteps
 from scaling_compiler.policies.dfsattn.schedule import DEFAULT_KEEP_RATIOS, DFSSchedule
 
+SALAD = "salad"
 DFS_DENSE_FRACTION = 12 / 50  # DFSAttn's dense steps (the paper's 12 of 50), at most half the density budget
 
 
-def backend_options(variant: str, density: float, compiler: str, steps: int = 1, num_k_blocks: int | None = None
-                    ) -> dict:
-    """ScalingAttnBackend options of a variant spec "rule[:schedule[:warmup]][/order]" or
-    "dfsattn[:dense_fraction][/order]" at `density`.
+def backend_options(variant: str, density: float, compiler: str, steps: int = 1, num_k_blocks: int | None = None,
+                    linear_branch_weights: str | None = None) -> dict:
+    """ScalingAttnBackend options of a variant spec "rule[:schedule[:warmup]][/order]",
+    "dfsattn[:dense_fraction][/order]" or "salad" (with its `linear_branch_weights` file) at `density`.
 
     The schedule's steps are the sampler's own timesteps, so warm-up fractions and density
     targets count the steps that really run. `num_k_blocks` (key blocks per row) makes DFSAttn's
     fitted keep ratios count whole blocks, as its top-k does.
     """
+    if variant == SALAD:
+        if linear_branch_weights is None:
+            raise ValueError("variant 'salad' needs a branch file tuned at its density (linear_branch_weights)")
+        options = backend_options("west:fast", density, compiler, steps)
+        return options | {"linear_branch": True, "linear_branch_weights": linear_branch_weights}
     spec, _, order = variant.partition("/")
     rule, schedule, warmup = (spec.split(":") + [None, None])[:3]
     options = {"compiler": compiler, "timesteps": sampler_timesteps(steps, DEFAULT_SHIFT)}

@@ -36,6 +36,12 @@ NULL_TOKEN = 0
 TOKEN_OFFSETS = (1, 1 + len(SHAPES), 1 + len(SHAPES) + len(COLOURS))
 VOCAB_SIZE = 1 + sum(len(s) for s in SLOTS)
 NUM_CONDITION_TOKENS = len(SLOTS)
+# The quality harness's prompts (every shape, colour and motion at least once): held out of any
+# tuning on these videos (examples/finetune_salad.py never draws their label triples).
+EVAL_PROMPTS = (
+    "red circle bounce", "blue square rotate", "green triangle grow", "yellow cross shrink",
+    "cyan ring orbit", "magenta hexagon bounce", "white square orbit", "orange hexagon rotate",
+)
 
 
 def labels_to_tokens(labels: torch.Tensor) -> torch.Tensor:

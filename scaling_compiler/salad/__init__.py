@@ -5,6 +5,6 @@ and `LinearBranches`, the backend's container of them (one per site, a `torch.nn
 an optimizer and to save as safetensors). The pass that attaches them to the planned sites is
 `passes/linear_branch.py`.
 """
-from .branch import LinearBranch, LinearBranches, LinearBranchMismatch, linear_attention
+from .branch import LinearBranch, LinearBranches, LinearBranchMismatch, linear_attention, read_metadata
 
-__all__ = ["LinearBranch", "LinearBranches", "LinearBranchMismatch", "linear_attention"]
+__all__ = ["LinearBranch", "LinearBranches", "LinearBranchMismatch", "linear_attention", "read_metadata"]

@@ -24,6 +24,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 EPS = 1e-6  # the ReLU normaliser can be 0 (a query with no positive feature)
+BRANCHES_KEY = "scalingattn_linear_branches"  # header metadata: site key -> [heads, head_dim]
 
 
 class LinearBranchMismatch(ValueError):
@@ -106,15 +107,27 @@ class LinearBranches(nn.Module):
         self.sites[key] = branch
         return key, branch
 
-    def save(self, path: str | Path) -> Path:
-        """Write every branch's parameters to a safetensors file."""
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+        """Write every branch's parameters to a safetensors file; `metadata` (string values, e.g. the
+        density tuned at) goes into its header beside the branches' shapes (`read_metadata`)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         tensors = {name: p.detach().float().cpu().contiguous() for name, p in self.state_dict().items()}
         shapes = {key: [b.heads, b.head_dim] for key, b in self.sites.items()}
-        save_file(tensors, str(path), metadata={"scalingattn_linear_branches": json.dumps(shapes)})
+        header = dict(metadata or {})
+        if BRANCHES_KEY in header:
+            raise ValueError(f"metadata key {BRANCHES_KEY!r} is the branches' own")
+        save_file(tensors, str(path), metadata=header | {BRANCHES_KEY: json.dumps(shapes)})
         return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The header metadata of a branch file written by `LinearBranches.save` (tensors not loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 class BranchWeights:
@@ -128,9 +141,9 @@ class BranchWeights:
             raise FileNotFoundError(f"option 'linear_branch_weights': no file {str(self.path)!r}")
         with safe_open(str(self.path), framework="pt") as f:
             metadata = f.metadata() or {}
-            if "scalingattn_linear_branches" not in metadata:
+            if BRANCHES_KEY not in metadata:
                 raise LinearBranchMismatch(f"{self.path} holds no linear branches (not written by LinearBranches.save)")
-            self.shapes = {k: tuple(v) for k, v in json.loads(metadata["scalingattn_linear_branches"]).items()}
+            self.shapes = {k: tuple(v) for k, v in json.loads(metadata[BRANCHES_KEY]).items()}
             self.tensors = {name: f.get_tensor(name) for name in f.keys()}
 
     def load_into(self, site_name: str, key: str, branch: LinearBranch) -> None:

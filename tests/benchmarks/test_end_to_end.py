@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import end_to_end
 
@@ -32,3 +33,40 @@ def test_quick_mode_measures_each_variant(tmp_path):
     saved = json.loads(Path(payload["path"]).read_text())
     assert saved["device"] == "cpu" and [r["variant"] for r in saved["results"]] == list(results)
     assert saved["compile_summary"][0]["ours_cold_variant"] == "uniform-0.25"
+
+
+@pytest.mark.slow
+def test_quick_salad_variant_times_the_branch_against_sparse_only(tmp_path):
+    payload = end_to_end.main(["--quick", "--variants", "uniform-0.25,salad-0.25", "--reps", "1",
+                               "--no-dense-recompile", "--out-dir", str(tmp_path)])
+    results = {r["variant"]: r for r in payload["results"]}
+    assert all(r["status"] == "ok" for r in results.values()), [r["error"] for r in results.values()]
+    uniform, salad = results["uniform-0.25"], results["salad-0.25"]
+    assert salad["options"]["linear_branch"] and "linear_branch" not in uniform["options"]
+    assert salad["branch_overhead"] == pytest.approx(salad["latency_ms"] / uniform["latency_ms"] - 1)
+    assert uniform["branch_overhead"] is None
+    assert (salad["graphs"], salad["recompiles"]) == (1, 0)
+    assert salad["self_density"] == pytest.approx(uniform["self_density"])  # the same masks
+    assert any(c["check"] == "salad-0.25 step time / sparse-only - 1" for c in payload["checks"])
+
+
+def test_salad_variant_spec():
+    variant = end_to_end.Variant.parse("salad-0.1")
+    assert (variant.schedule, variant.density, variant.linear_branch) == ("uniform", 0.1, True)
+    assert not end_to_end.Variant.parse("uniform-0.1").linear_branch
+    with pytest.raises(ValueError):
+        end_to_end.Variant.parse("salad")
+
+
+def test_random_branches_are_seeded_and_nonzero():
+    from scaling_compiler import ScalingAttnBackend
+
+    def branches(seed):
+        backend = ScalingAttnBackend(density=0.1, linear_branch=True)
+        backend.linear_branches.branch_for("blocks.0.attn1", 2, 16, torch.device("cpu"), None)
+        assert end_to_end.randomize_branches(backend, seed) == 1
+        return backend.linear_branches.state_dict()
+
+    first, again = branches(0), branches(0)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert first["sites.blocks__0__attn1.proj.weight"].abs().min() > 0

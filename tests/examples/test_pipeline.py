@@ -1,11 +1,9 @@
 """examples/pipeline.py: the diffusers pipeline path (a tiny WanPipeline with CFG) compiled with scalingattn."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "pipeline.py"
+from tests.examples import load_example
+
 STEPS = 3
 # the same pipeline, seed and CFG as the dense run; "eager" inner compiler: only the backend's
 # rewrite differs from the dense pipeline, not inductor's kernels
@@ -14,10 +12,7 @@ ARGS = ["--steps", str(STEPS), "--guidance", "5.0", "--compiler", "eager", "--ou
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("pipeline_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("pipeline")
 
 
 def run(example, density):
