@@ -9,10 +9,10 @@ densities per (layer, step, head), as the quality harness's "west:fast" variant,
 linear-attention branch per sparse site (`scaling_compiler/salad/`). The model is frozen; only
 the branches' parameters (projection and gate) are tuned. Teacher: the same model, dense, eager.
 
-Each step draws a batch of procedural videos (`synthetic_videos`) from a training seed range
+Each call draws its videos, procedural ones (`synthetic_videos`) from a training seed range
 (TRAIN_SEED_BASE upward; the harness's noise seeds are small integers) whose label triples are
 never one of the harness's prompts (`synthetic_videos.EVAL_PROMPTS`), picks one of the sampler's
-steps at random and noises the batch to that step's sigma, as the trainer's flow-matching
+steps at random and noises them to that step's sigma, as the trainer's flow-matching
 objective does (x = (1 - s) x0 + s noise). Like the sampler, the model runs each video twice,
 with its condition and with the null condition (CFG), all rows at the same step (the step's masks
 follow the timestep input: one compiled graph serves every step). The loss is the distillation
@@ -24,7 +24,9 @@ gradients accumulated. The default, 1 video per call, compiles the student at th
 harness's own batch: WEST calibrates on inputs of the graph's batch size (and caches by it), so
 only at that batch do tuning and harness calibrate the same masks; point SCALINGATTN_CACHE_DIR
 and the harness's --cache-dir at one folder and the harness loads the very masks tuned against.
-Larger calls run faster on a GPU and tune against slightly different masks.
+Larger calls may run faster on a GPU (not measured) but tune against slightly different masks.
+AdamW (no weight decay), gradients clipped at norm 1, the learning rate warmed up over --warmup
+steps then on a cosine down to a tenth of --lr at the end of the budget (or of --steps).
 
 Writes to --out: `branches.safetensors` (the final branches, with the tuning's settings in its
 header: the harness checks the density), `branches_step<N>.safetensors` every --ckpt-every
@@ -71,6 +73,7 @@ class Batch:
     video: torch.Tensor  # (2B, C, F, H, W) noised to the step's sigma
     timestep: torch.Tensor  # (2B,) all the same: 1000 x sigma
     tokens: torch.Tensor  # (2B, 3) condition ids, then null ids
+    sigma: float  # the step's noise level (timestep / 1000), known on the host
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -152,7 +155,7 @@ def make_batch(args: argparse.Namespace, index: int, video: tuple[int, int, int]
     x = (1 - sigma) * x0 + sigma * noise
     tokens = sv.labels_to_tokens(labels)
     return Batch(torch.cat([x, x]).to(args.device, dtype), torch.full((2 * videos,), 1000.0 * sigma, device=args.device),
-                 torch.cat([tokens, sv.null_tokens(videos)]).to(args.device))
+                 torch.cat([tokens, sv.null_tokens(videos)]).to(args.device), sigma)
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -231,7 +234,7 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
     step = 0
     with (args.out / "loss.jsonl").open("w") as loss_log:
         while (args.steps is None or step < args.steps) and time.perf_counter() - start < budget_s - RESERVE_S:
-            loss, timesteps = 0.0, []
+            loss, timesteps = torch.zeros((), device=device), []
             for micro in range(micro_steps):  # gradients accumulate over the step's micro-batches
                 index = step * micro_steps + micro
                 batch = make_batch(args, index % (args.data_pool * micro_steps) if args.data_pool else index, video,
@@ -241,8 +244,8 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
                 micro_loss = distillation_loss(student(batch.video, batch.timestep, batch.tokens), teacher,
                                                args.guidance) / micro_steps
                 micro_loss.backward()
-                loss += float(micro_loss.detach())
-                timesteps.append(round(float(batch.timestep[0]), 2))
+                loss += micro_loss.detach()  # no host sync per call: one per step, below
+                timesteps.append(round(1000.0 * batch.sigma, 2))
                 if compile_s is None:
                     compile_s = time.perf_counter() - start
                     graphs_after_first = len(backend.reports)  # the graph of every later call
@@ -254,11 +257,11 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            losses.append(loss)
-            loss_log.write(json.dumps({"step": step, "loss": round(loss, 7), "timesteps": timesteps,
+            losses.append(float(loss))
+            loss_log.write(json.dumps({"step": step, "loss": round(losses[-1], 7), "timesteps": timesteps,
                                        "elapsed_s": round(time.perf_counter() - start, 2)}) + "\n")
             loss_log.flush()
-            progress.update(step, loss)
+            progress.update(step, losses[-1])
             if step % args.ckpt_every == 0:
                 backend.linear_branches.save(args.out / f"branches_step{step}.safetensors",
                                              tuning_metadata(args, video, step, (time.perf_counter() - start) / 60))
