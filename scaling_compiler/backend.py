@@ -16,7 +16,10 @@ Masks depend on sequence lengths. When dynamo hands over a graph with symbolic s
 it per concrete input shape at call time (`per_shape.py`), so every shape runs with masks made for it. The graph's
 inputs are classified (passes/inputs.py) when dynamo hands it over, while dynamo's records of
 where each input came from still exist; every per-shape copy keeps that classification, so
-calibration keeps the weights and finds the timestep on every graph alike.
+calibration keeps the weights and finds the timestep on every graph alike. A graph with sparse
+sites that dynamo runs for several modules (repeated blocks under regional compilation or a
+diffusers cache hook) is compiled again for each module's parameters (`per_weights.py`), so each
+layer keeps masks of its own.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from .cost_model import CostModel
 from .passes.detect import detect
 from .passes.inputs import annotate_inputs
 from .per_shape import PerShapeCompiled
+from .per_weights import compile_per_weights
 from .passes.reorder import reorder
 from .passes.linear_branch import add_linear_branches
 from .passes.rewrite import rewrite
@@ -92,17 +96,24 @@ class ScalingAttnBackend:
         return self.compile_static(gm, list(example_inputs))
 
     def compile_static(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> CompiledFn:
-        """Run the passes on a graph whose example inputs have concrete shapes."""
+        """Run the passes on a graph whose example inputs have concrete shapes: for the example's
+        parameters, and again for other parameters the graph runs with (`per_weights.py`)."""
+        return compile_per_weights(self._compile_graph, gm, example_inputs)
+
+    def _compile_graph(self, gm: torch.fx.GraphModule, example_inputs: list[Any], same_graph_as: int | None
+                       ) -> tuple[CompiledFn, PassReport]:
+        """The passes and the inner compiler over one graph; `same_graph_as`: the report of the graph's
+        first parameters when this compile is for another module's."""
         graph = GraphRecord(gm, example_inputs, self.config)
         for compile_pass in (detect, self.policy.admit, reorder, self.policy.plan, self._linear_branches, rewrite):
             compile_pass(graph)
-        report = build_report(graph, len(self.reports))
+        report = build_report(graph, len(self.reports), same_graph_as)
         self.reports.append(report)
         # asked for explicitly: shown at the default log level; else TORCH_LOGS="+scaling_compiler"
         log.log(logging.WARNING if self.config.report else logging.DEBUG, "%s", report)
         extra = graph.extra_inputs
         compiled = _inner_compile(self.config, graph.gm, example_inputs + _static_examples(extra, example_inputs))
-        return _Compiled(compiled, extra, graph.policy_state)
+        return _Compiled(compiled, extra, graph.policy_state), report
 
 
 @dataclasses.dataclass

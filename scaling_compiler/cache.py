@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +61,55 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+class UnfingerprintableWeight(TypeError):
+    """A weight whose values `weights_fingerprint` cannot reach (a tensor subclass without `__tensor_flatten__`)."""
+
+
 def weights_fingerprint(weights: Sequence[torch.Tensor]) -> str:
     """Hash of every weight's shape and dtype and an evenly strided sample of its values.
 
     Sampling keeps this cheap for multi-GB models (a few KB read per tensor) while any
-    retraining or different checkpoint changes the sampled values.
+    retraining or different checkpoint changes the sampled values. A tensor subclass (torchao's
+    quantized weights: `Int8Tensor`, `Float8Tensor`, which implement neither `view` nor strided
+    indexing) is hashed through what it is made of (`plain_parts`). Raises
+    `UnfingerprintableWeight` rather than hash a weight without its values.
     """
     digest = hashlib.sha256()
     for weight in weights:
-        flat = weight.detach().reshape(-1)
-        step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
-        sample = flat[::step][:_FINGERPRINT_SAMPLES].float().cpu()
         digest.update(f"{tuple(weight.shape)}:{weight.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
+        for label, part in plain_parts(weight):
+            if label:  # a subclass's inner tensor: which one, of what
+                digest.update(f"{label}:{tuple(part.shape)}:{part.dtype}".encode())
+            flat = part.detach().reshape(-1)
+            step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
+            digest.update(flat[::step][:_FINGERPRINT_SAMPLES].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:32]
+
+
+def plain_parts(tensor: torch.Tensor, label: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(label, plain tensor) pairs that make up `tensor`: itself ("") if plain, else its inner tensors.
+
+    Wrapper subclasses are opened with `__tensor_flatten__` (the protocol torch.compile itself
+    uses), recursively; the label names the subclass, its metadata (object addresses removed, so
+    it is the same in every process) and the inner tensor's attribute. A subclass with its own
+    storage (no wrapper) is read as a plain tensor.
+    """
+    if is_traceable_wrapper_subclass(tensor):
+        names, context = tensor.__tensor_flatten__()
+        kind = f"{type(tensor).__module__}.{type(tensor).__qualname__}{_ADDRESS.sub('', repr(context))}"
+        for name in names:
+            yield from plain_parts(getattr(tensor, name), f"{label}/{kind}.{name}")
+        return
+    try:
+        plain = tensor if type(tensor) is torch.Tensor else tensor.as_subclass(torch.Tensor)
+        plain.untyped_storage()
+    except Exception as error:  # noqa: BLE001  (a subclass with no data of its own raises what its dispatch raises)
+        raise UnfingerprintableWeight(f"cannot fingerprint a {type(tensor).__qualname__}: no storage and no "
+                                      "__tensor_flatten__ to reach its data") from error
+    yield label, plain
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def key_fields(payload: dict[str, Any], device: torch.device) -> dict[str, Any]:

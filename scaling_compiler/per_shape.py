@@ -34,7 +34,7 @@ class PerShapeCompiled:
         key = self._key(args)
         compiled = self.by_shape.get(key)
         if compiled is None:
-            gm = torch.fx.GraphModule(self.gm, _copy_graph(self.gm.graph))
+            gm = copy_graph_module(self.gm)
             _fold_scalars(gm, self.inputs, args)
             _propagate(gm, args)
             compiled = self.by_shape[key] = self.compile_static(gm, list(args))
@@ -114,7 +114,8 @@ def _propagate(gm: torch.fx.GraphModule, args: tuple[Any, ...]) -> None:
     _GradFakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_args)
 
 
-def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
-    copy = torch.fx.Graph()
-    copy.output(copy.graph_copy(graph, {}))
-    return copy
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of `gm` with its own graph (nodes and their meta copied) that passes can change."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return torch.fx.GraphModule(gm, graph)

@@ -69,6 +69,9 @@ class PassReport:
     step_source: str  # what picks the step's masks at run time
     mask_bytes: int = 0  # device memory of the masks and step tables the graph takes as inputs
     subgraph_attention: int = 0  # SDPA calls inside subgraphs (activation checkpointing): not rewritten, dense
+    # the graph_index of the same dynamo graph compiled for the first parameters it ran with, when this is
+    # its compile for another module's (a repeated block, see per_weights.py); None for a graph's first
+    same_graph_as: int | None = None
     # the plans of the sparse sites, the step timesteps, WEST's topology (not in the JSON)
     plans: dict[str, SitePlan] = dataclasses.field(default_factory=dict, repr=False)
     step_timesteps: torch.Tensor | None = dataclasses.field(default=None, repr=False)  # (steps,)
@@ -134,6 +137,7 @@ class PassReport:
             "predicted_speedup": self.predicted_speedup,
             "mask_bytes": self.mask_bytes,
             "subgraph_attention": self.subgraph_attention,
+            "same_graph_as": self.same_graph_as,
             "attention_flops": self.attention_flops,
             "flops_saved": self.flops_saved,
             "sites": [dataclasses.asdict(s) | {"density": s.density} for s in self.sites],
@@ -219,6 +223,9 @@ class PassReport:
         if all(site.kind == "cross" for site in self.sites):
             summary += ("\nnote: only cross-attention in this graph, which stays dense: no softmax self-attention to "
                         "make sparse (linear attention, as Sana's, is not softmax attention)")
+        if self.same_graph_as is not None:
+            summary += (f"\nsame dynamo graph as graph {self.same_graph_as}, run with another module's parameters "
+                        "(a repeated block): compiled again with masks for them")
         summary += self.subgraph_note()
         notes = self.coarse_grid_notes()
         if notes:
@@ -275,6 +282,10 @@ def compile_summary(reports: list[PassReport], breaks: collections.Counter | Non
         hint = graph_break_hint(breaks.most_common(1)[0][0])
         if hint:
             lines.append(f"dynamo's hint: {hint}")
+    reused = [r for r in reports if r.same_graph_as is not None]
+    if reused:
+        lines.append(f"{len(reused)} of the graphs are dynamo graphs it runs for several modules (repeated blocks), "
+                     "compiled again for each module's parameters with masks of their own")
     hidden = sum(r.subgraph_attention for r in reports)
     if hidden:
         lines.append(f"{hidden} attention call{'s' if hidden != 1 else ''} inside subgraphs (activation checkpointing): "
@@ -294,13 +305,13 @@ def compile_summary(reports: list[PassReport], breaks: collections.Counter | Non
     return "\n".join(lines)
 
 
-def build_report(graph: GraphRecord, graph_index: int) -> PassReport:
+def build_report(graph: GraphRecord, graph_index: int, same_graph_as: int | None = None) -> PassReport:
     """The report of one compiled graph, from its final sites."""
     return PassReport(
         graph_index=graph_index, config=graph.config.as_dict(), sites=[site_report(site) for site in graph.sites],
         topology_origin=graph.masks_origin, calibration_seconds=graph.calibration_seconds, schedule=graph.schedule,
         step_source=graph.step_source, mask_bytes=sum(t.numel() * t.element_size() for t in graph.extra_inputs),
-        subgraph_attention=graph.subgraph_attention,
+        subgraph_attention=graph.subgraph_attention, same_graph_as=same_graph_as,
         plans={site.name: site.plan for site in graph.sites if site.plan is not None},
         step_timesteps=graph.step_timesteps, topology=graph.topology, policy_state=graph.policy_state,
     )

@@ -4,6 +4,8 @@
 execution order (the order of `report.sites`) and, for sites the backend made sparse, runs
 float64 attention restricted to the site's kept blocks (and its key-padding mask) instead.
 """
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -88,3 +90,15 @@ class AllReports:
         for report in self._reports:
             masks.update(report.masks_at(timestep))
         return masks
+
+
+class NumberedReports(AllReports):
+    """AllReports whose site names carry their graph's index: the compiles of one dynamo graph for
+    several blocks (repeated blocks, cache hooks: per_weights.py) name their sites alike."""
+
+    def __init__(self, reports):
+        super().__init__(reports)
+        self.sites = [dataclasses.replace(s, name=f"{r.graph_index}:{s.name}") for r in reports for s in r.sites]
+
+    def masks_at(self, timestep):
+        return {f"{r.graph_index}:{name}": m for r in self._reports for name, m in r.masks_at(timestep).items()}

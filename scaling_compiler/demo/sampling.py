@@ -6,11 +6,14 @@ from sigma = 1 (noise) to 0 (data).
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import ContextManager
 
 import torch
 
@@ -24,6 +27,8 @@ PROGRESS_LINES = 10  # at most this many progress records per sampling run (plus
 # model(video, timestep, tokens) -> velocity: video (B, C, F, H, W), timestep (B,) in [0, 1000],
 # tokens (B, T) condition token ids. TinyVideoDiT and torch.compile(TinyVideoDiT) both fit.
 VelocityModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (step index, timestep, sigma, steps) -> the context each step's model call runs in
+StepContext = Callable[[int, float, float, int], ContextManager[None]]
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -61,6 +66,7 @@ def sample(
     noise: torch.Tensor | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     label: str = "sampling",
+    step_context: StepContext | None = None,
 ) -> torch.Tensor:
     """Euler integration of the flow; returns (B, C, F, H, W) videos clamped to [-1, 1].
 
@@ -74,6 +80,9 @@ def sample(
     last, since a CPU run of the demo would otherwise say nothing for half a minute or more (the
     first step of a compiled model also compiles it). The CLI shows INFO records; a library
     caller sees them only where it configures logging to.
+
+    `step_context`: each step's model call runs inside `step_context(i, timestep, sigma, steps)`;
+    `diffusers_cache_context` makes one for a model under a diffusers cache hook.
     """
     device = tokens.device
     batch = tokens.shape[0]
@@ -89,7 +98,8 @@ def sample(
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x_in = torch.cat([x, x]) if guided else x
         timestep = torch.full((x_in.shape[0],), timesteps[i], device=device)
-        v = model(x_in, timestep, cond).float()
+        with step_context(i, timesteps[i], sigma, steps) if step_context else contextlib.nullcontext():
+            v = model(x_in, timestep, cond).float()
         if guided:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + guidance_scale * (v_cond - v_uncond)
@@ -101,6 +111,23 @@ def sample(
                         time.perf_counter() - start)
     logger.debug("sampled %d videos of %s in %d steps", batch, tuple(video_shape), steps)
     return x.clamp(-1, 1)
+
+
+def diffusers_cache_context(transformer: torch.nn.Module, name: str = "cond_uncond") -> StepContext:
+    """`sample`'s `step_context` for a model whose diffusers transformer runs a cache hook
+    (`transformer.enable_cache(FirstBlockCacheConfig(...))`, ...): the hooks keep their state in a
+    named cache context, which must be set around each call, and SeaCache and MagCache read the
+    step from it (diffusers before 0.42 takes the name only). `name` keys the state: the conditional
+    and unconditional rows of a CFG batch run in one call here, so one context holds both."""
+    takes_step = any(p.kind is inspect.Parameter.VAR_KEYWORD
+                     for p in inspect.signature(transformer.cache_context).parameters.values())
+
+    def context(step: int, timestep: float, sigma: float, steps: int) -> ContextManager[None]:
+        if not takes_step:
+            return transformer.cache_context(name)
+        return transformer.cache_context(name, step_index=step, num_inference_steps=steps, timestep=timestep,
+                                         sigma=sigma)
+    return context
 
 
 def _to_uint8(video: torch.Tensor) -> torch.Tensor:

@@ -213,8 +213,7 @@ def west_topology(graph: GraphRecord, sites: list[Site], options: Any) -> tuple[
     from (for the report) and the seconds spent calibrating.
     """
     gm, example_inputs, config = graph.gm, graph.example_inputs, graph.config
-    weights = [x for graph_input, x in zip(graph_inputs(gm), example_inputs) if graph_input.is_weight]
-    fingerprint = cache.weights_fingerprint(weights)
+    fingerprint = _fingerprint(gm, example_inputs)
     settings = {
         "samples": options.calibration_samples, "seed": options.calibration_seed,
         "inputs": "user" if options.calibration_inputs else "prompt-agnostic", "sampled_rows": SAMPLED_ROWS,
@@ -230,7 +229,8 @@ def west_topology(graph: GraphRecord, sites: list[Site], options: Any) -> tuple[
         payload = {"fingerprint": fingerprint, "sites": [_signature(s) for s in missing], "calibration": settings}
         key, fields = cache.cache_key(payload, sites[0].device), cache.key_fields(payload, sites[0].device)
         path = cache.entry_path(key)
-        use_cache = config.cache and cache.writable_dir() is not None  # else: warned, compile uncached
+        # else: warned, compile uncached
+        use_cache = config.cache and fingerprint != UNKNOWN_WEIGHTS and cache.writable_dir() is not None
         cached = _load_cached(path, fields, fingerprint, settings, missing) if use_cache else None
         if ulysses is not None and not agree(cached is not None, ulysses, sites[0].device):
             cached = None  # every rank calibrates, or none: calibration runs the graph's all-to-alls
@@ -268,6 +268,19 @@ def _calibrate_all_ranks(graph: GraphRecord, sites: list[Site], options: Any, ul
     if not agree(error is None, ulysses, sites[0].device):
         raise error or CalibrationError("calibration failed on another Ulysses rank")
     return gather_topology(Topology("", maps, {}), sites).sites
+
+
+UNKNOWN_WEIGHTS = "unknown"  # the fingerprint of weights that cannot be fingerprinted: never cached
+
+
+def _fingerprint(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> str:
+    """The weights' fingerprint, or UNKNOWN_WEIGHTS (with a warning) when a weight's values cannot be read."""
+    weights = [x for graph_input, x in zip(graph_inputs(gm), example_inputs) if graph_input.is_weight]
+    try:
+        return cache.weights_fingerprint(weights)
+    except cache.UnfingerprintableWeight as error:
+        log.warning("scalingattn: %s; calibrating without the cache", error)
+        return UNKNOWN_WEIGHTS
 
 
 def _load_cached(path, fields: dict[str, Any], fingerprint: str, settings: dict[str, Any],
