@@ -17,10 +17,15 @@ plain compile makes against it, plus one bf16 rounding of the output.
 """
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
+import torch.fx
 
 from scaling_compiler import ScalingAttnBackend, cache
+from scaling_compiler.passes.inputs import META_KEY, GraphInput, InputKind
+from scaling_compiler.policies.west_fast import calibrate
 from scaling_compiler.demo import zoo
 
 from tests.attention_reference import masked_sites
@@ -158,11 +163,18 @@ class _Opaque(torch.Tensor):
         raise NotImplementedError(func)
 
 
-def test_fingerprint_refuses_a_weight_it_cannot_read():
+def test_fingerprint_refuses_a_weight_it_cannot_read(caplog):
     """Rather than hash such a weight by its shape alone (a cache hit for other weights), it raises;
-    calibration then runs without the cache (calibrate.west_topology)."""
+    calibration then says the weights are unknown, which keeps the cache off, and warns."""
     with pytest.raises(cache.UnfingerprintableWeight, match="_Opaque"):
         cache.weights_fingerprint([torch.ones(3), _Opaque((4, 4))])
+    graph = torch.fx.Graph()
+    weight = graph.placeholder("w")
+    weight.meta[META_KEY] = GraphInput("weight", InputKind.PARAMETER, "w")
+    graph.output(weight)
+    with caplog.at_level(logging.WARNING):
+        assert calibrate._fingerprint(torch.fx.GraphModule({}, graph), [_Opaque((4, 4))]) == calibrate.UNKNOWN_WEIGHTS
+    assert any("calibrating without the cache" in r.getMessage() for r in caplog.records)
 
 
 # ---------------------------------------------------------------------------------------

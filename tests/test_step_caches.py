@@ -198,9 +198,8 @@ def test_cached_wan_step_equals_masked_reference(hook):
             else:
                 with masked_sites(NumberedReports(backend.reports), 500.0):
                     outputs.append(cached(**inputs)[0])
-    blocks = block_reports(backend)
-    assert len(blocks) == 4 and all(s.status == "sparse" and s.density < 1 for r in blocks for s in r.sites
-                                    if s.kind == "self")
+    self_sites = [s for r in backend.reports for s in r.sites if s.kind == "self"]  # one per block
+    assert len(self_sites) == 4 and all(s.status == "sparse" and s.density < 1 for s in self_sites)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
     cached.disable_cache()
     with torch.no_grad():

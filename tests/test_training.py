@@ -43,10 +43,10 @@ class RecordingBackend(ScalingAttnBackend):
         super().__init__(**options)
         self.extra_inputs: list[torch.Tensor] = []
 
-    def compile_static(self, gm, example_inputs):
-        compiled = super().compile_static(gm, example_inputs)
+    def _compile_graph(self, gm, example_inputs, same_graph_as):
+        compiled, report = super()._compile_graph(gm, example_inputs, same_graph_as)
         self.extra_inputs += compiled.extra_inputs
-        return compiled
+        return compiled, report
 
 
 def make_backend(density: float, compiler: str = "aot_eager", **options) -> RecordingBackend:
