@@ -2,12 +2,23 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # where every benchmark writes by default
+
+
+def write_result(out_dir: str | Path | None, name: str, payload: dict) -> Path:
+    """Write a benchmark's JSON result as `out_dir/name` (default `RESULTS_DIR`) and say where."""
+    out = RESULTS_DIR if out_dir is None else Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path
 
 
 @contextlib.contextmanager

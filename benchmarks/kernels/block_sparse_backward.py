@@ -32,11 +32,9 @@ forward's rows are; cuDNN's backward as the dense rows) into ``scaling_compiler/
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 if "--dry-run" in sys.argv:  # must precede the first Triton import
@@ -45,7 +43,7 @@ if "--dry-run" in sys.argv:  # must precede the first Triton import
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from benchmarks.common import RESULTS_DIR  # noqa: E402
+from benchmarks.common import write_result  # noqa: E402
 from benchmarks.kernels.block_sparse import (DENSITIES, SHAPES, bench, env_info, kept_flops, make_qkv,  # noqa: E402
                                              merge_cost_rows, random_mask)
 from scaling_compiler import cost_model  # noqa: E402
@@ -246,11 +244,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for check in payload["checks"]:
         print(f"target {check['shape']} d={check['density']}: {check['metric']} = {_f(check['value'], '{:.2f}')} "
               f"(>= {check['target']}) -> {'met' if check['met'] else 'NOT met'}")
-    out_dir = Path(args.out_dir) if args.out_dir else RESULTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"kernel_backward_{slug(info['gpu'])}_{info['date'][:10]}{'_dry' if dry else ''}.json"
-    path.write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"wrote {path}")
+    path = write_result(args.out_dir, f"kernel_backward_{slug(info['gpu'])}_{info['date'][:10]}{'_dry' if dry else ''}.json",
+                        payload)
     payload["path"] = str(path)
     if args.write_cost_table:
         payload["cost_table"] = str(merge_cost_rows(cost_rows(rows), info, dry, args.cost_dir))

@@ -12,13 +12,11 @@ Results: ``benchmarks/results/linear_branch_<gpu>_<date>[_dry].json``.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-from benchmarks.common import RESULTS_DIR
+from benchmarks.common import write_result
 from benchmarks.kernels.block_sparse import SHAPES, bench, env_info, make_qkv, random_mask
 from scaling_compiler import ops  # noqa: F401  (registers the op)
 from scaling_compiler.cost_model import slug
@@ -82,11 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     info = env_info()
     payload = {"benchmark": "linear_branch", **info, "dry_run": dry, "dtype": str(dtype).removeprefix("torch."),
                "rows": rows}
-    out_dir = RESULTS_DIR if args.out_dir is None else Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"linear_branch_{slug(info['gpu'])}_{info['date'][:10]}{'_dry' if dry else ''}.json"
-    path.write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_result(args.out_dir, f"linear_branch_{slug(info['gpu'])}_{info['date'][:10]}{'_dry' if dry else ''}.json",
+                 payload)
     return payload
 
 

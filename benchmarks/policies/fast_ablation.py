@@ -18,12 +18,11 @@ import dataclasses
 import datetime
 import json
 import tempfile
-from pathlib import Path
 
 from tabulate import tabulate
 
 from benchmarks import quality
-from benchmarks.common import RESULTS_DIR
+from benchmarks.common import RESULTS_DIR, write_result
 from scaling_compiler.policies.west_fast.fast import FitSettings
 
 WARMUPS = (0.0, 0.05, 0.1, 0.2)
@@ -92,11 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "fast_ablation", "date": datetime.datetime.now().isoformat(timespec="seconds"),
               **header, "designs": {name: settings_dict(d) for name, d in DESIGNS.items()},
               "results": entries}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"fast_ablation_{device_slug}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_result(args.out, f"fast_ablation_{device_slug}.json", result)
     return result
 
 

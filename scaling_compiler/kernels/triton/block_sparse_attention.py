@@ -99,6 +99,26 @@ def _split_tail(idx_ptr, n_kept, SPLIT: tl.constexpr, N, TAIL_TILES: tl.constexp
 
 
 @triton.jit
+def _head_offset(off_z, off_h, stride_z, stride_h):
+    """Element offset of (batch, head)'s first row."""
+    return off_z.to(tl.int64) * stride_z + off_h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _load_rows(base, offs_s, offs_d, stride_s, stride_d, N, HEAD_DIM: tl.constexpr):
+    """A tile that stays resident in a program (q in the forward; k, v or q, do in the backward):
+    rows ``offs_s`` of a head starting at ``base``; rows past N and columns past HEAD_DIM are 0."""
+    mask = (offs_s[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(base + offs_s[:, None].to(tl.int64) * stride_s + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _tma_origin(off, ld):
+    """(row, column) of a head's first element in the 2-D ``(rows, ld)`` TMA view of its tensor."""
+    return (off // ld).to(tl.int32), (off % ld).to(tl.int32)
+
+
+@triton.jit
 def _tile_start(kv_idx_ptr, i, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
     i = tl.cast(i, tl.int32)  # a no-op when compiled; a Python int in the interpreter
     kb = tl.load(kv_idx_ptr + i // SPLIT)
@@ -202,9 +222,9 @@ def _attn_fwd(Q, K, V, desc_k, desc_v, Out, LSE,  #
     off_hz, off_z, off_h, start_m, kv_idx_ptr, n_kept = _locate_program(
         tl.program_id(0), H, N_Q_BLOCKS, ROWS_PER_MASK, BLOCK_M, Order, KvCnt, KvIdx, IDX_STRIDE, stride_rz, stride_rh)
 
-    q_off = off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-    k_off = off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
-    v_off = off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
+    q_off = _head_offset(off_z, off_h, stride_qz, stride_qh)
+    k_off = _head_offset(off_z, off_h, stride_kz, stride_kh)
+    v_off = _head_offset(off_z, off_h, stride_vz, stride_vh)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -216,14 +236,11 @@ def _attn_fwd(Q, K, V, desc_k, desc_v, Out, LSE,  #
     qk_scale = sm_scale * _LOG2E
 
     # load q: it will stay in SRAM throughout
-    q_ptrs = Q + q_off + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qk
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q = _load_rows(Q + q_off, offs_m, offs_d, stride_qm, stride_qk, N_Q, HEAD_DIM)
 
     # TMA views k and v as 2-D (rows, k_ld) matrices; this head's rows start at (row0, col0)
-    k_row0 = (k_off // k_ld).to(tl.int32)
-    k_col0 = (k_off % k_ld).to(tl.int32)
-    v_row0 = (v_off // v_ld).to(tl.int32)
-    v_col0 = (v_off % v_ld).to(tl.int32)
+    k_row0, k_col0 = _tma_origin(k_off, k_ld)
+    v_row0, v_col0 = _tma_origin(v_off, v_ld)
     k_ptrs = K + k_off + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kk
     v_ptrs = V + v_off + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vk
     pad_ptr = KeyPad + off_z.to(tl.int64) * stride_pz

@@ -16,7 +16,8 @@ FlashAttention-2's backward over the kept 128x128 blocks only, in three launches
 No atomics and no (Sq x Sk) temporary: every output element is written once by one program, so
 autotuning may rerun a launch. (dq accumulated by atomics inside the dk/dv pass saves the
 recomputation of q.k and do.v, 3.5x -> 2.5x the forward's FLOPs, but measured slower on an H200,
-with pointer atomics and with TMA reductions alike: 48 vs 45 ms at density 1.0.) With ``p = exp2(qk_scale * q.k - lse2)``,
+with pointer atomics and with TMA reductions alike: 48 vs 45 ms at density 1.0.)
+With ``p = exp2(qk_scale * q.k - lse2)``,
 ``ds = p * (do.v - delta)``, ``dq = scale * ds k``, ``dk = scale * ds^T q``, ``dv = p^T do``.
 
 Tails as in the forward: the ascending lists put a partial last block (Sq or Sk not a multiple
@@ -34,8 +35,9 @@ import triton.language as tl
 
 from ..bitmask import BLOCK_SIZE, num_blocks, num_words
 from . import interpreting
-from .block_sparse_attention import (LOG2E, MIN_HEAD_DIM, _load_kv_tile, _locate_program, _padding_argument,
-                                     _split_tail, _tile_start, gpu_has_tma, tma_descriptors, unsupported_reason)
+from .block_sparse_attention import (LOG2E, MIN_HEAD_DIM, _head_offset, _load_kv_tile, _load_rows, _locate_program,
+                                     _padding_argument, _split_tail, _tile_start, _tma_origin, gpu_has_tma,
+                                     tma_descriptors, unsupported_reason)
 from .configs import SMEM_FALLBACK, _max_shared_mem
 from .mask_decode import BlockLists, prepare_block_lists, prepare_column_lists
 
@@ -147,16 +149,17 @@ def _bwd_dkdv(Q, K, V, DO, desc_q, desc_do, DK, DV, LSE2, Delta,  #
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     key_ok = offs_n < N_K
-    kv_mask = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
-                + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
-    v = tl.load(V + off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
-                + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
+    k = _load_rows(K + _head_offset(off_z, off_h, stride_kz, stride_kh), offs_n, offs_d, stride_kn, stride_kk, N_K,
+                   HEAD_DIM)
+    v = _load_rows(V + _head_offset(off_z, off_h, stride_vz, stride_vh), offs_n, offs_d, stride_vn, stride_vk, N_K,
+                   HEAD_DIM)
     if HAS_PADDING:
         key_ok = key_ok & (tl.load(KeyPad + off_z.to(tl.int64) * stride_pz + offs_n, mask=key_ok, other=0) != 0)
 
-    q_off = off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-    do_off = off_z.to(tl.int64) * stride_dz + off_h.to(tl.int64) * stride_dh
+    q_off = _head_offset(off_z, off_h, stride_qz, stride_qh)
+    do_off = _head_offset(off_z, off_h, stride_dz, stride_dh)
+    q_row0, q_col0 = _tma_origin(q_off, q_ld)
+    do_row0, do_col0 = _tma_origin(do_off, do_ld)
     q_ptrs = Q + q_off + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qk
     do_ptrs = DO + do_off + offs_m[:, None].to(tl.int64) * stride_dm + offs_d[None, :] * stride_dk
     lse_ptr = LSE2 + off_hz.to(tl.int64) * N_Q
@@ -167,17 +170,13 @@ def _bwd_dkdv(Q, K, V, DO, desc_q, desc_do, DK, DV, LSE2, Delta,  #
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     n_tiles, n_main = _split_tail(q_idx_ptr, n_kept, SPLIT_M, N_Q, Q_TAIL_TILES)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, key_ok, q_ptrs, do_ptrs, desc_q, desc_do,  #
-                             (q_off // q_ld).to(tl.int32), (q_off % q_ld).to(tl.int32),  #
-                             (do_off // do_ld).to(tl.int32), (do_off % do_ld).to(tl.int32),  #
-                             lse_ptr, delta_ptr, stride_qm, stride_dm, q_idx_ptr, 0, n_main, N_Q, qk_scale,  #
+                             q_row0, q_col0, do_row0, do_col0, lse_ptr, delta_ptr, stride_qm, stride_dm, q_idx_ptr, 0, n_main, N_Q, qk_scale,  #
                              offs_m, offs_d, dtype, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, SPLIT_M, USE_TMA, False,  #
                              NUM_STAGES, DOT_PRECISION, HAS_PADDING)
     if Q_TAIL_TILES > 0:
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, key_ok, q_ptrs, do_ptrs, desc_q, desc_do,  #
-                                 (q_off // q_ld).to(tl.int32), (q_off % q_ld).to(tl.int32),  #
-                                 (do_off // do_ld).to(tl.int32), (do_off % do_ld).to(tl.int32),  #
-                                 lse_ptr, delta_ptr, stride_qm, stride_dm, q_idx_ptr, n_main,  #
-                                 tl.minimum(n_tiles, n_main + Q_TAIL_TILES), N_Q, qk_scale,  #
+                                 q_row0, q_col0, do_row0, do_col0, lse_ptr, delta_ptr, stride_qm, stride_dm,  #
+                                 q_idx_ptr, n_main, tl.minimum(n_tiles, n_main + Q_TAIL_TILES), N_Q, qk_scale,  #
                                  offs_m, offs_d, dtype, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, SPLIT_M, USE_TMA, True,  #
                                  1, DOT_PRECISION, HAS_PADDING)
 
@@ -246,16 +245,17 @@ def _bwd_dq(Q, K, V, DO, desc_k, desc_v, DQ, LSE2, Delta,  #
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     row_ok = offs_m < N_Q
-    qd_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-                + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qk, mask=qd_mask, other=0.0)
-    do = tl.load(DO + off_z.to(tl.int64) * stride_dz + off_h.to(tl.int64) * stride_dh
-                 + offs_m[:, None].to(tl.int64) * stride_dm + offs_d[None, :] * stride_dk, mask=qd_mask, other=0.0)
+    q = _load_rows(Q + _head_offset(off_z, off_h, stride_qz, stride_qh), offs_m, offs_d, stride_qm, stride_qk, N_Q,
+                   HEAD_DIM)
+    do = _load_rows(DO + _head_offset(off_z, off_h, stride_dz, stride_dh), offs_m, offs_d, stride_dm, stride_dk, N_Q,
+                    HEAD_DIM)
     m = tl.load(LSE2 + off_hz.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + off_hz.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
 
-    k_off = off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
-    v_off = off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
+    k_off = _head_offset(off_z, off_h, stride_kz, stride_kh)
+    v_off = _head_offset(off_z, off_h, stride_vz, stride_vh)
+    k_row0, k_col0 = _tma_origin(k_off, k_ld)
+    v_row0, v_col0 = _tma_origin(v_off, v_ld)
     k_ptrs = K + k_off + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kk
     v_ptrs = V + v_off + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vk
     pad_ptr = KeyPad + off_z.to(tl.int64) * stride_pz
@@ -263,22 +263,20 @@ def _bwd_dq(Q, K, V, DO, desc_k, desc_v, DQ, LSE2, Delta,  #
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     n_tiles, n_main = _split_tail(kv_idx_ptr, n_kept, SPLIT_N, N_K, K_TAIL_TILES)
-    dq = _bwd_dq_inner(dq, q, do, m, delta, k_ptrs, v_ptrs, desc_k, desc_v,  #
-                       (k_off // k_ld).to(tl.int32), (k_off % k_ld).to(tl.int32),  #
-                       (v_off // v_ld).to(tl.int32), (v_off % v_ld).to(tl.int32), stride_kn, stride_vn, pad_ptr,  #
+    dq = _bwd_dq_inner(dq, q, do, m, delta, k_ptrs, v_ptrs, desc_k, desc_v, k_row0, k_col0, v_row0, v_col0,  #
+                       stride_kn, stride_vn, pad_ptr,  #
                        kv_idx_ptr, 0, n_main, N_K, qk_scale, offs_n, offs_d,  #
                        dtype, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, SPLIT_N, USE_TMA, False,  #
                        NUM_STAGES, DOT_PRECISION, HAS_PADDING)
     if K_TAIL_TILES > 0:
-        dq = _bwd_dq_inner(dq, q, do, m, delta, k_ptrs, v_ptrs, desc_k, desc_v,  #
-                           (k_off // k_ld).to(tl.int32), (k_off % k_ld).to(tl.int32),  #
-                           (v_off // v_ld).to(tl.int32), (v_off % v_ld).to(tl.int32), stride_kn, stride_vn, pad_ptr,  #
+        dq = _bwd_dq_inner(dq, q, do, m, delta, k_ptrs, v_ptrs, desc_k, desc_v, k_row0, k_col0, v_row0, v_col0,  #
+                           stride_kn, stride_vn, pad_ptr,  #
                            kv_idx_ptr, n_main, tl.minimum(n_tiles, n_main + K_TAIL_TILES), N_K, qk_scale,  #
                            offs_n, offs_d, dtype, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, SPLIT_N, USE_TMA, True,  #
                            1, DOT_PRECISION, HAS_PADDING)
 
     out_off = off_hz.to(tl.int64) * N_Q * HEAD_DIM + offs_m[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
-    tl.store(DQ + out_off, (dq * sm_scale).to(dtype), mask=qd_mask)
+    tl.store(DQ + out_off, (dq * sm_scale).to(dtype), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 # ----------------------------------------------------------------------------------------------
