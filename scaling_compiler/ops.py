@@ -57,7 +57,7 @@ def block_sparse_attention_backward(
     mask_words: torch.Tensor,
     scale: float,
     key_padding: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # dq, dk, dv (contiguous)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # dq, dk, dv in the layouts of q, k, v
     """The backward of `block_sparse_attention_lse`: an op of its own, so that AOTAutograd puts one
     opaque node in the backward graph."""
     return dispatch.block_sparse_attention_backward(q, k, v, out, lse, grad_out, mask_words, scale,
@@ -66,7 +66,7 @@ def block_sparse_attention_backward(
 
 @block_sparse_attention_backward.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, mask_words, scale, key_padding=None):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):

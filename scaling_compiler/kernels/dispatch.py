@@ -115,7 +115,7 @@ def block_sparse_attention_backward(
     grad_lse: torch.Tensor | None = None,  # float32 (B, H, Sq), or None when lse has no gradient
     *,
     implementation: Implementation | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # dq, dk, dv: contiguous, in q's dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # dq, dk, dv in the dtypes and layouts of q, k, v
     """Gradients of `block_sparse_attention` by the implementation `implementation_for` picks (the
     forward's): the Triton backward streams its tiles through TMA on the TMA implementation (where
     grad_out's layout allows too), through pointer loads otherwise.

@@ -156,7 +156,7 @@ def blockwise_attention_backward(
     ``dk_j = scale sum_i ds_ij q_i``, ``dv_j = sum_i p_ij do_i``. Empty rows (lse = -inf) have
     p = 0, so they contribute nothing and get dq = 0. Memory as in the forward: the kept key
     blocks of one query block are gathered at a time, and their dk, dv scattered back.
-    Returns dq, dk, dv in the inputs' dtypes (contiguous).
+    Returns dq, dk, dv in the inputs' dtypes and layouts (``torch.empty_like``).
     """
     _check_qkv(q, k, v)
     B, H, Sq, D = q.shape
@@ -197,5 +197,6 @@ def blockwise_attention_backward(
         dvb.index_put_((rows.expand_as(idx), idx), dv_t, accumulate=True)
     dk = dkb.reshape(B * H, nk * BLOCK_SIZE, D)[:, :Sk]
     dv = dvb.reshape(B * H, nk * BLOCK_SIZE, Dv)[:, :Sk]
-    return (dq.reshape(B, H, Sq, D).to(q.dtype), dk.reshape(B, H, Sk, D).to(k.dtype).contiguous(),
-            dv.reshape(B, H, Sk, Dv).to(v.dtype).contiguous())
+    # in the inputs' layouts, as the Triton backward writes them
+    return (torch.empty_like(q).copy_(dq.reshape(B, H, Sq, D)), torch.empty_like(k).copy_(dk.reshape(B, H, Sk, D)),
+            torch.empty_like(v).copy_(dv.reshape(B, H, Sk, Dv)))

@@ -64,8 +64,9 @@ def check_backward(q, k, v, block_mask, scale, *, key_padding=None, grad_lse=Fal
         loss = loss + (ref_lse.nan_to_num(neginf=0.0) * grad_lse_t.cpu().double()).sum()
     expected = torch.autograd.grad(loss, (qd, kd, vd), allow_unused=True)
     baseline = _sdpa_grads(q, k, v, grad_out, _token_mask(block_mask.cpu(), Sq, Sk, key_padding), scale)
-    for name, got, ref, base in zip("qkv", grads, expected, baseline):
-        assert got.shape == (q.shape if name == "q" else k.shape) and got.dtype == q.dtype
+    for name, got, ref, base, inp in zip("qkv", grads, expected, baseline, (q, k, v)):
+        assert got.shape == inp.shape and got.dtype == q.dtype
+        assert got.stride() == torch.empty_like(inp).stride(), f"d{name} is not in {name}'s layout"
         assert not got.isnan().any(), f"d{name} has NaN"
         ref = torch.zeros_like(got, dtype=torch.float64, device="cpu") if ref is None else ref
         zero_rows = (ref == 0).all(-1)  # empty query rows, key rows nobody sees
@@ -107,7 +108,8 @@ def test_structured_masks(mask):
 
 @pytest.mark.parametrize("layout", ["bshd", "strided"])
 def test_layouts(layout):
-    """Transposed (B, S, H, D) views and a non-contiguous last dim are read through their strides."""
+    """Transposed (B, S, H, D) views and a non-contiguous last dim are read through their strides;
+    the gradients come back in the inputs' layouts."""
     q, k, v = _qkv(2, 2, 200, 200, 64, torch.float16, seed=7, layout=layout)
     check_backward(q, k, v, _random_mask((2,), 2, 2, 0.7, seed=2), 0.125)
 
@@ -136,7 +138,7 @@ def test_matches_cpu_backward():
     """The CPU block-wise backward and the Triton backward agree (same inputs, fp32)."""
     from scaling_compiler.kernels.reference import blockwise_attention, blockwise_attention_backward
 
-    q, k, v = _qkv(1, 2, 200, 330, 32, torch.float32, seed=11)
+    q, k, v = _qkv(1, 2, 200, 330, 32, torch.float32, seed=11, layout="bshd")
     words = pack_block_mask(_random_mask((2,), 2, 3, 0.6, seed=4)).to(q.device)
     grad_out = torch.randn_like(q)
     out, lse = blockwise_attention(q, k, v, words, 0.2)
@@ -144,3 +146,4 @@ def test_matches_cpu_backward():
     triton_grads = block_sparse_attention_backward(q, k, v, out, lse, grad_out, words, 0.2)
     for a, b in zip(cpu, triton_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert a.stride() == b.stride()  # both in the inputs' (B, S, H, D) layout

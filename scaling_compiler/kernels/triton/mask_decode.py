@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ..bitmask import num_blocks
+from . import list_cache
 
 
 @triton.jit
@@ -53,7 +54,13 @@ class BlockLists(NamedTuple):
 
 def prepare_block_lists(mask_words: torch.Tensor, kv_len: int, lpt_order: bool = True) -> BlockLists:
     """Decode ``mask_words`` into the kernel's block lists; with ``lpt_order`` each head's query
-    blocks run heaviest first (longest-processing-time order shortens the last wave)."""
+    blocks run heaviest first (longest-processing-time order shortens the last wave). Decoded
+    once per mask tensor (``list_cache``)."""
+    return list_cache.cached("rows", mask_words, lambda: _block_lists(mask_words, kv_len, lpt_order), kv_len,
+                             lpt_order)
+
+
+def _block_lists(mask_words: torch.Tensor, kv_len: int, lpt_order: bool) -> BlockLists:
     nq = mask_words.shape[-2]
     kv_idx, kv_cnt = decode_mask(mask_words, num_blocks(kv_len))
     if lpt_order:
@@ -111,8 +118,12 @@ def prepare_column_lists(mask_words: torch.Tensor, kv_len: int) -> BlockLists:
     twice their head's mean number of query blocks (global blocks, attention sinks) first,
     heaviest first, across all heads; then head by head (that head's q and do stay in L2),
     heaviest first. Launched head by head, one sink column per head would start last and finish
-    long after the others.
+    long after the others. Decoded once per mask tensor (``list_cache``).
     """
+    return list_cache.cached("columns", mask_words, lambda: _column_lists(mask_words, kv_len), kv_len)
+
+
+def _column_lists(mask_words: torch.Tensor, kv_len: int) -> BlockLists:
     q_idx, q_cnt = decode_mask_columns(mask_words, num_blocks(kv_len))
     counts = q_cnt.reshape(-1, q_cnt.shape[-1]).to(torch.int64)  # (G, Nk)
     groups, nk = counts.shape

@@ -1,0 +1,76 @@
+"""The decoded-list cache: a static mask is decoded once, a changed or new mask never reuses stale lists."""
+import gc
+
+import pytest
+import torch
+
+from scaling_compiler.kernels.bitmask import pack_block_mask, unpack_block_mask
+from scaling_compiler.kernels.triton import list_cache
+from scaling_compiler.kernels.triton.mask_decode import prepare_block_lists, prepare_column_lists
+
+from .test_block_sparse_kernel import DEVICE, _random_mask
+
+
+@pytest.fixture(autouse=True)
+def empty_cache():
+    list_cache.clear()
+    yield
+    list_cache.clear()
+
+
+def _rows_of(lists, nk):
+    """The kept-block boolean mask (H, Nq, Nk) that row lists describe."""
+    kv_idx, kv_cnt, _ = lists
+    keep = torch.zeros(*kv_cnt.shape, nk, dtype=torch.bool)
+    for index in torch.cartesian_prod(*(torch.arange(n) for n in kv_cnt.shape)):
+        h, r = index.tolist()
+        keep[h, r, kv_idx[h, r, :kv_cnt[h, r]].long().cpu()] = True
+    return keep
+
+
+def test_same_mask_decoded_once():
+    words = pack_block_mask(_random_mask((2,), 3, 4, 0.5, seed=0)).to(DEVICE)
+    rows, columns = prepare_block_lists(words, 4 * 128), prepare_column_lists(words, 4 * 128)
+    assert prepare_block_lists(words, 4 * 128) is rows
+    assert prepare_column_lists(words, 4 * 128) is columns
+    assert prepare_block_lists(words, 4 * 128, lpt_order=False) is not rows  # another decoding, another entry
+    assert list_cache.held_bytes() > 0
+
+
+def test_in_place_change_decodes_again():
+    mask = _random_mask((2,), 3, 4, 0.5, seed=1)
+    words = pack_block_mask(mask).to(DEVICE)
+    first = prepare_block_lists(words, 500)
+    words.copy_(pack_block_mask(~mask).to(DEVICE))
+    second = prepare_block_lists(words, 500)
+    assert second is not first
+    assert torch.equal(_rows_of(second, 4), ~mask)
+    assert torch.equal(unpack_block_mask(words.cpu(), 4), ~mask)
+
+
+def test_entry_dies_with_its_mask():
+    words = pack_block_mask(_random_mask((2,), 3, 4, 0.5, seed=2)).to(DEVICE)
+    prepare_column_lists(words, 512)
+    assert list_cache.held_bytes() > 0
+    del words
+    gc.collect()
+    assert list_cache.held_bytes() == 0
+
+
+def test_budget_drops_least_recently_used(monkeypatch):
+    masks = [pack_block_mask(_random_mask((2,), 3, 4, 0.5, seed=s)).to(DEVICE) for s in range(3)]
+    first = prepare_block_lists(masks[0], 512)
+    one_entry = list_cache.held_bytes()
+    monkeypatch.setattr(list_cache, "BUDGET_BYTES", 2 * one_entry)
+    prepare_block_lists(masks[1], 512)
+    prepare_block_lists(masks[0], 512)  # masks[0] now the most recent
+    prepare_block_lists(masks[2], 512)  # evicts masks[1]
+    assert list_cache.held_bytes() == 2 * one_entry
+    assert prepare_block_lists(masks[0], 512) is first
+
+
+def test_inference_tensors_are_not_cached():
+    with torch.inference_mode():
+        words = pack_block_mask(_random_mask((2,), 3, 4, 0.5, seed=3)).to(DEVICE)
+        assert prepare_block_lists(words, 512) is not prepare_block_lists(words, 512)
+    assert list_cache.held_bytes() == 0
