@@ -130,3 +130,16 @@ def test_mismatched_weights_name_the_mismatch(tmp_path):
 def test_bad_options_name_the_option(options, message):
     with pytest.raises(ValueError, match=message):
         ScalingAttnBackend(**options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_linear_attention_low_precision_long_sequence(dtype):
+    """At 40,000 keys whose values have a large mean, sums over keys would overflow fp16: the means
+    do not, and the result stays within the input dtype's rounding of the float64 answer."""
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(1, 1, 40_000, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(1, 1, 40_000, 16, generator=g, dtype=torch.float64) + 8.0
+    expected = linear_attention(q, k, v)
+    got = linear_attention(q.to(dtype), k.to(dtype), v.to(dtype))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), expected, rtol=2e-2, atol=2e-2)
