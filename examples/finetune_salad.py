@@ -26,7 +26,9 @@ only at that batch do tuning and harness calibrate the same masks; point SCALING
 and the harness's --cache-dir at one folder and the harness loads the very masks tuned against.
 Larger calls may run faster on a GPU (not measured) but tune against slightly different masks.
 AdamW (no weight decay), gradients clipped at norm 1, the learning rate warmed up over --warmup
-steps then on a cosine down to a tenth of --lr at the end of the budget (or of --steps).
+steps then on a cosine down to a tenth of --lr at the end of the budget (or of --steps). The
+default peak 5e-3 was chosen on the CPU at 5x32x32 (160 videos, density 0.1, the harness's 8
+prompts): +4.8 dB PSNR over west:fast against +4.2 dB at 5e-4 and +3.7 dB at 2e-2.
 
 Writes to --out: `branches.safetensors` (the final branches, with the tuning's settings in its
 header: the harness checks the density), `branches_step<N>.safetensors` every --ckpt-every
@@ -85,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=1,
                    help="videos per compiled call (each runs twice: CFG); 1 compiles the harness's batch of 2 rows, "
                         "so that WEST calibrates (and caches) the same masks the quality harness runs")
-    p.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate (default 5e-4)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate (default 5e-3)")
     p.add_argument("--warmup", type=int, default=None, help="linear learning-rate warm-up steps (default 20)")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale of the guided-velocity loss")
     p.add_argument("--sampler-steps", type=int, default=None,
@@ -106,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     defaults = QUICK if args.quick else {
         "device": "cuda" if torch.cuda.is_available() else "cpu", "steps": None, "batch": 8, "video": None,
-        "sampler_steps": 30, "calibration_samples": None, "compiler": None, "ckpt_every": 100, "lr": 5e-4,
+        "sampler_steps": 30, "calibration_samples": None, "compiler": None, "ckpt_every": 100, "lr": 5e-3,
         "warmup": 20, "data_pool": 0}
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -169,7 +171,7 @@ def tuning_metadata(args: argparse.Namespace, video: tuple[int, int, int], step:
     """The branch file's header: the density (the harness refuses another) and how it was tuned."""
     tuning = {"density": args.density, "masks": "west", "schedule": "fast", "sampler_steps": args.sampler_steps,
               "video": list(video), "steps": step, "batch": args.batch,
-              "micro_batch": args.micro_batch, "lr": args.lr, "videos_seen": step * args.batch, "minutes": round(minutes, 2),
+              "micro_batch": args.micro_batch, "lr": args.lr, "warmup": args.warmup, "videos_seen": step * args.batch, "minutes": round(minutes, 2),
               "train_seed_base": TRAIN_SEED_BASE, "held_out_prompts": list(sv.EVAL_PROMPTS),
               "calibration_samples": args.calibration_samples, "objective": "distillation (dense teacher), CFG pairs"}
     return {"density": repr(args.density), "tuning": json.dumps(tuning)}

@@ -49,6 +49,15 @@ def test_checkpoints_record_the_density_and_held_out_prompts(tuned):
     tuning = json.loads(metadata["tuning"])
     assert tuning["steps"] == 8 and tuning["sampler_steps"] == 2 and tuning["video"] == [3, 32, 32]
     assert len(tuning["held_out_prompts"]) == 8 and tuning["train_seed_base"] >= 1000
+    assert tuning["lr"] == 1e-3 and tuning["warmup"] == 0  # the recipe is recorded (--quick's)
+
+
+def test_default_recipe(example):
+    # the GPU recipe (peak lr chosen on the CPU at 5x32x32, see the module docstring); --quick keeps its own
+    args = example.parse_args(["--device", "cpu"])
+    assert (args.lr, args.warmup, args.batch, args.micro_batch, args.sampler_steps) == (5e-3, 20, 8, 1, 30)
+    quick = example.parse_args(["--quick"])
+    assert (quick.lr, quick.warmup, quick.batch, quick.steps) == (1e-3, 0, 1, 8)
 
 
 def test_training_labels_never_hit_held_out_prompts(example):
