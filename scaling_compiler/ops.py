@@ -3,6 +3,8 @@
 - `torch.ops.scaling_compiler.block_sparse_attention`: attention over given block masks (WEST+FAST),
   differentiable in q, k, v: it is `block_sparse_attention_lse` (out and lse, with an autograd
   formula calling `block_sparse_attention_backward`) without the lse.
+- `torch.ops.scaling_compiler.block_sparse_attention_fp8`: the same attention with e4m3 operands
+  (q, k per 128-token block, k smoothed by its mean, v per channel, P in e4m3); inference only.
 - `torch.ops.scaling_compiler.step_masks`: the current step's masks, picked from the timestep in-graph.
 
 (A policy's own run-time op lives with the policy: `policies/dfsattn/op.py`.)
@@ -97,6 +99,26 @@ def block_sparse_attention_op(q, k, v, mask_words, scale, key_padding=None):
     """Attention of q over the kept 128x128 key blocks (softmax renormalised over them): the
     output of `block_sparse_attention_lse`. A query row with no kept key returns zeros."""
     return torch.ops.scaling_compiler.block_sparse_attention_lse(q, k, v, mask_words, scale, key_padding)[0]
+
+
+@torch.library.custom_op("scaling_compiler::block_sparse_attention_fp8", mutates_args=())
+def block_sparse_attention_fp8(
+    q: torch.Tensor,  # (B, H, Sq, D), fp16 or bf16, D 64 or 128, any strides
+    k: torch.Tensor,  # (B, H, Sk, D)
+    v: torch.Tensor,  # (B, H, Sk, D)
+    mask_words: torch.Tensor,  # int32 (H, Nq, W) or (B, H, Nq, W): bit-packed 128x128 block mask
+    scale: float,
+    key_padding: torch.Tensor | None = None,  # bool (B or 1, Sk): False marks keys to ignore
+) -> torch.Tensor:  # out (B, H, Sq, D) contiguous, q's dtype
+    """`block_sparse_attention` with FP8 (e4m3) dots: the Triton FP8 kernel on CUDA, the torch
+    emulation of the same quantisation elsewhere. Inference only: no autograd formula is
+    registered, so a backward through it raises; a query row with no kept key returns zeros."""
+    return dispatch.block_sparse_attention_fp8(q, k, v, mask_words, scale, key_padding).contiguous()
+
+
+@block_sparse_attention_fp8.register_fake
+def _(q, k, v, mask_words, scale, key_padding=None):
+    return q.new_empty(q.shape)
 
 
 def sparse_attention(q, k, v, mask_words, scale, key_padding) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Benchmark the block-sparse kernel against SDPA (cuDNN, flash) and compiled FlexAttention.
+"""Benchmark the block-sparse kernel (bf16, and its FP8 variant) against SDPA (cuDNN, flash) and
+compiled FlexAttention.
 
     python -m benchmarks.kernels.block_sparse             # Wan2.1-1.3B 480p and Wan2.1-14B 720p, all densities
     python -m benchmarks.kernels.block_sparse --quick     # 1.3B shape, densities 1.0 / 0.25 / 0.1, random masks
@@ -11,7 +12,10 @@ Run from the repository root.
 Masks are per-head 128x128 block masks: "random" (each block kept with probability = density)
 and "structured" (a 3-D local window over the frame x height x width grid of block centres,
 per-head window aspect, plus a few global key blocks; exact density per row). Our kernel and
-FlexAttention get the identical mask (``to_flex_block_mask``). Times are
+FlexAttention get the identical mask (``to_flex_block_mask``). The FP8 kernel
+(``block_sparse_attention_fp8``, autotuned) is timed beside ours on the same bf16 inputs, its
+quantisation prep included (``ms_fp8``) and alone (``ms_fp8_quantize``), with its speedup over
+ours and its output's relative difference from ours (``fp8_rel_diff``). Times are
 ``triton.testing.do_bench`` medians in ms; TFLOP/s count 4 * D FLOPs per kept (query, key)
 token pair (dense pairs for SDPA). Results go to ``benchmarks/results/kernel_<gpu>_<date>.json``
 and the random-mask rows (implementation, direction "forward", shape, kept density, ms; SDPA's
@@ -184,6 +188,7 @@ def sdpa_times(q, k, v, scale):
 def run_benchmark(args):
     from scaling_compiler.kernels.triton.block_sparse_attention import (block_sparse_attention, decode_mask,
                                                                         prepare_block_lists)
+    from scaling_compiler.kernels.triton.block_sparse_attention_fp8 import block_sparse_attention_fp8, quantize
 
     dry = args.dry_run
     device = "cpu" if dry else "cuda"
@@ -218,6 +223,8 @@ def run_benchmark(args):
         print(f"[{shape}] sdpa cudnn {dense['cudnn']} ms, flash {dense['flash']} ms", flush=True)
         nb = num_blocks(S)
         implementation = _implementation(q, k, v, flags["use_tma"])
+        fp8_inputs = [t.half() for t in (q, k, v)] if dry else (q, k, v)  # the FP8 path takes fp16/bf16
+        t_quantize = bench(lambda: quantize(*fp8_inputs), dry)
         for kind in kinds:
             for density in densities:
                 mask = (random_mask(H, nb, nb, density, seed=1) if kind == "random" else structured_mask(
@@ -229,6 +236,9 @@ def run_benchmark(args):
                 t_kernel = bench(lambda: block_sparse_attention(q, k, v, words, scale, config, block_lists=lists,
                                                                 **flags), dry)
                 t_decode = bench(lambda: decode_mask(words, nb), dry)
+                t_fp8 = bench(lambda: block_sparse_attention_fp8(*fp8_inputs, words, scale), dry)
+                fp8_diff = _relative_difference(block_sparse_attention_fp8(*fp8_inputs, words, scale),
+                                                block_sparse_attention(q, k, v, words, scale, config, **flags)[0])
                 t_flex = None
                 if flex is not None:
                     bm = to_flex_block_mask(mask.to(device), S, S)
@@ -242,7 +252,9 @@ def run_benchmark(args):
                     "density": density, "density_actual": mask.float().mean().item(),
                     "ms_ours": t_ours, "ms_ours_kernel": t_kernel, "ms_decode": t_decode, "ms_flex": t_flex,
                     "ms_cudnn": dense["cudnn"], "ms_flash": dense["flash"],
-                    "tflops_ours": flops / t_ours / 1e9,
+                    "ms_fp8": t_fp8, "ms_fp8_quantize": t_quantize, "fp8_speedup": t_ours / t_fp8,
+                    "fp8_rel_diff": fp8_diff,
+                    "tflops_ours": flops / t_ours / 1e9, "tflops_fp8": flops / t_fp8 / 1e9,
                     "tflops_flex": flops / t_flex / 1e9 if t_flex else None,
                     "tflops_cudnn_dense": dense_flops / dense["cudnn"] / 1e9 if dense["cudnn"] else None,
                     "ideal_ms": density * dense["cudnn"] if dense["cudnn"] else None,
@@ -264,6 +276,11 @@ def run_benchmark(args):
     write_cost_table(rows, info, config, args)
 
 
+def _relative_difference(out_fp8, out_ours):
+    """||fp8 - ours|| / ||ours|| over the whole output (a sanity check beside the timings)."""
+    return ((out_fp8.float() - out_ours.float()).norm() / out_ours.float().norm().clamp_min(1e-30)).item()
+
+
 def _fmt(x, f="{:.3f}"):
     return "-" if x is None else f.format(x)
 
@@ -273,13 +290,16 @@ def _fmt_row(r):
     sp_cudnn = r["ms_cudnn"] / r["ms_ours"] if r["ms_cudnn"] else None
     return (f"{r['shape']:>13} {r['mask']:>10} {r['density']:>5.2f} | ours {_fmt(r['ms_ours'])} ms "
             f"(kernel {_fmt(r['ms_ours_kernel'])}) "
-            f"({_fmt(r['tflops_ours'], '{:.0f}')} TF/s) | flex {_fmt(r['ms_flex'])} ms "
+            f"({_fmt(r['tflops_ours'], '{:.0f}')} TF/s) | fp8 {_fmt(r['ms_fp8'])} ms "
+            f"(quantize {_fmt(r['ms_fp8_quantize'])}, x ours {_fmt(r['fp8_speedup'], '{:.2f}')}, "
+            f"diff {_fmt(r['fp8_rel_diff'], '{:.1e}')}) | flex {_fmt(r['ms_flex'])} ms "
             f"({_fmt(r['tflops_flex'], '{:.0f}')}) | cudnn {_fmt(r['ms_cudnn'])} flash {_fmt(r['ms_flash'])} | "
             f"x flex {_fmt(sp_flex, '{:.2f}')} x cudnn {_fmt(sp_cudnn, '{:.2f}')} | ideal {_fmt(r['ideal_ms'])}")
 
 
 def print_table(rows):
-    hdr = ("| shape | mask | density | ours ms | ours kernel-only ms | ours TFLOP/s (kept) | flex ms | flex TFLOP/s | cuDNN ms (dense) "
+    hdr = ("| shape | mask | density | ours ms | ours kernel-only ms | ours TFLOP/s (kept) | fp8 ms | fp8 quantize ms "
+           "| fp8 vs ours | fp8 rel. diff | flex ms | flex TFLOP/s | cuDNN ms (dense) "
            "| flash ms (dense) | ours vs flex | ours vs cuDNN | ideal ms (density x cuDNN) |")
     print(hdr)
     print("|" + "|".join(["---"] * (hdr.count("|") - 1)) + "|")
@@ -287,7 +307,9 @@ def print_table(rows):
         sp_flex = r["ms_flex"] / r["ms_ours"] if r["ms_flex"] else None
         sp_cudnn = r["ms_cudnn"] / r["ms_ours"] if r["ms_cudnn"] else None
         print(f"| {r['shape']} | {r['mask']} | {r['density']:.2f} | {_fmt(r['ms_ours'])} | {_fmt(r['ms_ours_kernel'])} | "
-              f"{_fmt(r['tflops_ours'], '{:.0f}')} | {_fmt(r['ms_flex'])} | {_fmt(r['tflops_flex'], '{:.0f}')} | "
+              f"{_fmt(r['tflops_ours'], '{:.0f}')} | {_fmt(r['ms_fp8'])} | {_fmt(r['ms_fp8_quantize'])} | "
+              f"{_fmt(r['fp8_speedup'], '{:.2f}x')} | {_fmt(r['fp8_rel_diff'], '{:.1e}')} | "
+              f"{_fmt(r['ms_flex'])} | {_fmt(r['tflops_flex'], '{:.0f}')} | "
               f"{_fmt(r['ms_cudnn'])} | {_fmt(r['ms_flash'])} | {_fmt(sp_flex, '{:.2f}x')} | "
               f"{_fmt(sp_cudnn, '{:.2f}x')} | {_fmt(r['ideal_ms'])} |")
 

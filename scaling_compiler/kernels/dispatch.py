@@ -13,6 +13,11 @@ The backward (`block_sparse_attention_backward`) is picked by the same rules: th
 (`kernels/triton/block_sparse_attention_bwd.py`, TMA or pointer loads as the forward) or the
 block-wise torch backward; `ops.py` registers it as the op's autograd formula.
 
+The FP8 forward (`block_sparse_attention_fp8`, inference only) runs the Triton FP8 kernel
+(`kernels/triton/block_sparse_attention_fp8.py`) on CUDA and its torch emulation elsewhere (the
+same quantisation, block by block), so a CPU run measures FP8's error rather than another
+arithmetic; `fp8_unsupported_reason` there says which inputs it refuses.
+
 Where a new implementation goes: a member of `Implementation`, a branch in `implementation_for`
 and in both functions here, and its own rows in the cost tables.
 """
@@ -23,9 +28,10 @@ import logging
 
 import torch
 
-from .reference import blockwise_attention, blockwise_attention_backward
+from .reference import blockwise_attention, blockwise_attention_backward, blockwise_attention_fp8
 from .triton import block_sparse_attention as triton_forward
 from .triton import block_sparse_attention_bwd as triton_backward
+from .triton import block_sparse_attention_fp8 as triton_fp8
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +135,22 @@ def block_sparse_attention_backward(
     return triton_backward.block_sparse_attention_backward(q, k, v, out, lse, grad_out, mask_words, scale,
                                                            key_padding=key_padding, grad_lse=grad_lse,
                                                            use_tma=implementation is Implementation.TRITON_TMA)
+
+
+def block_sparse_attention_fp8(
+    q: torch.Tensor,  # (B, H, Sq, D), fp16 or bf16, D 64 or 128, any strides
+    k: torch.Tensor,  # (B, H, Sk, D)
+    v: torch.Tensor,  # (B, H, Sk, D)
+    mask_words: torch.Tensor,  # int32 (H, Nq, W) or (B, H, Nq, W), on q's device
+    scale: float,
+    key_padding: torch.Tensor | None = None,  # bool (B or 1, Sk): False marks keys to ignore
+) -> torch.Tensor:  # out (B, H, Sq, D) in q's dtype; empty rows 0
+    """FP8 block-sparse attention forward (inference only): the Triton FP8 kernel on CUDA, the torch
+    emulation of its quantisation and softmax (`reference.blockwise_attention_fp8`) elsewhere.
+    Inputs that `fp8_unsupported_reason` refuses raise ValueError."""
+    reason = triton_fp8.fp8_unsupported_reason(q, k, v, key_padding)
+    if reason is not None:
+        raise ValueError(f"FP8 block-sparse attention cannot take these inputs: {reason}")
+    if q.device.type == "cuda":
+        return triton_fp8.block_sparse_attention_fp8(q, k, v, mask_words, scale, key_padding)
+    return blockwise_attention_fp8(q, k, v, mask_words, scale, key_padding)

@@ -12,7 +12,12 @@ A query row whose mask row is all zero gets ``out = 0`` and ``lse = -inf``.
 - :func:`blockwise_attention` and :func:`blockwise_attention_backward`: the CPU execution path of the custom op
   (``Implementation.TORCH_BLOCKWISE``), forward and backward. They loop over query blocks and
   gather only the kept key blocks, so they never materialise an Sq x Sk matrix.
+- :func:`quantize_fp8` and :func:`blockwise_attention_fp8`: the FP8 kernel's arithmetic
+  (``triton/block_sparse_attention_fp8.py``) in torch: the spec of its quantisation (the Triton
+  prep kernel writes the same bytes) and the CPU path of its op, so CPU runs measure FP8's error.
 """
+from typing import NamedTuple
+
 import torch
 
 from .bitmask import BLOCK_SIZE, num_blocks, num_words, unpack_block_mask
@@ -42,10 +47,25 @@ def _key_blocks(k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | No
     pad = nk * BLOCK_SIZE - Sk
     kb = torch.nn.functional.pad(k.to(dtype), (0, 0, 0, pad)).reshape(B * H, nk, BLOCK_SIZE, D)
     vb = torch.nn.functional.pad(v.to(dtype), (0, 0, 0, pad)).reshape(B * H, nk, BLOCK_SIZE, v.shape[3])
-    key_valid = (torch.arange(nk * BLOCK_SIZE, device=k.device) < Sk).expand(B, nk * BLOCK_SIZE)
+    return kb, vb, _key_valid(B, H, Sk, key_padding, k.device)
+
+
+def _key_valid(B: int, H: int, Sk: int, key_padding: torch.Tensor | None, device) -> torch.Tensor:
+    """Which keys of the 128-key blocks are real (< Sk) and not padded, bool ``(B*H, Nk, 128)``."""
+    nk = num_blocks(Sk)
+    pad = nk * BLOCK_SIZE - Sk
+    key_valid = (torch.arange(nk * BLOCK_SIZE, device=device) < Sk).expand(B, nk * BLOCK_SIZE)
     if key_padding is not None:
         key_valid = key_valid & torch.nn.functional.pad(key_padding.to(torch.bool), (0, pad)).expand(B, -1)
-    return kb, vb, key_valid[:, None].expand(B, H, -1).reshape(B * H, nk, BLOCK_SIZE)
+    return key_valid[:, None].expand(B, H, -1).reshape(B * H, nk, BLOCK_SIZE)
+
+
+def _kept_blocks(mask_words: torch.Tensor, B: int, H: int, nq: int, nk: int) -> torch.Tensor:
+    """The packed mask (checked) as bool ``(B*H, Nq, Nk)``."""
+    if mask_words.dtype != torch.int32 or mask_words.shape[-2:] != (nq, num_words(nk)):
+        raise ValueError(f"mask_words must be int32 (..., {nq}, {num_words(nk)}), got "
+                         f"{mask_words.dtype} {tuple(mask_words.shape)}")
+    return unpack_block_mask(_broadcast_mask(mask_words, B, H), nk).reshape(B * H, nq, nk)
 
 
 def _gather_kept(kept: torch.Tensor, n_max: int, kb: torch.Tensor, vb: torch.Tensor, key_valid: torch.Tensor):
@@ -108,10 +128,7 @@ def blockwise_attention(
     B, H, Sq, D = q.shape
     Sk, Dv = k.shape[2], v.shape[3]
     nq, nk = num_blocks(Sq), num_blocks(Sk)
-    if mask_words.dtype != torch.int32 or mask_words.shape[-2:] != (nq, num_words(nk)):
-        raise ValueError(f"mask_words must be int32 (..., {nq}, {num_words(nk)}), got "
-                         f"{mask_words.dtype} {tuple(mask_words.shape)}")
-    keep = unpack_block_mask(_broadcast_mask(mask_words, B, H), nk).reshape(B * H, nq, nk)
+    keep = _kept_blocks(mask_words, B, H, nq, nk)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
 
     kb, vb, key_valid = _key_blocks(k, v, key_padding, cdt)
@@ -200,3 +217,130 @@ def blockwise_attention_backward(
     # in the inputs' layouts, as the Triton backward writes them
     return (torch.empty_like(q).copy_(dq.reshape(B, H, Sq, D)), torch.empty_like(k).copy_(dk.reshape(B, H, Sk, D)),
             torch.empty_like(v).copy_(dv.reshape(B, H, Sk, Dv)))
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 (e4m3): the quantisation of the FP8 kernel, and its attention block by block
+# ----------------------------------------------------------------------------------------------
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3 value: scales map each block's absmax onto it
+# absmax floor: an all-zero block gets a tiny positive scale, so scores stay finite (never 0 * -inf)
+FP8_SCALE_FLOOR = 1e-12
+LOG2E = 1.4426950408889634
+
+
+class Fp8Inputs(NamedTuple):
+    """q, k, v quantised for the FP8 kernel (padded to whole 128-token blocks with zeros)."""
+    q: torch.Tensor  # float8 (B, H, Nq * 128, D)
+    q_scale: torch.Tensor  # float32 (B, H, Nq): q ~ q8 * q_scale, per 128-query block
+    k: torch.Tensor  # float8 (B, H, Nk * 128, D): k minus its mean over tokens (softmax ignores it)
+    k_scale: torch.Tensor  # float32 (B, H, Nk)
+    v_t: torch.Tensor  # float8 (B, H, D, Nk * 128): v transposed (K-major for the P.V dot)
+    v_scale: torch.Tensor  # float32 (B, H, D): per channel
+
+
+def key_means(k: torch.Tensor) -> torch.Tensor:
+    """float32 ``(B, H, D)``: k's mean over tokens, subtracted before quantising (SageAttention's
+    smoothing: each score of a row moves by the same q.mean, so the softmax does not change, while
+    a channel's common offset no longer eats the block's e4m3 range)."""
+    return k.mean(dim=2, dtype=torch.float32)
+
+
+def value_scales(v: torch.Tensor) -> torch.Tensor:
+    """float32 ``(B, H, D)``: v's per-channel scale, absmax over tokens / 448 (one reduction pass)."""
+    vmin, vmax = torch.aminmax(v, dim=2)
+    return torch.maximum(vmax.float(), -vmin.float()).clamp_min(FP8_SCALE_FLOOR) * (1.0 / FP8_MAX)
+
+
+def to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> e4m3, round to nearest even, saturating at +-448 (the GPU's ``cvt.rn.satfinite``)."""
+    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _padded_blocks(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``(B, H, S, D)`` zero-padded to ``(B, H, N, 128, D)``, N = ceil(S / 128)."""
+    B, H, S, D = x.shape
+    n = num_blocks(S)
+    return torch.nn.functional.pad(x, (0, 0, 0, n * BLOCK_SIZE - S)).reshape(B, H, n, BLOCK_SIZE, D)
+
+
+def _quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(B, H, N, 128, D)`` -> e4m3 ``(B, H, N * 128, D)`` and one scale per block ``(B, H, N)``."""
+    B, H, n, _, D = x.shape
+    scale = x.abs().amax(dim=(-1, -2)).clamp_min(FP8_SCALE_FLOOR) * (1.0 / FP8_MAX)
+    return to_fp8(x / scale[..., None, None]).reshape(B, H, n * BLOCK_SIZE, D), scale
+
+
+def quantize_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Fp8Inputs:
+    """The FP8 kernel's operands, in torch: q per (batch, head, 128-token block); k smoothed by its
+    mean over tokens, then per block; v per (batch, head, channel), stored transposed. Scales are
+    absmax / 448 in float32; values are divided by them (IEEE division) and rounded to nearest even.
+    The Triton prep (``block_sparse_attention_fp8.quantize``) writes the same bytes."""
+    q8, q_scale = _quantize_blocks(_padded_blocks(q.float()))
+    k8, k_scale = _quantize_blocks(_padded_blocks(k.float() - key_means(k)[:, :, None]))
+    v_scale = value_scales(v)
+    vb = _padded_blocks(v.float()).flatten(2, 3)
+    v_t = to_fp8(vb / v_scale[:, :, None]).transpose(-1, -2).contiguous()
+    return Fp8Inputs(q8, q_scale, k8, k_scale, v_t, v_scale)
+
+
+def blockwise_attention_fp8(
+    q: torch.Tensor,  # (B, H, Sq, D)
+    k: torch.Tensor,  # (B, H, Sk, D)
+    v: torch.Tensor,  # (B, H, Sk, D)
+    mask_words: torch.Tensor,  # int32 (H, Nq, W) or (B, H, Nq, W)
+    scale: float,
+    key_padding: torch.Tensor | None = None,  # bool (B or 1, Sk): False drops that key
+) -> torch.Tensor:
+    """The FP8 kernel's attention in torch, one 128-row query block at a time: returns ``out``
+    (q's dtype, contiguous ``(B, H, Sq, D)``); empty rows give 0.
+
+    Operands from :func:`quantize_fp8`; scores are fp32 products of e4m3 values times
+    ``q_scale * k_scale * scale * log2(e)``; the softmax is the kernel's online one over 128-key
+    tiles, its running max taken as a cumulative max over the kept blocks in ascending order
+    (the kernel's order), so each ``p`` is rounded to e4m3 (as ``p * 448``) exactly where the
+    kernel rounds it when it walks 128-key tiles; ``P.V`` per tile in fp32, rescaled and summed;
+    ``out = acc / (448 l) * v_scale``. Matches the Triton kernel up to fp32 summation order.
+    """
+    _check_qkv(q, k, v)
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    nq, nk = num_blocks(Sq), num_blocks(Sk)
+    keep = _kept_blocks(mask_words, B, H, nq, nk)
+    x = quantize_fp8(q, k, v)
+    BH = B * H
+    q8 = x.q.float().reshape(BH, nq, BLOCK_SIZE, D)
+    kb = x.k.float().reshape(BH, nk, BLOCK_SIZE, D)
+    vb = x.v_t.float().transpose(-1, -2).reshape(BH, nk, BLOCK_SIZE, D)
+    key_valid = _key_valid(B, H, Sk, key_padding, q.device)
+    q_scale = x.q_scale.reshape(BH, nq) * (float(scale) * LOG2E)
+    k_scale = x.k_scale.reshape(BH, nk)
+    out = torch.zeros(BH, nq * BLOCK_SIZE, D, dtype=torch.float32, device=q.device)
+    for m in range(nq):
+        kept = keep[:, m]
+        n_max = int(kept.sum(-1).max())
+        if n_max == 0:
+            continue
+        idx, k_t, v_t, valid = _gather_kept(kept, n_max, kb, vb, key_valid)
+        tile_scale = q_scale[:, m, None] * torch.gather(k_scale, 1, idx)  # (BH, n_max)
+        s = (q8[:, m] @ k_t.transpose(-1, -2)).reshape(BH, BLOCK_SIZE, n_max, BLOCK_SIZE)
+        s = (s * tile_scale[:, None, :, None]).masked_fill(~valid.reshape(BH, 1, n_max, BLOCK_SIZE), float("-inf"))
+        acc, l_sum = _online_softmax_fp8(s, v_t.reshape(BH, n_max, BLOCK_SIZE, D))
+        l_safe = torch.where(l_sum == 0, 1.0, l_sum)
+        out[:, m * BLOCK_SIZE:(m + 1) * BLOCK_SIZE] = acc / (l_safe * FP8_MAX)[..., None] \
+            * x.v_scale.reshape(BH, 1, D)
+    return out[:, :Sq].reshape(B, H, Sq, D).to(q.dtype)
+
+
+def _online_softmax_fp8(s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores ``s`` (exp2 domain, -inf where dropped) ``(BH, rows, n, 128)`` of n key tiles and their
+    e4m3 values ``v`` (as float32, unscaled) ``(BH, n, 128, D)`` -> the kernel's ``acc (BH, rows, D)``
+    (the tiles' ``e4m3(p * 448) @ v``, each rescaled to the final max, summed) and ``l (BH, rows)``."""
+    m_run = torch.cummax(s.amax(-1), dim=-1).values  # the kernel's running max after each tile
+    m_sub = torch.where(m_run == float("-inf"), 0.0, m_run)  # rows with nothing kept yet: p = 0
+    p = torch.exp2(s - m_sub[..., None])
+    p8 = to_fp8(p * FP8_MAX).float()
+    pv = (p8.transpose(1, 2) @ v).transpose(1, 2)  # (BH, rows, n, D)
+    m_last = m_sub[..., -1:]
+    weight = torch.exp2(m_run - m_last)  # each tile's product of the later rescales; 0 before any key
+    return (pv * weight[..., None]).sum(2), (p.sum(-1) * weight).sum(-1)

@@ -67,6 +67,15 @@ def _random_mask(shape, nq, nk, density, seed):
     return torch.rand(*shape, nq, nk, generator=g) < density
 
 
+def _structured_mask(kind, H, nq, nk):
+    """An "empty", "full" or "diagonal" block mask (H, nq, nk)."""
+    return {
+        "empty": lambda: torch.zeros(H, nq, nk, dtype=torch.bool),
+        "full": lambda: torch.ones(H, nq, nk, dtype=torch.bool),
+        "diagonal": lambda: torch.eye(nq, nk, dtype=torch.bool).expand(H, nq, nk).clone(),
+    }[kind]()
+
+
 def _naive_lowp(q, k, v, block_mask, scale):
     """Attention computed in the input dtype: the error baseline of FlashAttention's rule."""
     Sq, Sk = q.shape[2], k.shape[2]
@@ -132,12 +141,7 @@ def test_random_masks(shape, dtype, config):
 def test_structured_masks(kind, dtype):
     B, H, Sq, Sk, D = 1, 2, 300, 260, 64
     q, k, v = _qkv(B, H, Sq, Sk, D, dtype, seed=11)
-    nq, nk = num_blocks(Sq), num_blocks(Sk)
-    mask = {
-        "empty": torch.zeros(H, nq, nk, dtype=torch.bool),
-        "full": torch.ones(H, nq, nk, dtype=torch.bool),
-        "diagonal": torch.eye(nq, nk, dtype=torch.bool).expand(H, nq, nk).clone(),
-    }[kind]
+    mask = _structured_mask(kind, H, num_blocks(Sq), num_blocks(Sk))
     out, lse = _run_and_check(q, k, v, mask, 0.125, _fp32_config(CONFIGS["m128n64"], dtype))
     if kind == "empty":
         assert torch.all(out == 0) and torch.all(torch.isneginf(lse))

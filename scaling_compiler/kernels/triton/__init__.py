@@ -6,6 +6,9 @@
 - `block_sparse_attention_bwd.py`: the backward (dq, dk, dv from the forward's out and lse), with
   its own configs; `kernels/dispatch.py` picks it per device and `ops.py` registers it as the
   autograd formula of `scaling_compiler::block_sparse_attention_lse`.
+- `block_sparse_attention_fp8.py`: the FP8 (e4m3) forward, inference only, with its quantisation
+  prep; `kernels/dispatch.py` runs it on CUDA (its torch emulation elsewhere) for the op
+  `scaling_compiler::block_sparse_attention_fp8`.
 - `block_mass.py`: WEST's calibration reduction (exact attention mass per 128x128 block).
 """
 from __future__ import annotations
@@ -41,5 +44,40 @@ def _patch_interpreter_scalar_index():
     interpreter._patch_lang_tensor = patched
 
 
+def _patch_interpreter_fp8_rounding():
+    """Make the interpreter round floats to float8e4nv (e4m3) as the GPU does.
+
+    Triton 3.x's interpreter converts fp32/fp16/bf16 to fp8 by adding the first dropped mantissa
+    bit and masking the carry away: a value that rounds up into the next power of two drops to
+    the power below (126.1 -> 64 instead of 128), and ties round up. The FP8 kernel
+    (``block_sparse_attention_fp8.py``) casts every operand this way, so we convert through torch
+    instead: round to nearest even, saturating at +-448 like the GPU's ``cvt.rn.satfinite``.
+    Other conversions keep the interpreter's code.
+    """
+    import numpy as np
+    import torch
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter._convert_float
+    if getattr(original, "_fp8_fixed", False):
+        return
+
+    def to_float32(data, dtype):
+        if dtype == tl.bfloat16:  # stored as uint16: the high half of a float32
+            return (data.astype(np.uint32) << 16).view(np.float32)
+        return data.astype(np.float32)
+
+    def patched(data, input_dtype, output_dtype, rounding_mode):
+        if output_dtype != tl.float8e4nv or input_dtype not in (tl.float32, tl.float16, tl.bfloat16):
+            return original(data, input_dtype, output_dtype, rounding_mode)
+        x = torch.from_numpy(np.clip(to_float32(data, input_dtype), -448.0, 448.0))
+        return x.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(data.shape)
+
+    patched._fp8_fixed = True
+    interpreter._convert_float = patched
+
+
 if interpreting():
     _patch_interpreter_scalar_index()
+    _patch_interpreter_fp8_rounding()

@@ -146,6 +146,21 @@ def _load_kv_tile(ptrs, desc, row0, col0, stride_n, start_n, offs_n, offs_d, N_K
 
 
 @triton.jit
+def _mask_scores(qk, start_n, offs_n, N_K, pad_ptr, MASK_K: tl.constexpr, HAS_PADDING: tl.constexpr):
+    """Scores of keys past N_K (``MASK_K``: the partial last block) and of padded keys
+    (``HAS_PADDING``: uint8 key padding of this batch entry, 0 = padded) set to -inf."""
+    if MASK_K:
+        qk = tl.where((start_n + offs_n)[None, :] < N_K, qk, float("-inf"))
+    if HAS_PADDING:
+        if MASK_K:
+            valid = tl.load(pad_ptr + start_n + offs_n, mask=(start_n + offs_n) < N_K, other=0)
+        else:
+            valid = tl.load(pad_ptr + start_n + offs_n)
+        qk = tl.where(valid[None, :] != 0, qk, float("-inf"))
+    return qk
+
+
+@triton.jit
 def _softmax_step(qk, m_i, l_i, qk_scale, GUARD: tl.constexpr):
     # online softmax in the exp2 domain: scores are scaled by sm_scale * log2(e)
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -178,14 +193,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
                           HEAD_DIM, HEAD_DIM_PAD, USE_TMA, MASK_K)
         # -- compute qk ----
         qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
-        if MASK_K:
-            qk = tl.where((start_n + offs_n)[None, :] < N_K, qk, float("-inf"))
-        if HAS_PADDING:  # key padding (uint8, 0 = padded) of this batch entry
-            if MASK_K:
-                valid = tl.load(pad_ptr + start_n + offs_n, mask=(start_n + offs_n) < N_K, other=0)
-            else:
-                valid = tl.load(pad_ptr + start_n + offs_n)
-            qk = tl.where(valid[None, :] != 0, qk, float("-inf"))
+        qk = _mask_scores(qk, start_n, offs_n, N_K, pad_ptr, MASK_K, HAS_PADDING)
         p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, qk_scale, HAS_PADDING)
         # -- update output accumulator --
         acc = acc * alpha[:, None]
@@ -377,6 +385,37 @@ def tma_descriptors(a: torch.Tensor, b: torch.Tensor, use_tma: bool, head_dim_pa
     return True, *((TensorDescriptor(base, list(base.shape), [ld, 1], [64, head_dim_pad]), ld) for base, ld in views)
 
 
+def check_launch(launcher: str, reason: str | None, device: torch.device, cpu_path: str | None = None) -> None:
+    """Raise ValueError when ``launcher`` cannot run: its inputs have a ``reason``, or ``device`` is
+    not CUDA outside the interpreter (``cpu_path``: what to call there instead)."""
+    if reason is not None:
+        raise ValueError(f"{launcher} cannot take these inputs: {reason}")
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(f"{launcher} runs on CUDA (or with TRITON_INTERPRET=1), got {device}"
+                         + (f"; use {cpu_path} on the CPU" if cpu_path else ""))
+
+
+def mask_batch_stride(mask_words: torch.Tensor, q: torch.Tensor, kv_len: int) -> int:
+    """Check ``mask_words`` against q ``(B, H, Sq, D)`` and ``kv_len``; return the kernels' ``stride_rz``
+    (mask rows per batch entry: 0 for an ``(H, Nq, W)`` mask shared over the batch, H for ``(B, H, Nq, W)``)."""
+    B, H, Sq = q.shape[:3]
+    nq, nw = num_blocks(Sq), num_words(num_blocks(kv_len))
+    if mask_words.dtype != torch.int32 or mask_words.device != q.device:
+        raise ValueError(f"mask_words must be int32 on {q.device}, got {mask_words.dtype} on {mask_words.device}")
+    if mask_words.dim() == 3 and tuple(mask_words.shape) == (H, nq, nw):
+        return 0
+    if mask_words.dim() == 4 and tuple(mask_words.shape) == (B, H, nq, nw):
+        return H
+    raise ValueError(f"mask_words {tuple(mask_words.shape)} is neither (H, Nq, W) = {(H, nq, nw)} "
+                     f"nor (B, H, Nq, W) = {(B, H, nq, nw)}")
+
+
+def tail_tiles(length: int, tile: int) -> int:
+    """Tiles of ``tile`` tokens covering the partial last 128-block of ``length`` tokens (0 if none)."""
+    rem = length % BLOCK_SIZE
+    return 0 if rem == 0 else triton.cdiv(rem, tile)
+
+
 def _padding_argument(key_padding: torch.Tensor | None, batch: int, kv_len: int, device: torch.device,
                       placeholder: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The kernel's KeyPad pointer (uint8 (B or 1, Sk), a view of the bool mask) and its batch stride;
@@ -422,24 +461,11 @@ def block_sparse_attention(
     a row left with no key gets ``out = 0``, ``lse = -inf`` as an empty mask row does. None compiles
     the kernel without the padding loads and the empty-tile guard (the performance path unchanged).
     """
-    reason = unsupported_reason(q, k, v)
-    if reason is not None:
-        raise ValueError(f"block_sparse_attention cannot take these inputs: {reason}")
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError(f"block_sparse_attention runs on CUDA (or with TRITON_INTERPRET=1), got {q.device}; "
-                         "use reference.blockwise_attention on the CPU")
+    check_launch("block_sparse_attention", unsupported_reason(q, k, v), q.device, "reference.blockwise_attention")
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
-    nq, nk, nw = num_blocks(Sq), num_blocks(Sk), num_words(num_blocks(Sk))
-    if mask_words.dtype != torch.int32 or mask_words.device != q.device:
-        raise ValueError(f"mask_words must be int32 on {q.device}, got {mask_words.dtype} on {mask_words.device}")
-    if mask_words.dim() == 3 and tuple(mask_words.shape) == (H, nq, nw):
-        stride_rz = 0
-    elif mask_words.dim() == 4 and tuple(mask_words.shape) == (B, H, nq, nw):
-        stride_rz = H
-    else:
-        raise ValueError(f"mask_words {tuple(mask_words.shape)} is neither (H, Nq, W) = {(H, nq, nw)} "
-                         f"nor (B, H, Nq, W) = {(B, H, nq, nw)}")
+    nq, nk = num_blocks(Sq), num_blocks(Sk)
+    stride_rz = mask_batch_stride(mask_words, q, Sk)
     head_dim_pad = max(MIN_HEAD_DIM, triton.next_power_of_2(D))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
@@ -461,10 +487,6 @@ def block_sparse_attention(
         use_tma = gpu_has_tma(q.device)
     use_tma, (desc_k, k_ld), (desc_v, v_ld) = tma_descriptors(k, v, use_tma, head_dim_pad)
 
-    def k_tail_tiles(block_n):
-        rem = Sk % BLOCK_SIZE
-        return 0 if rem == 0 else triton.cdiv(rem, block_n)
-
     grid = lambda META: (B * H * nq * (BLOCK_SIZE // META["BLOCK_M"]), )
     args = (q, k, v, desc_k, desc_v, out, lse, kv_idx, kv_cnt, order, pad, scale,  #
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
@@ -474,14 +496,14 @@ def block_sparse_attention(
     if config is None and not interpreting():
         # K_TAIL_TILES depends on BLOCK_N; the autotuned configs share one BLOCK_N-independent
         # bound (a tail of r keys needs at most ceil(r / 64) tiles), masked by the loop bound.
-        _attn_fwd_tuned[grid](*args, K_TAIL_TILES=k_tail_tiles(64), **const)
+        _attn_fwd_tuned[grid](*args, K_TAIL_TILES=tail_tiles(Sk, 64), **const)
         return out, lse
     config = {**default_config(q.dtype, D, q.device), **(config or {})}
     BM, BN = config["BLOCK_M"], config["BLOCK_N"]
     if use_tma:
         desc_k.block_shape = [BN, head_dim_pad]
         desc_v.block_shape = [BN, head_dim_pad]
-    _attn_fwd[grid](*args, K_TAIL_TILES=k_tail_tiles(BN), BLOCK_M=BM, BLOCK_N=BN, NUM_STAGES=config["num_stages"],
+    _attn_fwd[grid](*args, K_TAIL_TILES=tail_tiles(Sk, BN), BLOCK_M=BM, BLOCK_N=BN, NUM_STAGES=config["num_stages"],
                     num_warps=config["num_warps"],
                     num_stages=config["num_stages"], **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
                     **const)

@@ -37,8 +37,8 @@ import triton.language as tl
 from ..bitmask import BLOCK_SIZE, num_blocks, num_words
 from . import interpreting
 from .block_sparse_attention import (LOG2E, MIN_HEAD_DIM, _head_offset, _load_kv_tile, _load_rows, _locate_program,
-                                     _padding_argument, _split_tail, _tile_start, _tma_origin, gpu_has_tma,
-                                     tma_descriptors, unsupported_reason)
+                                     _padding_argument, _split_tail, _tile_start, _tma_origin, check_launch,
+                                     gpu_has_tma, tail_tiles, tma_descriptors, unsupported_reason)
 from .configs import SMEM_FALLBACK, _max_shared_mem
 from .mask_decode import BlockLists, prepare_block_lists, prepare_column_lists
 
@@ -368,11 +368,6 @@ def _smallest(tile: str) -> int:
     return min([c.kwargs[tile] for c in DKDV_CONFIGS + DQ_CONFIGS] + [FP32_CONFIG[tile]])
 
 
-def _tail_tiles(length: int, tile: int) -> int:
-    rem = length % BLOCK_SIZE
-    return 0 if rem == 0 else triton.cdiv(rem, tile)
-
-
 def block_sparse_attention_backward(
     q: torch.Tensor,  # (B, H, Sq, D)
     k: torch.Tensor,  # (B, H, Sk, D)
@@ -400,11 +395,7 @@ def block_sparse_attention_backward(
     ``row_lists`` / ``column_lists``: the decoded mask (``prepare_block_lists`` /
     ``prepare_column_lists``) when the caller has them.
     """
-    reason = unsupported_reason(q, k, v)
-    if reason is not None:
-        raise ValueError(f"block_sparse_attention_backward cannot take these inputs: {reason}")
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError(f"block_sparse_attention_backward runs on CUDA (or with TRITON_INTERPRET=1), got {q.device}")
+    check_launch("block_sparse_attention_backward", unsupported_reason(q, k, v), q.device)
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     nq, nk = num_blocks(Sq), num_blocks(Sk)
@@ -453,9 +444,9 @@ def block_sparse_attention_backward(
     dq_grid = lambda META: (B * H * nq * (BLOCK_SIZE // META["BLOCK_M"]), )
     if configs is None and not interpreting():
         # the tail-tile bounds only cap a loop: the smallest tile of the configs bounds them all
-        _bwd_dkdv_tuned[dkdv_grid](*dkdv_args, Q_TAIL_TILES=_tail_tiles(Sq, _smallest("BLOCK_M")), USE_TMA=tma_q,
+        _bwd_dkdv_tuned[dkdv_grid](*dkdv_args, Q_TAIL_TILES=tail_tiles(Sq, _smallest("BLOCK_M")), USE_TMA=tma_q,
                                    **const)
-        _bwd_dq_tuned[dq_grid](*dq_args, K_TAIL_TILES=_tail_tiles(Sk, _smallest("BLOCK_N")), USE_TMA=tma_k, **const)
+        _bwd_dq_tuned[dq_grid](*dq_args, K_TAIL_TILES=tail_tiles(Sk, _smallest("BLOCK_N")), USE_TMA=tma_k, **const)
         return dq, dk, dv
     dkdv_config, dq_config = configs or default_configs(q.dtype)
     launches = ((_bwd_dkdv, dkdv_grid, dkdv_args, dkdv_config, "Q_TAIL_TILES", Sq, "BLOCK_M", tma_q, (desc_q, desc_do)),
@@ -463,7 +454,7 @@ def block_sparse_attention_backward(
     for kernel, grid, args, conf, tail_name, length, tile, tma, descriptors in launches:
         for desc in descriptors if tma else ():
             desc.block_shape = [conf[tile], head_dim_pad]
-        kernel[grid](*args, **{tail_name: _tail_tiles(length, conf[tile])}, USE_TMA=tma, BLOCK_M=conf["BLOCK_M"],
+        kernel[grid](*args, **{tail_name: tail_tiles(length, conf[tile])}, USE_TMA=tma, BLOCK_M=conf["BLOCK_M"],
                      BLOCK_N=conf["BLOCK_N"], NUM_STAGES=conf["num_stages"], num_warps=conf["num_warps"],
                      num_stages=conf["num_stages"], **const)
     return dq, dk, dv

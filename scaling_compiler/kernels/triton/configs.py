@@ -1,7 +1,8 @@
-"""Launch configs of the block-sparse attention kernel (``block_sparse_attention.py``).
+"""Launch configs of the block-sparse attention kernels (``block_sparse_attention.py`` and its FP8
+variant ``block_sparse_attention_fp8.py``).
 
-The autotune list with its pruning filter (shared memory per device, warps per tile) and the
-default config used without autotuning (the interpreter, fixed-config benchmarks).
+The autotune lists with their pruning filters (shared memory per device, warps per tile) and the
+default configs used without autotuning (the interpreter, fixed-config benchmarks).
 """
 import functools
 
@@ -20,10 +21,15 @@ def _host_descriptor_pre_hook(nargs):
         nargs["desc_v"].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM_PAD"]]
 
 
-def _config(block_m, block_n, num_warps, num_stages, maxnreg=None):
+def _fp8_descriptor_pre_hook(nargs):
+    if nargs["USE_TMA"]:  # the FP8 kernel's v is stored transposed, (D, Sk): its tiles are (D, BLOCK_N)
+        nargs["desc_k"].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+        nargs["desc_v"].block_shape = [nargs["HEAD_DIM"], nargs["BLOCK_N"]]
+
+
+def _config(block_m, block_n, num_warps, num_stages, maxnreg=None, pre_hook=_host_descriptor_pre_hook):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": num_stages},
-                         num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
-                         pre_hook=_host_descriptor_pre_hook)
+                         num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg, pre_hook=pre_hook)
 
 
 # A short list: each config costs a compile (seconds) on the first call of every new shape.
@@ -37,6 +43,16 @@ configs = [
     _config(128, 64, 8, 7),
     _config(128, 64, 8, 3, maxnreg=128),
     _config(64, 64, 4, 5),
+]
+
+# The FP8 kernel: 1-byte q/k/v tiles take half the shared memory of bf16 ones, so 128x128 tiles
+# fit 3 or 4 K/V buffers on Hopper; the 128x64 and 64x64 configs fit Ada's 99 KB. Not yet timed
+# on a GPU: the autotuner picks among them.
+fp8_configs = [
+    _config(128, 128, 8, 5, pre_hook=_fp8_descriptor_pre_hook),
+    _config(128, 128, 8, 7, pre_hook=_fp8_descriptor_pre_hook),
+    _config(128, 64, 8, 5, pre_hook=_fp8_descriptor_pre_hook),
+    _config(64, 64, 4, 5, pre_hook=_fp8_descriptor_pre_hook),
 ]
 
 SMEM_FALLBACK = 227 * 1024  # Hopper's per-block shared-memory limit, when the device cannot be asked
@@ -80,17 +96,32 @@ def _fits(block_m, block_n, num_stages, head_dim_pad, elem_bytes, smem):
     return _smem_estimate(block_m, block_n, head_dim_pad, elem_bytes, num_stages) <= smem
 
 
+def _fitting(candidates, head_dim_pad, elem_bytes, smem):
+    """The configs among ``candidates`` whose tiles fit ``smem`` bytes of shared memory."""
+    return [
+        conf for conf in candidates
+        if _fits(conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], conf.num_stages, head_dim_pad, elem_bytes, smem)
+    ]
+
+
 def prune_invalid_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     out = args["Out"]
     if out.dtype == torch.float32:  # IEEE fp32 dots run on the FMA units: small tiles only (tests)
         return [_config(64, 64, 4, 2)]
-    head_dim_pad, elem_bytes, smem = args["HEAD_DIM_PAD"], out.element_size(), _max_shared_mem(out.device)
-    kept = [
-        conf for conf in configs
-        if _fits(conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], conf.num_stages, head_dim_pad, elem_bytes, smem)
-    ]
+    kept = _fitting(configs, args["HEAD_DIM_PAD"], out.element_size(), _max_shared_mem(out.device))
     return kept or [_config(64, 64, 4, 2)]  # fp32 with large head dims: the smallest tiles
+
+
+def prune_fp8_configs(configs, named_args, **kwargs):
+    """The FP8 kernel's configs whose 1-byte tiles fit the device (else its smallest one)."""
+    args = {**named_args, **kwargs}
+    return _fitting(configs, args["HEAD_DIM"], 1, _max_shared_mem(args["Out"].device)) or configs[-1:]
+
+
+def _as_dict(conf) -> dict:
+    return {"BLOCK_M": conf.kwargs["BLOCK_M"], "BLOCK_N": conf.kwargs["BLOCK_N"], "num_warps": conf.num_warps,
+            "num_stages": conf.num_stages, **({"maxnreg": conf.maxnreg} if conf.maxnreg else {})}
 
 
 def default_config(dtype: torch.dtype, head_dim: int, device: torch.device | None = None) -> dict:
@@ -100,9 +131,11 @@ def default_config(dtype: torch.dtype, head_dim: int, device: torch.device | Non
     head_dim_pad = max(MIN_HEAD_DIM, triton.next_power_of_2(head_dim))
     elem = torch.empty((), dtype=dtype).element_size()
     smem = _max_shared_mem(device) if device is not None else SMEM_FALLBACK
-    for conf in configs:
-        BM, BN, s = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], conf.num_stages
-        if _fits(BM, BN, s, head_dim_pad, elem, smem):
-            return {"BLOCK_M": BM, "BLOCK_N": BN, "num_warps": conf.num_warps, "num_stages": s,
-                    **({"maxnreg": conf.maxnreg} if conf.maxnreg else {})}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    kept = _fitting(configs, head_dim_pad, elem, smem)
+    return _as_dict(kept[0]) if kept else {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+def fp8_default_config(head_dim: int, device: torch.device | None = None) -> dict:
+    """The FP8 kernel's first config that fits the device (used without autotuning: the interpreter)."""
+    smem = _max_shared_mem(device) if device is not None else SMEM_FALLBACK
+    return _as_dict((_fitting(fp8_configs, head_dim, 1, smem) or fp8_configs[-1:])[0])
