@@ -40,6 +40,11 @@ the self-attention sites alone, averaged over the sampling steps ("with dense st
 self-attention density over the steps that are not fully dense ("without dense steps", from the
 per-step plans at the sampler's steps).
 
+`--attention-dtype fp8` runs every variant's sparse sites with the FP8 op (backend option
+`attention_dtype`; with --dtype bf16 or fp16: it quantises 16-bit inputs only, other sites keep their
+dtype), so the videos measure FP8's quality cost on top of the masks' against the same dense reference;
+each variant records how many sparse sites ran in which dtype (`attention_dtypes`).
+
 Times: `compile_s` is the first call of the compiled model (dynamo trace, WEST calibration
 unless cached, mask building, the inner compiler; on CUDA the first sparse variant also pays
 the Triton kernel's JIT and autotuning); `sample_s` is the sampling of all videos afterwards.
@@ -53,6 +58,7 @@ frames for the first two videos: dense, then every variant at --sheet-density).
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
@@ -110,6 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "else the lowest)")
     p.add_argument("--salad-weights", nargs="+", default=[],
                    help="branch files of the 'salad' variant (examples/finetune_salad.py), one per density")
+    p.add_argument("--attention-dtype", choices=["fp8"], default=None,
+                   help="backend option attention_dtype: sparse sites in FP8 (default: the model's dtype)")
     p.add_argument("--calibration-samples", type=int, default=None, help="WEST calibration runs (backend default 8)")
     p.add_argument("--compiler", default="aot_eager", choices=["aot_eager", "inductor", "eager"],
                    help="inner compiler of the backend (quality does not depend on it)")
@@ -348,6 +356,8 @@ def run_variant(model, variant, density, args, jobs, video_shape, device, fast_f
                               num_k_blocks, linear_branch_weights=weights)
     if args.calibration_samples is not None and options.get("policy") != "dfsattn":
         options["calibration_samples"] = args.calibration_samples
+    if args.attention_dtype is not None:
+        options["attention_dtype"] = args.attention_dtype
     # the masks' quality, not the device's speed: every plannable site sparse, whatever the device's costs
     backend = ScalingAttnBackend(**options, fast_fit=fast_fit, cost_model=CostModel.ideal("quality harness"))
     compiled = torch.compile(model, backend=backend)
@@ -436,6 +446,8 @@ def _run(args, device, dtype, out, fast_fit=None) -> dict:
             "dfsattn": reports[0].to_dict()["dfsattn"] if reports and reports[0].policy_state else None,
             "compile_s": compile_s, "sample_s": sample_s, "sample_s_per_video": sample_s / len(jobs),
             "graphs_compiled": len(reports),
+            "attention_dtypes": dict(collections.Counter(site.attention_dtype for r in reports
+                                                         for site in r.sparse_sites)),
             "backend_config": reports[0].config if reports else None,
             "topology_origin": [r.topology_origin for r in reports],
             "salad": salad,
@@ -479,7 +491,8 @@ def _run(args, device, dtype, out, fast_fit=None) -> dict:
         "settings": {
             "prompts": args.prompts, "seeds": args.seeds, "steps": args.steps, "guidance_scale": args.guidance,
             "shift": DEFAULT_SHIFT, "video": list(video_shape), "tokens": tokens, "dtype": args.dtype,
-            "compiler": args.compiler, "calibration_samples": args.calibration_samples or DEFAULT_CALIBRATION_SAMPLES,
+            "compiler": args.compiler, "attention_dtype": args.attention_dtype,
+            "calibration_samples": args.calibration_samples or DEFAULT_CALIBRATION_SAMPLES,
             "quick": args.quick,
             "metrics": "PSNR over the whole video, SSIM per frame (11x11 Gaussian, sigma 1.5), data range 2",
             "dense_reference": "plain model, eager (SDPA)",

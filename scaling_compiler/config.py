@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from .policies import DEFAULT_POLICY, POLICIES, policy_class
 from .policies.base import PolicyOptions
 from .policies.token_order import TokenOrder
+from .sites import FP8
 
 DEFAULT_NUM_STEPS = 50
 REPORT_ENV_VAR = "SCALINGATTN_REPORT"
@@ -77,6 +78,10 @@ class Config:
     linear_branch_weights: str | None = None
     """A safetensors file of tuned branches (`LinearBranches.save`) to load; needs `linear_branch`."""
 
+    attention_dtype: str | None = None
+    """None: sparse sites compute in their own dtype; "fp8": they run the FP8 op where it can
+    (inference, fp16/bf16, head dim 64 or 128; the report says why a site does not)."""
+
     def __post_init__(self) -> None:
         policy = policy_class(self.policy)
         if self.options is None:
@@ -99,6 +104,9 @@ class Config:
         if not isinstance(self.cache, bool):
             raise ValueError(f"option 'cache' must be True or False, got {self.cache!r}")
         self._check_linear_branch()
+        if self.attention_dtype not in (None, FP8):
+            raise ValueError(f"option 'attention_dtype' must be None (each site's own dtype) or {FP8!r}, "
+                             f"got {self.attention_dtype!r}")
         if self.token_grid is not None:
             grid = tuple(self.token_grid)
             if len(grid) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in grid):

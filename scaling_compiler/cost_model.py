@@ -28,6 +28,10 @@ small ones included, so the intercept is measured, not extrapolated. Where a mod
 - "ideal: no GPU": CPU (and other) devices: sparse = density x dense, no overhead (ratios only).
   A GPU without backward rows gets this ideal for its backward too (not measured on first use),
   at `BACKWARD_FLOP_RATIO` times the forward's time per FLOP.
+
+FP8 attention (option `attention_dtype="fp8"`, `block_sparse_attention_fp8`) has no rows yet (not
+timed on a GPU): the rewrite picks it after planning, so FP8 sites are predicted with the 16-bit
+kernel's rows of their implementation, and the option never makes sparse a site that would stay dense.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from tabulate import tabulate
 from .kernels.bitmask import num_blocks
 from .policies import POLICIES
 from .policies.base import PolicyState
-from .sites import GraphRecord, Site, SitePlan
+from .sites import FP8, GraphRecord, Site, SitePlan
 
 
 @dataclasses.dataclass
@@ -51,6 +51,8 @@ class SiteReport:
     predicted_ms: float | None  # cost model, mean over steps (None for dense sites)
     dense_ms: float | None
     token_order: str  # order of the video tokens the attention sees: raster | morton | hilbert
+    attention_dtype: str  # what the attention computes in: "fp8" (option attention_dtype), else `dtype`
+    fp8_reason: str | None  # option attention_dtype "fp8" asked for it: why this site does not run FP8
     model_heads: tuple[int, ...] | None = None  # under Ulysses: which of the model's heads this rank's site holds
 
     @property
@@ -188,6 +190,17 @@ class PassReport:
                 "checkpointing, e.g. enable_gradient_checkpointing()) run dense: the backend does not rewrite "
                 "inside them; compile without gradient checkpointing to make them sparse")
 
+    def fp8_note(self) -> str:
+        """Lines on option attention_dtype "fp8": how many sparse sites run FP8 and why the others do not
+        (empty without the option)."""
+        if self.config.get("attention_dtype") != FP8:
+            return ""
+        fp8 = sum(s.attention_dtype == FP8 for s in self.sparse_sites)
+        others = "; ".join(f"{s.name}: {s.fp8_reason}" for s in self.sparse_sites if s.fp8_reason)
+        return (f"\nattention_dtype fp8: {fp8} of {len(self.sparse_sites)} sparse sites run the FP8 op (predicted "
+                "times from the 16-bit kernel's cost rows: no FP8 rows are measured yet)"
+                + (f"; in their own dtype: {others}" if others else ""))
+
     def __str__(self) -> str:
         if not self.sites:
             return (f"scalingattn graph {self.graph_index}: no softmax attention in this graph, nothing to rewrite "
@@ -196,14 +209,14 @@ class PassReport:
             [
                 s.name, s.kind, "x".join(map(str, s.shape)) + ("" if s.kv_len == s.shape[2] else f" kv{s.kv_len}"),
                 "x".join(map(str, s.token_grid)) if s.token_grid else "-", s.token_order,
-                _status(s), f"{s.density:.3f}", _heads(s.head_densities),
+                _status(s), s.attention_dtype, f"{s.density:.3f}", _heads(s.head_densities),
                 _heads(s.head_recall) if s.head_recall else "-", f"{s.flops_saved / 1e9:.3g}", s.reason,
             ]
             for s in self.sites
         ]
         table = tabulate(
-            rows, headers=["site", "kind", "B x H x S x D", "grid", "order", "status", "density", "per-head density",
-                   "per-head recall", "GFLOP saved", "reason"]
+            rows, headers=["site", "kind", "B x H x S x D", "grid", "order", "status", "attn dtype", "density",
+                           "per-head density", "per-head recall", "GFLOP saved", "reason"]
         )
         saved = self.flops_saved / self.attention_flops if self.attention_flops else 0.0
         speedup = self.predicted_speedup
@@ -226,7 +239,7 @@ class PassReport:
         if self.same_graph_as is not None:
             summary += (f"\nsame dynamo graph as graph {self.same_graph_as}, run with another module's parameters "
                         "(a repeated block): compiled again with masks for them")
-        summary += self.subgraph_note()
+        summary += self.subgraph_note() + self.fp8_note()
         notes = self.coarse_grid_notes()
         if notes:
             summary += (f"\nnote: too few blocks for density {self.requested_density:g} (the sequence is short): "
@@ -325,7 +338,8 @@ def site_report(site: Site) -> SiteReport:
         kv_len=site.kv_len, kv_heads=site.kv_heads, dtype=str(site.dtype).removeprefix("torch."), scale=site.scale,
         attn_mask=site.attn_mask, is_causal=site.is_causal, dropout_p=site.dropout_p,
         requires_grad=site.requires_grad, token_grid=site.token_grid, grid_source=site.grid_source, text_spans=site.text_spans,
-        dense_flops=site.dense_flops, token_order=site.token_order,
+        dense_flops=site.dense_flops, token_order=site.token_order, attention_dtype=site.attention_dtype,
+        fp8_reason=site.fp8_reason,
         model_heads=site.ulysses.heads if site.ulysses is not None else None,
     )
     if site.plan is None:

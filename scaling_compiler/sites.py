@@ -21,6 +21,8 @@ import torch.fx
 if TYPE_CHECKING:
     from .config import Config
 
+FP8 = "fp8"  # option attention_dtype's value, and the attention dtype of sites that run `block_sparse_attention_fp8`
+
 
 class SiteKind(str, enum.Enum):
     SELF = "self"  # queries and keys from the same token sequence
@@ -69,6 +71,11 @@ class SitePlan(abc.ABC):
         """Packed masks (H, Nq, W) this site uses at `timestep`; None where masks are chosen at run time."""
         return None
 
+    def fp8_refusal(self) -> str | None:
+        """Why this plan cannot run the site in FP8 (None: it can, and `emit` calls
+        `block_sparse_attention_fp8` where the rewrite set `site.runs_fp8`)."""
+        return "this policy's op has no FP8 path"
+
 
 @dataclasses.dataclass
 class Site:
@@ -106,6 +113,9 @@ class Site:
     token_order: str = "raster"
     # --- planning: the policy's plan (None: dense) ---
     plan: SitePlan | None = dataclasses.field(default=None, repr=False, compare=False)
+    # --- rewrite: the plan emits the FP8 op (option attention_dtype "fp8"), or why not where it was asked for ---
+    runs_fp8: bool = False
+    fp8_reason: str | None = None
     # FX nodes of the call, its q/k/v and mask inputs (graph internals, not reported).
     node: torch.fx.Node | None = dataclasses.field(default=None, repr=False, compare=False)
     q_node: torch.fx.Node | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -118,6 +128,11 @@ class Site:
     @property
     def rewritable(self) -> bool:
         return self.dense_reason is None
+
+    @property
+    def attention_dtype(self) -> str:
+        """What the attention computes in: "fp8", else the site's dtype ("bfloat16", "float32", ...)."""
+        return FP8 if self.runs_fp8 else str(self.dtype).removeprefix("torch.")
 
     @property
     def dense_flops(self) -> int:

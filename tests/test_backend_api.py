@@ -40,6 +40,7 @@ def test_string_backend_with_options_matches_eager():
         ({"density": "high"}, "option 'density' must be a number"),
         ({"compiler": "tvm"}, "option 'compiler' must be one of 'inductor', 'aot_eager', 'eager'"),
         ({"report": "yes"}, "option 'report' must be True or False"),
+        ({"attention_dtype": "bf8"}, "option 'attention_dtype' must be None (each site's own dtype) or 'fp8'"),
         ({"token_grid": (4, 8)}, "option 'token_grid' must be three positive ints"),
         ({"mode": "fastest"}, "option 'mode' must be one of"),
         ({"mode": "reduce-overhead", "compiler": "eager"}, "option 'mode' needs compiler='inductor'"),

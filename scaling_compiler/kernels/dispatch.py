@@ -44,7 +44,11 @@ class Implementation(str, enum.Enum):
 
 
 def device_capability(device: torch.device) -> tuple[int, int]:
-    """The CUDA compute capability of `device` (a function, so tests can pretend another GPU)."""
+    """The CUDA compute capability of `device` (a function, so tests can pretend another GPU); (0, 0),
+    no kernel feature, where this process cannot query CUDA (fake CUDA tensors traced without a GPU:
+    torch's query would fail an assertion)."""
+    if not torch.cuda.is_available():
+        return (0, 0)
     return torch.cuda.get_device_capability(device)
 
 

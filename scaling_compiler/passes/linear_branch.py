@@ -40,6 +40,10 @@ class LinearBranchPlan(SitePlan):
     def masks_at(self, timestep: float) -> torch.Tensor | None:
         return self.sparse.masks_at(timestep)
 
+    def fp8_refusal(self) -> str | None:
+        """The sparse plan's: it emits the sparse part (FP8 or not); the branch computes in the site's dtype."""
+        return self.sparse.fp8_refusal()
+
 
 def add_linear_branches(graph: GraphRecord, branches: LinearBranches, weights: BranchWeights | None) -> None:
     """Give every planned site of `graph` its branch (created, or loaded from `weights`, on first use)."""

@@ -5,13 +5,20 @@ emits its op call through a `Rewriter`, which can append extra placeholders afte
 inputs (packed masks, step tables: `GraphRecord.extra_inputs`, passed after the original
 arguments at every call) and hands out the model's timestep node. The site's softmax chain (or
 SDPA call) is then erased.
+
+With option `attention_dtype="fp8"` the pass first decides, per site, whether its plan emits the FP8
+op (`site.runs_fp8`) or keeps the site's dtype, and records why not (`site.fp8_reason`): the FP8 op
+has no backward, its kernel takes fp16/bf16 with head dim 64 or 128 only, and a plan may have no FP8
+path (`SitePlan.fp8_refusal`). Planning has already run, so the cost model's verdict, made with the
+16-bit kernel's rows, is the same with FP8 or without.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx
 
-from ..sites import GraphRecord, Site
+from ..kernels.triton.block_sparse_attention_fp8 import fp8_unsupported_reason
+from ..sites import FP8, GraphRecord, Site
 
 
 class Rewriter:
@@ -47,6 +54,10 @@ class Rewriter:
 
 def rewrite(graph: GraphRecord) -> None:
     """The rewrite pass: sites with a plan call their op; `graph.gm` becomes the rewritten copy."""
+    if graph.config.attention_dtype == FP8:
+        for site in graph.sites:
+            site.fp8_reason = _fp8_refusal(site)
+            site.runs_fp8 = site.fp8_reason is None
     planned = [site for site in graph.sites if site.plan is not None]
     if not planned:
         return
@@ -62,6 +73,28 @@ def rewrite(graph: GraphRecord) -> None:
         graph.gm.add_submodule(name, module)
     graph.gm = torch.fx.GraphModule(graph.gm, copy)
     graph.extra_inputs = rewriter.extra_inputs
+
+
+def _fp8_refusal(site: Site) -> str | None:
+    """Why `site` cannot run the FP8 op (None: it can), from its plan and its fake example values."""
+    if site.plan is None:
+        return "dense site: SDPA in its own dtype"
+    if site.requires_grad:
+        return "inputs require grad (the FP8 op has no backward)"
+    refusal = site.plan.fp8_refusal()
+    if refusal is not None:
+        return refusal
+    q, k, v = (_example_value(node) for node in (site.q_node, site.k_node, site.v_node))
+    key_padding = _example_value(site.mask_node).reshape(-1, site.kv_len) if site.key_padding else None
+    return fp8_unsupported_reason(q, k, v, key_padding)
+
+
+def _example_value(node: torch.fx.Node) -> torch.Tensor:
+    """The node's fake value; a gather the reorder pass added has none, so its source's (the same shape,
+    dtype and device: all the FP8 rules read)."""
+    while "val" not in node.meta and "example_value" not in node.meta and node.target is torch.index_select:
+        node = node.args[0]
+    return node.meta.get("val", node.meta.get("example_value"))
 
 
 def _replace_site(rewriter: Rewriter, site: Site, copies: dict) -> None:

@@ -64,6 +64,9 @@ class DFSPlan(SitePlan):
         return rewriter.graph.call_function(_DFS_OP, (q, k, v, rewriter.timestep, self.site_id, site.scale,
                                                       key_padding))
 
+    def fp8_refusal(self) -> str | None:
+        return "DFSAttn's op (dense steps, masks scored at run time) has no FP8 path"
+
     def summary(self, site: Site) -> SitePlanSummary:
         """The plan's nominal densities: masks are chosen at run time, so these are the schedule's top-k
         budgets (alike for every head); what really ran is in the registry (`density_per_step`)."""

@@ -20,6 +20,7 @@ from ...ops import pick_step_masks
 from ...sites import Site, SitePlan, SitePlanSummary
 
 _OP = torch.ops.scaling_compiler.block_sparse_attention.default
+_FP8_OP = torch.ops.scaling_compiler.block_sparse_attention_fp8.default
 _STEP_MASKS_OP = torch.ops.scaling_compiler.step_masks.default
 STEP_TIMESTEPS_INPUT = "scalingattn_timesteps"  # one graph input shared by every step-varying site
 MIN_PREDICTED_GAIN = 0.05  # a site goes sparse only if predicted this much faster than dense
@@ -66,7 +67,10 @@ class MaskPlan(SitePlan):
             levels = rewriter.add_input(self.level_index.to(device))
             step_times = rewriter.add_input(self.step_timesteps.to(device), name=STEP_TIMESTEPS_INPUT)
             mask = graph.call_function(_STEP_MASKS_OP, (words, levels, rewriter.timestep, step_times))
-        return graph.call_function(_OP, (q, k, v, mask, site.scale, key_padding))
+        return graph.call_function(_FP8_OP if site.runs_fp8 else _OP, (q, k, v, mask, site.scale, key_padding))
+
+    def fp8_refusal(self) -> str | None:
+        return None
 
     def masks_at(self, timestep: float) -> torch.Tensor:
         steps = self.step_timesteps[: self.level_index.shape[0]]  # a static plan has one step
