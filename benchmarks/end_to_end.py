@@ -5,6 +5,8 @@
     python -m benchmarks.end_to_end --batch 2 --variants dense,uniform-0.1,fast-0.25  # CFG batch
     python -m benchmarks.end_to_end --cuda-graphs                                     # also dense and density 0.1 under CUDA graphs
     python -m benchmarks.end_to_end --quick --out-dir /tmp/e2e                        # tiny Wan on the CPU, fp32, 1 thread: checks the flow
+    python -m benchmarks.end_to_end --variants dense,uniform-0.1+fp8+f8lin,uniform-0.1,uniform-0.1+fp8,dense+f8lin \
+        --no-dense-recompile                                                          # issue #18's stack, layer by layer
 
 Model: diffusers `WanTransformer3DModel` at the Wan2.1 configurations (random seeded weights, bf16
 with the modules diffusers keeps in float32 left in float32, eval, no grad), one denoising step =
@@ -31,6 +33,30 @@ Variants (one process, same weights and inputs, in this order by default):
 - a `+cg` suffix runs the variant under CUDA graphs: `torch.compile(..., mode="reduce-overhead")`
   for dense and ours alike (torch hands `mode` to our backend, which passes that mode's settings to
   its inner inductor). `cudagraph_skips` counts graphs inductor refused to capture.
+- stack layers, more `+<modifier>` suffixes in any order, each at most once (issue #18):
+  - `+fp8`: our backend with option `attention_dtype="fp8"` (sparse sites call
+    `block_sparse_attention_fp8`; not on `dense`). It needs bf16/fp16 inputs: `fp8_sites` of
+    `sparse_sites` ran FP8, `fp8_refused` says why the others did not (--quick's fp32: all refused,
+    which the output notes under the table).
+  - `+f8lin`: torchao float8 dynamic activation + weight linears, `quantize_(model.blocks,
+    Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))`, on a copy of the model built
+    from the same seed (quantize_ works in place; from then on both models count in every peak
+    memory); `dense+f8lin` isolates the linears' gain.
+    `float8_linears` counts the Float8Tensor weights of every row (0 without +f8lin).
+  - `+fbc`: diffusers' FirstBlockCache (`model.enable_cache(FirstBlockCacheConfig(threshold=
+    --fbc-threshold))`, default 0.2, the example of diffusers' docs: a step whose first-block residual
+    moved less than that, relative to the previous step's, skips the other blocks). A cache skips
+    nothing in a single step, so these variants run a mode of their own: sequences of `--cache-steps`
+    (10; --quick 3) consecutive sampler steps from the middle of the 50, realistic timesteps, the
+    latents moved by Euler updates with the model's output, the cache reset before each sequence;
+    latency is the mean step time, `cache_skip_rate` the share of steps the cache skipped (read from
+    the hook's state), `cache_computed` per step. Random weights: the skip rate is not a trained
+    model's, and the quality cost is not measured here (that is the quality harness's). Not with +cg.
+  A layer that cannot run here skips the variant with the reason in the table and the JSON (never runs
+  it without that layer): +f8lin without torchao, on the CPU or below compute capability 8.9; +fp8
+  below 8.9 on a GPU; +cg on the CPU. A `stack` line per variant that no other stacks on gives each
+  layer's contribution: the step-time ratios of consecutive measured variants of its chain (dense,
+  uniform-0.1, uniform-0.1+fp8, uniform-0.1+fp8+f8lin), in the JSON's `stacks`.
 
 Measured per variant:
 - latency: median of `--reps` synchronised calls after `--warmup` calls (wall clock, host overhead
@@ -65,10 +91,12 @@ rewritten after every variant (a timeout keeps what was measured). No variant st
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime
 import gc
+import importlib
 import itertools
 import json
 import logging
@@ -91,7 +119,7 @@ from benchmarks.common import RESULTS_DIR, cudnn_first, one_thread
 from scaling_compiler import PassReport, ScalingAttnBackend
 from scaling_compiler.cache import CACHE_DIR_ENV_VAR
 from scaling_compiler.cost_model import slug
-from scaling_compiler.demo.sampling import sigma_schedule
+from scaling_compiler.demo.sampling import diffusers_cache_context, sigma_schedule
 from scaling_compiler.demo.zoo import ZOO
 
 START = time.monotonic()
@@ -105,9 +133,12 @@ CUDA_GRAPH_VARIANTS = ["dense+cg", "uniform-0.1+cg"]
 # attention kernels by name; inductor's generated kernels (triton_*) may carry SDPA in their names
 ATTENTION_KERNEL = re.compile(r"flash|fmha|sdpa|attention|_attn_fwd|_decode_mask_rows", re.IGNORECASE)
 ATTENTION_OP = re.compile(r"scaled_dot_product|block_sparse_attention")
+FBC_LEADER_HOOK = "fbc_leader_block_hook"  # diffusers' name of FirstBlockCache's hook on the first block
+WARMUP_SEQUENCES = 4  # +fbc: at most this many untimed sequences
+FBC_THRESHOLD = 0.2  # FirstBlockCache's relative first-block residual change below which a step is skipped
 # the issue's acceptance targets (H100, Wan2.1-1.3B 480p)
-TARGETS = {"uniform-0.1": 2.3, "fast-0.25": 1.9, "warm_compile_ratio": 1.2, "peak_memory_ratio": 1.05,
-           "branch_overhead": 0.10}
+TARGETS = {"uniform-0.1": 2.3, "fast-0.25": 1.9, "uniform-0.1+fp8+f8lin": 3.0, "warm_compile_ratio": 1.2,
+           "peak_memory_ratio": 1.05, "branch_overhead": 0.10}
 
 WAN_1_3B = dict(
     patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -138,26 +169,53 @@ SECTIONS = {
 }
 
 
+MODIFIERS = ("cg", "fp8", "f8lin", "fbc")  # the `+<modifier>` suffixes of a variant spec, any order, each once
+VARIANT_GRAMMAR = ("dense, uniform-<d>, fast-<d> or salad-<d> with d in (0, 1], then any of +cg, +fp8 (not on dense), "
+                   "+f8lin, +fbc, each at most once")
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
     schedule: str | None  # None: dense inductor; "uniform" | "fast": scalingattn
     density: float
-    cuda_graphs: bool
+    modifiers: tuple[str, ...] = ()  # of MODIFIERS, as written
     linear_branch: bool = False  # salad-<d>: uniform-<d> plus SALAD's linear branches
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return "cg" in self.modifiers
+
+    @property
+    def fp8(self) -> bool:
+        return "fp8" in self.modifiers
+
+    @property
+    def f8lin(self) -> bool:
+        return "f8lin" in self.modifiers
+
+    @property
+    def fbc(self) -> bool:
+        return "fbc" in self.modifiers
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
-        base, cuda_graphs = spec.removesuffix("+cg"), spec.endswith("+cg")
+        base, *modifiers = spec.split("+")
+        if set(modifiers) - set(MODIFIERS) or len(set(modifiers)) != len(modifiers):
+            raise ValueError(f"bad variant {spec!r}: {VARIANT_GRAMMAR}")
+        if {"fbc", "cg"} <= set(modifiers):
+            raise ValueError(f"bad variant {spec!r}: +fbc keeps tensors across calls, which CUDA graph replays "
+                             "overwrite: not with +cg")
         if base == "dense":
-            return cls(spec, None, 1.0, cuda_graphs)
+            if "fp8" in modifiers:
+                raise ValueError(f"bad variant {spec!r}: +fp8 is an option of our backend (dense runs SDPA)")
+            return cls(spec, None, 1.0, tuple(modifiers))
         match = re.fullmatch(r"(uniform|fast|salad)-([0-9.]+)", base)
         if match is None or not 0.0 < float(match[2]) <= 1.0:
-            raise ValueError(f"bad variant {spec!r}: dense, uniform-<d>, fast-<d> or salad-<d> with d in (0, 1], "
-                             "optionally +cg")
+            raise ValueError(f"bad variant {spec!r}: {VARIANT_GRAMMAR}")
         if match[1] == "salad":
-            return cls(spec, "uniform", float(match[2]), cuda_graphs, linear_branch=True)
-        return cls(spec, match[1], float(match[2]), cuda_graphs)
+            return cls(spec, "uniform", float(match[2]), tuple(modifiers), linear_branch=True)
+        return cls(spec, match[1], float(match[2]), tuple(modifiers))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +229,8 @@ class Settings:
     calibration_samples: int
     recompile_dense: bool
     seed: int
+    cache_steps: int  # +fbc: consecutive sampler steps per timed sequence
+    fbc_threshold: float  # +fbc: FirstBlockCacheConfig(threshold=...)
 
     @property
     def cuda(self) -> bool:
@@ -213,6 +273,13 @@ class VariantResult:
     amdahl_speedup: float | None = None
     mask_mib: float | None = None
     topology_origin: str | None = None
+    sparse_sites: int | None = None  # our backend: sites that ran a sparse op
+    fp8_sites: int | None = None  # +fp8: sparse sites that ran the FP8 op
+    fp8_refused: dict[str, int] = dataclasses.field(default_factory=dict)  # +fp8: why the others did not -> sites
+    float8_linears: int | None = None  # nn.Linear weights that are torchao Float8Tensors (+f8lin; else 0)
+    cache_threshold: float | None = None  # +fbc
+    cache_computed: list[bool] = dataclasses.field(default_factory=list)  # +fbc: per timed step, blocks 1.. ran
+    cache_skip_rate: float | None = None  # +fbc: skipped steps (the first block alone ran) / timed steps
     reports: list[dict[str, Any]] = dataclasses.field(default_factory=list, repr=False)
     error: str | None = None
 
@@ -265,12 +332,147 @@ def sampler_timesteps(section: Section) -> list[float]:
     return [round(1000.0 * float(s), 4) for s in sigma_schedule(SAMPLER_STEPS, section.flow_shift)[:SAMPLER_STEPS]]
 
 
-def timed_timesteps(variant: Variant, timesteps: list[float], fast_steps: int) -> list[float]:
-    """FAST: `fast_steps` evenly spaced sampler steps; otherwise the middle step (masks do not vary)."""
+def timed_steps(variant: Variant, timesteps: list[float], settings: Settings) -> list[int]:
+    """Indices of the timed sampler steps. +fbc: the middle `cache_steps` consecutive steps (a cache
+    skips a step by comparing it with the one before); FAST: `fast_steps` evenly spaced steps;
+    otherwise the middle step (masks do not vary)."""
+    n = len(timesteps)
+    if variant.fbc:
+        count = min(settings.cache_steps, n)
+        return list(range((n - count) // 2, (n - count) // 2 + count))
     if variant.schedule != "fast":
-        return [timesteps[len(timesteps) // 2]]
-    picks = torch.linspace(0, len(timesteps) - 1, min(fast_steps, len(timesteps))).round().long().tolist()
-    return [timesteps[i] for i in picks]
+        return [n // 2]
+    return torch.linspace(0, n - 1, min(settings.fast_steps, n)).round().long().tolist()
+
+
+def timed_timesteps(variant: Variant, timesteps: list[float], settings: Settings) -> list[float]:
+    return [timesteps[i] for i in timed_steps(variant, timesteps, settings)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stack layers: torchao float8 linears (+f8lin), FirstBlockCache (+fbc), and when they cannot run
+# ----------------------------------------------------------------------------------------------
+FLOAT8_CAPABILITY = (8, 9)  # torchao's float8 matmuls and our FP8 attention kernel: sm89 (Ada) or later
+
+
+def cuda_capability() -> tuple[int, int]:
+    return torch.cuda.get_device_capability()
+
+
+def sm() -> str:
+    return "sm_" + "".join(map(str, cuda_capability()))
+
+
+def skip_reason(variant: Variant, settings: Settings) -> str | None:
+    """Why a layer of the variant cannot run here (it is then skipped, never run without that layer)."""
+    if variant.cuda_graphs and not settings.cuda:
+        return "CUDA graphs need a GPU"
+    if variant.f8lin:
+        reason = float8_linears_unavailable(settings)
+        if reason:
+            return reason
+    if variant.fp8 and settings.cuda and cuda_capability() < FLOAT8_CAPABILITY:
+        return f"FP8 attention needs compute capability >= 8.9, this GPU is {sm()}"
+    if variant.fbc and not hasattr(importlib.import_module("diffusers.hooks"), "FirstBlockCacheConfig"):
+        return "this diffusers has no FirstBlockCache"
+    return None
+
+
+def float8_linears_unavailable(settings: Settings) -> str | None:
+    try:
+        importlib.import_module("torchao.quantization")
+    except ImportError:
+        return "torchao float8 linears need torchao (pip install torchao)"
+    if not settings.cuda:
+        return ("torchao float8 linears need a GPU of compute capability >= 8.9 (torchao refuses the CPU, and "
+                "inductor cannot compile them there)")
+    if cuda_capability() < FLOAT8_CAPABILITY:
+        return f"torchao float8 linears need compute capability >= 8.9, this GPU is {sm()}"
+    return None
+
+
+def quantize_linears(model: torch.nn.Module) -> int:
+    """torchao float8 dynamic activation + weight with per-row scales on the transformer blocks, as issue
+    #18 quotes; returns how many linear weights became float8."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(model.blocks, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    return float8_linears(model)
+
+
+def float8_linears(model: torch.nn.Module) -> int:
+    return sum(type(m.weight).__name__ == "Float8Tensor" for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+@dataclasses.dataclass
+class Models:
+    """A section's model, and its float8-linear copy (same seed, same weights) built on first use:
+    `quantize_` changes a model in place, so the unquantised variants keep their own."""
+
+    section: Section
+    settings: Settings
+    plain: torch.nn.Module
+    float8: torch.nn.Module | None = None
+
+    def for_variant(self, variant: Variant) -> torch.nn.Module:
+        if not variant.f8lin:
+            return self.plain
+        if self.float8 is None:
+            model = build_model(self.section, self.settings)
+            if quantize_linears(model) == 0:
+                raise RuntimeError("quantize_ left every linear of the blocks unquantised")
+            self.float8 = model
+        return self.float8
+
+
+@contextlib.contextmanager
+def first_block_cache(model: torch.nn.Module, variant: Variant, threshold: float) -> Iterator[None]:
+    """diffusers' FirstBlockCache on the model while the variant runs (+fbc); the model is shared, so off after."""
+    if not variant.fbc:
+        yield
+        return
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    model.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    try:
+        yield
+    finally:
+        model.disable_cache()
+
+
+@dataclasses.dataclass
+class CachedSequence:
+    """Consecutive sampler steps under a step cache, from the inputs' latents with Euler updates (the
+    cache compares each step's first-block residual with the previous step's, so the latents and
+    timesteps must move as a sampler moves them). Each run starts from a reset cache."""
+
+    model: torch.nn.Module  # the uncompiled transformer: its hooks keep the cache state
+    compiled: Callable[..., Any]
+    inputs: Inputs
+    timesteps: list[float]  # the sampler's
+    steps: list[int]  # indices into timesteps, consecutive
+
+    def run(self, cuda: bool, limit: int | None = None) -> tuple[list[float], list[bool]]:
+        """Milliseconds of each step and whether it ran the blocks after the first (not a cache hit)."""
+        self.model._reset_stateful_cache()
+        context = diffusers_cache_context(self.model)
+        latents, times, computed = self.inputs.hidden_states, [], []
+        for i in self.steps[:limit]:
+            t, sigma = self.timesteps[i], self.timesteps[i] / 1000.0
+            sigma_next = self.timesteps[i + 1] / 1000.0 if i + 1 < len(self.timesteps) else 0.0
+            out: list[torch.Tensor] = []
+            with context(i, t, sigma, len(self.timesteps)):
+                kwargs = self.inputs.at(t) | {"hidden_states": latents}
+                times.append(timed_call(lambda: out.append(self.compiled(**kwargs)[0]), cuda))
+                computed.append(bool(self._state().should_compute))
+            latents = latents + (sigma_next - sigma) * out[0].to(latents.dtype)
+        return times, computed
+
+    def _state(self) -> Any:
+        from diffusers.hooks import HookRegistry
+
+        registry = HookRegistry.check_if_exists_or_initialize(self.model.blocks[0])
+        return registry.get_hook(FBC_LEADER_HOOK).state_manager.get_state()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,6 +488,8 @@ def backend_options(variant: Variant, settings: Settings, timesteps: list[float]
         options["timesteps"] = tuple(timesteps)
     if variant.linear_branch:
         options["linear_branch"] = True
+    if variant.fp8:
+        options["attention_dtype"] = "fp8"
     return options
 
 
@@ -362,48 +566,28 @@ def reset_peak(cuda: bool) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def measure_variant(model: torch.nn.Module, inputs: Inputs, section_key: str, batch: int, variant: Variant,
+def measure_variant(models: Models, inputs: Inputs, section_key: str, batch: int, variant: Variant,
                     settings: Settings, timesteps: list[float]) -> VariantResult:
     options = backend_options(variant, settings, timesteps) if variant.schedule else {}
     backend_name = "scalingattn" if variant.schedule else settings.dense_backend
     result = VariantResult(section_key, batch, variant.name, backend_name, _jsonable(options))
     if variant.cuda_graphs:
         result.cuda_graphs = "torch.compile(mode='reduce-overhead')"
-    result.timed_timesteps = timed_timesteps(variant, timesteps, settings.fast_steps)
+    result.timed_timesteps = timed_timesteps(variant, timesteps, settings)
+    model = models.for_variant(variant)
+    result.float8_linears = float8_linears(model)
     release()
-    compiled, backend = compile_model(model, variant, settings, options)
-
-    def call(t: float) -> Any:
-        if variant.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        return compiled(**inputs.at(t))
-
-    first, cuda = result.timed_timesteps[0], settings.cuda
-    with torch.no_grad():
-        before = counters()
-        reset_peak(cuda)
-        result.compile_s = timed_call(lambda: call(first), cuda) / 1e3
-        result.compile_peak_gib = peak_gib(cuda)
-        compiled_first = delta(before, counters())
-        log(f"  compiled in {result.compile_s:.1f} s")
-        if variant.linear_branch:
-            log(f"  {randomize_branches(backend, settings.seed)} linear branches set to random weights")
-        for report in backend.reports if backend else []:
-            log("  " + "\n  ".join(str(report).split("\n")[:2]))
-        for _ in range(settings.warmup):
-            call(first)
-        reset_peak(cuda)
-        result.step_latency_ms = time_steps(call, result.timed_timesteps, settings.reps, cuda)
-        result.peak_gib = peak_gib(cuda)
-        result.latency_ms = statistics.fmean(result.step_latency_ms)
-        log(f"  latency {result.latency_ms:.2f} ms (steps: {', '.join(f'{x:.1f}' for x in result.step_latency_ms)})")
-        if not variant.cuda_graphs:  # kernels inside graph replays are not attributed
-            def run_timed_steps() -> None:
-                for t in result.timed_timesteps:
-                    call(t)
-
-            profile(run_timed_steps, len(result.timed_timesteps), cuda, result)
-        later = delta(before, counters())
+    with first_block_cache(model, variant, settings.fbc_threshold):
+        compiled, backend = compile_model(model, variant, settings, options)
+        with torch.no_grad():
+            before = counters()
+            if variant.fbc:
+                steps = timed_steps(variant, timesteps, settings)
+                sequence = CachedSequence(model, compiled, inputs, timesteps, steps)
+                compiled_first = time_sequences(sequence, variant, settings, result, backend, before)
+            else:
+                compiled_first = time_per_step(compiled, inputs, variant, settings, result, backend, before)
+            later = delta(before, counters())
     result.graphs, result.graph_breaks = compiled_first["graphs"], compiled_first["graph_breaks"]
     result.recompiles = later["graphs"] - compiled_first["graphs"]
     result.fx_cache = {k: compiled_first[f"fx_{k}"] for k in ("hit", "miss", "bypass")}
@@ -411,10 +595,82 @@ def measure_variant(model: torch.nn.Module, inputs: Inputs, section_key: str, ba
     if backend is not None:
         summarise_reports(backend.reports, result)
     result.compile_state = compile_state(result)
-    if variant.schedule is None and not variant.cuda_graphs and settings.recompile_dense:
+    if variant.schedule is None and variant.modifiers == () and settings.recompile_dense:
         del compiled
-        result.recompile_s = warm_recompile(model, inputs.at(first), settings)
+        result.recompile_s = warm_recompile(model, inputs.at(result.timed_timesteps[0]), settings)
     return result
+
+
+def after_first_call(result: VariantResult, variant: Variant, backend: ScalingAttnBackend | None,
+                     settings: Settings) -> None:
+    log(f"  compiled in {result.compile_s:.1f} s")
+    if variant.linear_branch:
+        log(f"  {randomize_branches(backend, settings.seed)} linear branches set to random weights")
+    for report in backend.reports if backend else []:
+        log("  " + "\n  ".join(str(report).split("\n")[:2]))
+
+
+def time_per_step(compiled: Callable[..., Any], inputs: Inputs, variant: Variant, settings: Settings,
+                  result: VariantResult, backend: ScalingAttnBackend | None,
+                  before: dict[str, int]) -> dict[str, int]:
+    """First call (compile), warm-up, `reps` calls per timed timestep, one profiled call per timed timestep;
+    returns the counters' change over the first call."""
+    def call(t: float) -> Any:
+        if variant.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(**inputs.at(t))
+
+    first, cuda = result.timed_timesteps[0], settings.cuda
+    reset_peak(cuda)
+    result.compile_s = timed_call(lambda: call(first), cuda) / 1e3
+    result.compile_peak_gib = peak_gib(cuda)
+    compiled_first = delta(before, counters())
+    after_first_call(result, variant, backend, settings)
+    for _ in range(settings.warmup):
+        call(first)
+    reset_peak(cuda)
+    result.step_latency_ms = time_steps(call, result.timed_timesteps, settings.reps, cuda)
+    result.peak_gib = peak_gib(cuda)
+    result.latency_ms = statistics.fmean(result.step_latency_ms)
+    log(f"  latency {result.latency_ms:.2f} ms (steps: {', '.join(f'{x:.1f}' for x in result.step_latency_ms)})")
+    if not variant.cuda_graphs:  # kernels inside graph replays are not attributed
+        def run_timed_steps() -> None:
+            for t in result.timed_timesteps:
+                call(t)
+
+        profile(run_timed_steps, len(result.timed_timesteps), cuda, result)
+    return compiled_first
+
+
+def time_sequences(sequence: CachedSequence, variant: Variant, settings: Settings, result: VariantResult,
+                   backend: ScalingAttnBackend | None, before: dict[str, int]) -> dict[str, int]:
+    """+fbc: the first step (compile); untimed sequences until one compiles nothing (a cache hit runs graphs
+    of its own, and the second sequence, from a reset cache, one more), at least `warmup`; then `reps`
+    sequences: per step the median, the latency their mean; the skip rate from the last sequence; one
+    profiled sequence. Returns the counters' change over the first call."""
+    cuda = settings.cuda
+    reset_peak(cuda)
+    result.compile_s = sequence.run(cuda, limit=1)[0][0] / 1e3
+    result.compile_peak_gib = peak_gib(cuda)
+    compiled_first = delta(before, counters())
+    after_first_call(result, variant, backend, settings)
+    for done in range(1, WARMUP_SEQUENCES + 1):
+        graphs = counters()["graphs"]
+        sequence.run(cuda)
+        if done >= settings.warmup and counters()["graphs"] == graphs:
+            break
+    reset_peak(cuda)
+    runs = [sequence.run(cuda) for _ in range(settings.reps)]
+    result.peak_gib = peak_gib(cuda)
+    result.step_latency_ms = [statistics.median(step) for step in zip(*(times for times, _ in runs))]
+    result.latency_ms = statistics.fmean(result.step_latency_ms)
+    result.cache_threshold, result.cache_computed = settings.fbc_threshold, runs[-1][1]
+    result.cache_skip_rate = result.cache_computed.count(False) / len(result.cache_computed)
+    log(f"  latency {result.latency_ms:.2f} ms per step over {len(result.cache_computed)} consecutive steps, "
+        f"{result.cache_skip_rate:.0%} skipped by the cache")
+    if not variant.cuda_graphs:
+        profile(lambda: sequence.run(cuda), len(sequence.steps), cuda, result)
+    return compiled_first
 
 
 def warm_recompile(model: torch.nn.Module, inputs: dict[str, Any], settings: Settings) -> float | None:
@@ -492,6 +748,11 @@ def summarise_reports(reports: list[PassReport], result: VariantResult) -> None:
     sparse = [s for s in sites if s.predicted_ms is not None]
     if sparse:
         result.predicted_attention_speedup = sum(s.dense_ms for s in sparse) / sum(s.predicted_ms for s in sparse)
+    ran_sparse = [s for r in reports for s in r.sparse_sites]
+    result.sparse_sites = len(ran_sparse)
+    if result.options.get("attention_dtype") == "fp8":
+        result.fp8_sites = sum(s.attention_dtype == "fp8" for s in ran_sparse)
+        result.fp8_refused = dict(collections.Counter(s.fp8_reason for s in ran_sparse if s.fp8_reason))
 
 
 def _timed_site_densities(reports: list[PassReport], result: VariantResult) -> Iterator[tuple[Any, float]]:
@@ -532,37 +793,40 @@ def run_all(args: argparse.Namespace, settings: Settings, payload: dict[str, Any
     for key in args.sections:
         section = section_with_layers(key, args)
         log(f"[{key}] {section.name}: {section.config['num_layers']} layers, {section.tokens} tokens; building")
-        model = build_model(section, settings)
+        models = Models(section, settings, build_model(section, settings))
         timesteps = sampler_timesteps(section)
         variants = [Variant.parse(v) for v in args.variants or default_variants(key, args.cuda_graphs)]
-        needed = sorted({t for v in variants for t in timed_timesteps(v, timesteps, settings.fast_steps)})
+        needed = sorted({t for v in variants for t in timed_timesteps(v, timesteps, settings)})
         for batch in args.batch:
-            inputs = make_inputs(model, section, batch, needed, settings)
+            inputs = make_inputs(models.plain, section, batch, needed, settings)
             for variant in variants:
-                results.append(run_one(model, inputs, key, batch, variant, settings, timesteps, args.deadline_s))
+                results.append(run_one(models, inputs, key, batch, variant, settings, timesteps, args.deadline_s))
                 add_ratios(results)
                 payload["results"] = [dataclasses.asdict(r) for r in results]
+                payload["stacks"] = stacks(results)
                 payload["compile_summary"], payload["checks"] = compile_summary(results), checks(results)
                 payload["elapsed_s"] = round(time.monotonic() - START, 1)
                 write_json(payload, out_path)
             del inputs
-        del model
+        del models
         release()
     print_table(results, payload)
 
 
-def run_one(model: torch.nn.Module, inputs: Inputs, key: str, batch: int, variant: Variant, settings: Settings,
+def run_one(models: Models, inputs: Inputs, key: str, batch: int, variant: Variant, settings: Settings,
             timesteps: list[float], deadline_s: float) -> VariantResult:
     elapsed = time.monotonic() - START
     backend = "scalingattn" if variant.schedule else settings.dense_backend
     if elapsed > deadline_s:
         log(f"[{key} b{batch}] {variant.name}: skipped ({elapsed:.0f} s > --deadline-s {deadline_s:g})")
         return VariantResult(key, batch, variant.name, backend, {}, status=f"skipped: deadline after {elapsed:.0f} s")
-    if variant.cuda_graphs and settings.device != "cuda":
-        return VariantResult(key, batch, variant.name, backend, {}, status="skipped: CUDA graphs need a GPU")
+    reason = skip_reason(variant, settings)
+    if reason:
+        log(f"[{key} b{batch}] {variant.name}: skipped ({reason})")
+        return VariantResult(key, batch, variant.name, backend, {}, status=f"skipped: {reason}")
     log(f"[{key} b{batch}] {variant.name}")
     try:
-        return measure_variant(model, inputs, key, batch, variant, settings, timesteps)
+        return measure_variant(models, inputs, key, batch, variant, settings, timesteps)
     except Exception as error:  # noqa: BLE001 - record it, release memory, go on with the next variant
         log(f"  FAILED: {error!r}")
         return VariantResult(key, batch, variant.name, backend, {}, status=f"failed: {type(error).__name__}",
@@ -615,6 +879,40 @@ def _dense_of(results: list[VariantResult], r: VariantResult) -> VariantResult |
                  and d.latency_ms is not None), None)
 
 
+def layer_chain(name: str) -> list[str]:
+    """The variants a stack is built from, one layer at a time: uniform-0.1+fp8+f8lin ->
+    dense, uniform-0.1, uniform-0.1+fp8, uniform-0.1+fp8+f8lin."""
+    base, *modifiers = name.split("+")
+    chain = ["dense"] + ([] if base == "dense" else [base])
+    for modifier in modifiers:
+        chain.append(f"{chain[-1]}+{modifier}")
+    return chain
+
+
+def stacks(results: list[VariantResult]) -> list[dict[str, Any]]:
+    """Per variant with modifiers that no other measured variant stacks on: what each layer contributes, as
+    the step-time ratio of consecutive measured variants of its chain (a layer whose variant was not
+    measured is folded into the next measured one's label)."""
+    rows = []
+    for r in results:
+        if "+" not in r.variant or any(r.variant in layer_chain(o.variant)[:-1] for o in results
+                                       if (o.section, o.batch) == (r.section, r.batch) and o.latency_ms is not None):
+            continue
+        measured = {o.variant: o for o in results
+                    if (o.section, o.batch) == (r.section, r.batch) and o.latency_ms is not None}
+        layers, previous = [], None
+        for name in layer_chain(r.variant):
+            if name not in measured:
+                continue
+            if previous is not None:
+                layers.append({"layer": name.removeprefix(previous.variant), "variant": name,
+                               "ratio": previous.latency_ms / measured[name].latency_ms})
+            previous = measured[name]
+        rows.append({"section": r.section, "batch": r.batch, "variant": r.variant, "status": r.status,
+                     "speedup": r.speedup, "layers": layers, "cache_skip_rate": r.cache_skip_rate})
+    return rows
+
+
 def compile_summary(results: list[VariantResult]) -> list[dict[str, Any]]:
     """Per section and batch: dense cold and warm; ours cold (calibrating), warm (topology and FX graph
     cached: against dense warm) and topology-warm (its inductor graph new, e.g. FAST: against dense cold)."""
@@ -622,7 +920,7 @@ def compile_summary(results: list[VariantResult]) -> list[dict[str, Any]]:
     for section, batch in dict.fromkeys((r.section, r.batch) for r in results):
         group = [r for r in results if (r.section, r.batch) == (section, batch) and r.compile_s is not None]
         dense = next((r for r in group if r.variant == "dense"), None)
-        ours = [r for r in group if r.backend == "scalingattn" and not r.variant.endswith("+cg")]
+        ours = [r for r in group if r.backend == "scalingattn" and "+" not in r.variant]  # no stack layers
         cold = next((r for r in ours if "calibrated" in r.compile_state), None)
         warm = next((r for r in ours if cold and r.variant.split("-")[0] == cold.variant.split("-")[0]
                      and "from cache" in r.compile_state and r.fx_cache.get("miss") == 0), None)
@@ -657,7 +955,7 @@ def checks(results: list[VariantResult]) -> list[dict[str, Any]]:
             target = TARGETS["branch_overhead"]
             rows.append({"section": r.section, "batch": r.batch, "check": f"{r.variant} step time / sparse-only - 1",
                          "value": r.branch_overhead, "target": f"<= {target}", "met": r.branch_overhead <= target})
-        if r.backend == "scalingattn" and r.peak_vs_dense is not None and not r.variant.endswith("+cg"):
+        if r.backend == "scalingattn" and r.peak_vs_dense is not None and "+" not in r.variant:
             rows.append({"section": r.section, "batch": r.batch, "check": f"{r.variant} peak memory / dense",
                          "value": r.peak_vs_dense, "target": f"<= {TARGETS['peak_memory_ratio']}",
                          "met": r.peak_vs_dense <= TARGETS["peak_memory_ratio"]})
@@ -677,14 +975,15 @@ def print_table(results: list[VariantResult], payload: dict[str, Any]) -> None:
         r.section, r.batch, r.variant, f(r.latency_ms, "{:.1f}"), f(r.speedup, "{:.2f}x")
         + ("" if r.branch_overhead is None else f" (branch {r.branch_overhead:+.1%})"),
         f(r.attention_share, "{:.1%}"), f(r.kernel_ms, "{:.1f}"),
-        f(r.self_density, "{:.3f}") + (f" ({r.timed_density:.3f} timed)" if len(r.timed_timesteps) > 1 else ""),
+        f(r.self_density, "{:.3f}") + timed_density(r),
         f(r.predicted_attention_speedup, "{:.2f}x"), f(r.amdahl_speedup, "{:.2f}x"),
         f(r.compile_s, "{:.1f}") + (f" / {r.recompile_s:.1f}" if r.recompile_s else ""), f(r.calibration_s, "{:.1f}"),
         f(r.peak_gib), f(r.peak_vs_dense, "{:.3f}"), f"{f(r.graphs, '{}')}/{f(r.recompiles, '{}')}",
-        r.compile_state if r.status == "ok" else r.status,
+        stack_note(r), r.compile_state if r.status == "ok" else r.status,
     ] for r in results]
     headers = ["section", "B", "variant", "step ms", "speedup", "attn share", "kernel ms", "self density",
-               "pred attn x", "Amdahl x", "compile s", "calib s", "peak GiB", "peak/dense", "graphs/recomp", "caches"]
+               "pred attn x", "Amdahl x", "compile s", "calib s", "peak GiB", "peak/dense", "graphs/recomp", "stack",
+               "caches"]
     print(f"\n{payload['device']}, torch {payload['torch']}, triton {payload['triton']}, diffusers "
           f"{payload['diffusers']}, {payload['settings']['dtype']}; latency = mean over timed steps of the median "
           f"of {payload['settings']['reps']} calls; FAST timed at {payload['settings']['fast_steps']} of "
@@ -692,12 +991,48 @@ def print_table(results: list[VariantResult], payload: dict[str, Any]) -> None:
     print(tabulate(rows, headers=headers))
     for row in payload["compile_summary"]:
         print("compile " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    for row in payload["stacks"]:
+        print(stack_line(row))
+    for r in results:
+        if r.fp8_sites == 0:
+            print(f"note [{r.section} b{r.batch}] {r.variant}: no site ran FP8 ({fp8_refusals(r)}): it timed "
+                  "attention in the sites' own dtype")
     for row in payload["checks"]:
         print(f"check [{row['section']} b{row['batch']}] {row['check']}: {row['value']:.3f} (target {row['target']}): "
               f"{'met' if row['met'] else 'NOT met'}")
     for r in results:
         if r.error:
             print(f"\n{r.section} b{r.batch} {r.variant} failed:\n{r.error}")
+
+
+def timed_density(r: VariantResult) -> str:
+    """The density at the timed timesteps, where there are several (FAST, +fbc)."""
+    return f" ({r.timed_density:.3f} timed)" if r.timed_density is not None and len(r.timed_timesteps) > 1 else ""
+
+
+def stack_note(r: VariantResult) -> str:
+    """What the stack layers of a row ran: FP8 sites of the sparse ones, float8 linears, cache skips."""
+    notes = []
+    if r.fp8_sites is not None:
+        notes.append(f"fp8 {r.fp8_sites}/{r.sparse_sites}")
+    if r.float8_linears:
+        notes.append(f"f8 linears {r.float8_linears}")
+    if r.cache_skip_rate is not None:
+        notes.append(f"fbc skip {r.cache_skip_rate:.0%} of {len(r.cache_computed)}")
+    return ", ".join(notes) or "-"
+
+
+def fp8_refusals(r: VariantResult) -> str:
+    return "; ".join(f"{sites} site(s): {reason}" for reason, sites in r.fp8_refused.items()) or "no sparse site"
+
+
+def stack_line(row: dict[str, Any]) -> str:
+    head = f"stack [{row['section']} b{row['batch']}] {row['variant']}"
+    if row["speedup"] is None:
+        return f"{head}: {'no dense variant measured' if row['status'] == 'ok' else row['status']}"
+    layers = " * ".join(f"{layer['layer']} {layer['ratio']:.2f}x" for layer in row["layers"])
+    cache = "" if row["cache_skip_rate"] is None else f" (cache skipped {row['cache_skip_rate']:.0%} of the steps)"
+    return f"{head}: {row['speedup']:.2f}x over dense = {layers}{cache}"
 
 
 def write_json(payload: dict[str, Any], path: Path) -> None:
@@ -772,8 +1107,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tiny Wan on the CPU, fp32, aot_eager, one timed call: checks the flow")
     p.add_argument("--sections", type=lambda s: s.split(","), default=None, help="1.3b, 14b or both (default 1.3b)")
     p.add_argument("--variants", type=lambda s: s.split(","), default=None,
-                   help=f"dense, uniform-<d>, fast-<d>, salad-<d>, each optionally +cg (default: {DEFAULT_VARIANTS['1.3b']} "
-                        f"for 1.3b, {DEFAULT_VARIANTS['14b']} for 14b)")
+                   help=f"{VARIANT_GRAMMAR}: +cg CUDA graphs, +fp8 FP8 attention, +f8lin torchao float8 linears, "
+                        f"+fbc FirstBlockCache (default: {DEFAULT_VARIANTS['1.3b']} for 1.3b, "
+                        f"{DEFAULT_VARIANTS['14b']} for 14b)")
     p.add_argument("--cuda-graphs", action="store_true", help=f"add {CUDA_GRAPH_VARIANTS} to the default variants")
     p.add_argument("--batch", type=lambda s: [int(b) for b in s.split(",")], default=[1], help="e.g. 1 or 1,2 (CFG)")
     p.add_argument("--layers", type=int, default=2, help="layers of the 14B section (the whole model has 40)")
@@ -782,6 +1118,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first one (--quick: 0)")
     p.add_argument("--fast-steps", type=int, default=None,
                    help=f"FAST: timed steps of the {SAMPLER_STEPS} (default 10, --quick 2)")
+    p.add_argument("--cache-steps", type=int, default=None,
+                   help=f"+fbc: consecutive steps of the {SAMPLER_STEPS} timed per sequence (default 10, --quick 3)")
+    p.add_argument("--fbc-threshold", type=float, default=FBC_THRESHOLD,
+                   help="+fbc: FirstBlockCacheConfig threshold (default %(default)s, diffusers' documented example)")
     p.add_argument("--calibration-samples", type=int, default=None, help="WEST calibration runs (default 2, --quick 1)")
     p.add_argument("--no-dense-recompile", action="store_true", help="skip the dense warm recompile")
     p.add_argument("--sdpa", choices=["cudnn", "default"], default="cudnn",
@@ -807,11 +1147,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def make_settings(args: argparse.Namespace) -> Settings:
     if args.quick:
         return Settings("cpu", torch.float32, "aot_eager", args.reps or 1, 0, args.fast_steps or 2,
-                        args.calibration_samples or 1, not args.no_dense_recompile, args.seed)
+                        args.calibration_samples or 1, not args.no_dense_recompile, args.seed, args.cache_steps or 3,
+                        args.fbc_threshold)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.end_to_end needs a GPU (use --quick on a CPU)")
     return Settings("cuda", torch.bfloat16, "inductor", args.reps or 5, args.warmup, args.fast_steps or 10,
-                    args.calibration_samples or 2, not args.no_dense_recompile, args.seed)
+                    args.calibration_samples or 2, not args.no_dense_recompile, args.seed, args.cache_steps or 10,
+                    args.fbc_threshold)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
