@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import end_to_end
-from benchmarks.end_to_end import Variant, VariantResult
+from benchmarks.end_to_end import Variant, VariantResult, stack
 
 
 def quick_settings(**changes) -> end_to_end.Settings:
@@ -50,20 +50,20 @@ def test_float8_linears_are_skipped_on_the_cpu_and_without_torchao(monkeypatch):
     assert end_to_end.skip_reason(Variant.parse("uniform-0.1+fp8"), settings) is None  # refused per site instead
     assert end_to_end.skip_reason(Variant.parse("dense+fbc"), settings) is None
     assert end_to_end.skip_reason(Variant.parse("dense+cg"), settings) == "CUDA graphs need a GPU"
-    real_import = end_to_end.importlib.import_module
+    real_import = stack.importlib.import_module
 
     def no_torchao(name, *args):
         if name.startswith("torchao"):
             raise ImportError(name)
         return real_import(name, *args)
 
-    monkeypatch.setattr(end_to_end.importlib, "import_module", no_torchao)
+    monkeypatch.setattr(stack.importlib, "import_module", no_torchao)
     assert "need torchao" in end_to_end.skip_reason(Variant.parse("uniform-0.1+f8lin"), settings)
 
 
 @pytest.mark.parametrize("capability, skipped", [((8, 0), True), ((8, 9), False), ((9, 0), False)])
 def test_float8_layers_need_compute_capability_8_9(monkeypatch, capability, skipped):
-    monkeypatch.setattr(end_to_end, "cuda_capability", lambda: capability)
+    monkeypatch.setattr(stack, "cuda_capability", lambda: capability)  # skip_reason looks it up there
     settings = quick_settings(device="cuda")
     for spec in ("uniform-0.1+fp8", "dense+f8lin"):
         reason = end_to_end.skip_reason(Variant.parse(spec), settings)
