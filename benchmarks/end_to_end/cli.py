@@ -39,7 +39,8 @@ from scaling_compiler.cost_model import slug
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     summary = sys.modules[__package__].__doc__.split("\n")[0]  # the first line of the package's docstring
-    p = argparse.ArgumentParser(prog="python -m benchmarks.end_to_end", description=summary, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.end_to_end", description=summary,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="tiny Wan on the CPU, fp32, aot_eager, one timed call: checks the flow")
     p.add_argument("--sections", type=lambda s: s.split(","), default=None, help="1.3b, 14b or both (default 1.3b)")
