@@ -7,7 +7,7 @@ Student: the trained tiny DiT (`demo/video_dit.py`) compiled with
 `ScalingAttnBackend(density=D, linear_branch=True, timesteps=<the sampler's>)`: WEST masks, FAST
 densities per (layer, step, head), as the quality harness's "west:fast" variant, plus one gated
 linear-attention branch per sparse site (`scaling_compiler/salad/`). The model is frozen; only
-the branches' parameters (projection and gate) are tuned. Teacher: the same model, dense, eager.
+the branches' parameters (feature maps, projection and gate) are tuned. Teacher: the same model, dense, eager.
 
 Each call draws its videos, procedural ones (`synthetic_videos`) from a training seed range
 (TRAIN_SEED_BASE upward; the harness's noise seeds are small integers) whose label triples are

@@ -40,17 +40,38 @@ def test_linear_attention_matches_the_quadratic_form(padded):
     torch.testing.assert_close(linear_attention(q, k, v, key_padding), expected, rtol=1e-6, atol=1e-9)
 
 
+def _expected_branch(branch, q, k, v, sparse, q_maps, k_maps):
+    """sparse + sigmoid(gate(mean_tokens(q))) * Proj(linear attention of q A_h, k B_h, v), per sample."""
+    B, H, S, D = q.shape
+    lin = linear_attention(torch.einsum("bhsd,hde->bhse", q, q_maps), torch.einsum("bhsd,hde->bhse", k, k_maps), v)
+    gate = torch.sigmoid(branch.gate(q.mean(2).reshape(B, H * D)))  # (B, 1)
+    return sparse + (gate[:, None] * branch.proj(lin.transpose(1, 2).reshape(B, S, H * D))).reshape(B, S, H, D).transpose(1, 2)
+
+
 def test_branch_adds_the_gated_projection():
-    """LinearBranch: sparse output + sigmoid(gate(mean_tokens(q))) * Proj(linear attention), per sample."""
+    """LinearBranch: sparse output + sigmoid(gate(mean_tokens(q))) * Proj(linear attention), per sample;
+    its feature maps start at the identity (the features ReLU(q), ReLU(k)), and tuned maps A_h, B_h
+    give the features ReLU(q A_h), ReLU(k B_h)."""
     g = torch.Generator().manual_seed(2)
     q, k, v, sparse = (torch.randn(2, 2, 130, 16, generator=g) for _ in range(4))
     branch = LinearBranch(heads=2, head_dim=16)
+    identity = torch.eye(16).expand(2, 16, 16)
+    assert torch.equal(branch.q_map, identity) and torch.equal(branch.k_map, identity)
     assert torch.equal(branch(q, k, v, sparse), sparse)  # zero-initialised projection: exactly nothing added
     torch.nn.init.normal_(branch.proj.weight, generator=g)
-    lin = linear_attention(q, k, v).transpose(1, 2).reshape(2, 130, 32)
-    gate = torch.sigmoid(branch.gate(q.mean(2).reshape(2, 32)))  # (B, 1)
-    expected = sparse + (gate[:, None] * branch.proj(lin)).reshape(2, 130, 2, 16).transpose(1, 2)
-    torch.testing.assert_close(branch(q, k, v, sparse), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(branch(q, k, v, sparse), _expected_branch(branch, q, k, v, sparse, identity, identity),
+                                   rtol=1e-5, atol=1e-5)
+        lin = linear_attention(q, k, v).transpose(1, 2).reshape(2, 130, 32)  # identity maps: plain ReLU features
+        gate = torch.sigmoid(branch.gate(q.mean(2).reshape(2, 32)))
+        expected = sparse + (gate[:, None] * branch.proj(lin)).reshape(2, 130, 2, 16).transpose(1, 2)
+        torch.testing.assert_close(branch(q, k, v, sparse), expected, rtol=1e-5, atol=1e-5)
+        for p in (branch.q_map, branch.k_map):
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+        q_maps, k_maps = branch.q_map.clone(), branch.k_map.clone()
+        torch.testing.assert_close(branch(q, k, v, sparse), _expected_branch(branch, q, k, v, sparse, q_maps, k_maps),
+                                   rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(branch(q, k, v, sparse), expected, atol=1e-3)  # the maps change the features
 
 
 def test_fresh_branch_equals_sparse_only():
@@ -89,12 +110,48 @@ def test_tuning_reaches_only_the_branches(tmp_path):
     assert all(p.grad is None for p in model.parameters())
     assert all(p.grad is not None for p in backend.linear_branches.parameters())
     assert losses[-1] < 0.9 * losses[0]
+    identity = torch.eye(32).expand(2, 32, 32)
+    for branch in backend.linear_branches.sites.values():  # the feature maps tune too
+        assert not torch.equal(branch.q_map, identity) and not torch.equal(branch.k_map, identity)
     path = backend.linear_branches.save(tmp_path / "branches.safetensors")
     with torch.no_grad():
         tuned = salad(*inputs)
     reloaded, _ = _compile(model, linear_branch=True, linear_branch_weights=str(path))
     with torch.no_grad():
         assert torch.equal(reloaded(*inputs), tuned)
+
+
+def test_branch_file_without_feature_maps_loads_with_identity_maps(tmp_path):
+    """A file written before the branches had feature maps (no q_map, k_map tensors) loads: its
+    projection and gate as saved, identity maps (the features it was tuned with, ReLU(q), ReLU(k)).
+    A file that lacks one of the two maps is an error naming it."""
+    from safetensors.torch import save_file
+
+    from scaling_compiler.salad import LinearBranches, read_metadata
+    from scaling_compiler.salad.branch import BranchWeights
+
+    branches = LinearBranches()
+    _, tuned = branches.branch_for("blocks.0.attn1", 2, 16, torch.device("cpu"), None)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    path = branches.save(tmp_path / "new.safetensors")
+    tensors = BranchWeights(path).tensors
+    old = tmp_path / "old.safetensors"
+    save_file({n: t for n, t in tensors.items() if not n.endswith(("q_map", "k_map"))}, str(old), metadata=read_metadata(path))
+    _, loaded = LinearBranches().branch_for("blocks.0.attn1", 2, 16, torch.device("cpu"), BranchWeights(old))
+    identity = torch.eye(16).expand(2, 16, 16)
+    assert torch.equal(loaded.q_map, identity) and torch.equal(loaded.k_map, identity)
+    for name in ("proj.weight", "proj.bias", "gate.weight", "gate.bias"):
+        assert torch.equal(loaded.get_parameter(name), tuned.get_parameter(name))
+    _, reloaded = LinearBranches().branch_for("blocks.0.attn1", 2, 16, torch.device("cpu"), BranchWeights(path))
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), tuned.state_dict().values()))
+
+    half = tmp_path / "half.safetensors"
+    save_file({n: t for n, t in tensors.items() if not n.endswith("k_map")}, str(half), metadata=read_metadata(path))
+    with pytest.raises(RuntimeError, match="k_map"):
+        LinearBranches().branch_for("blocks.0.attn1", 2, 16, torch.device("cpu"), BranchWeights(half))
 
 
 def test_mismatched_weights_name_the_mismatch(tmp_path):
