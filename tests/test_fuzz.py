@@ -112,3 +112,26 @@ def test_gradients_are_compared(monkeypatch):
     assert {(f.kind, f.density) for f in failures} == {("wrong", 1.0), ("wrong", 0.5)}
     assert all("grad of" in f.detail for f in failures)
     assert any("grad of to_k.0.weight" in f.detail for f in failures)
+
+
+RUNTIME_SCALE = Config(batch=1, heads=1, kv_heads=1, q_len=1, kv_len=1, head_dim=16, dtype="fp32", mask="none",
+                       causal=False, dropout="none", training=False, scale=0.05, layout="transpose", pattern="softmax",
+                       structure="self", dynamic=True, compiler="eager", grad=False, seed=0)
+
+
+def test_softmax_attention_with_a_runtime_scale_is_reported():
+    """Found by the exploring test: under dynamic=True dynamo makes a float attribute (the softmax's scale)
+    a graph input, so the scale is not a constant; the site must still be reported, dense, with why."""
+    import collections
+
+    stats = collections.Counter()
+    assert run_case(RUNTIME_SCALE, stats) == []
+    assert stats["dense at 1.0"] == 1
+    from scaling_compiler import ScalingAttnBackend
+    from scaling_compiler.cost_model import CostModel
+
+    torch._dynamo.reset()
+    backend = ScalingAttnBackend(density=1.0, compiler="eager", cost_model=CostModel.ideal("test"))
+    model = fuzz_cases.FuzzAttention(RUNTIME_SCALE)
+    torch.compile(model, backend=backend, fullgraph=True, dynamic=True)(*fuzz_cases.make_inputs(RUNTIME_SCALE))
+    assert [site.reason for site in backend.report.sites] == ["scale is not a compile-time constant"]

@@ -118,12 +118,16 @@ def _softmax_site(node: torch.fx.Node) -> Site | None:
         return None
     q, scale_on_q = _strip_scale(scores.args[0])
     k = _untranspose_last_two(scores.args[1])
-    if k is None or scale_factor is None or scale_on_q is None:
+    if k is None:
         return None
-    site = _new_site(node, Pattern.SOFTMAX, q, k, v, scale=scale_factor * scale_on_q)
+    constant = scale_factor is not None and scale_on_q is not None
+    site = _new_site(node, Pattern.SOFTMAX, q, k, v, scale=scale_factor * scale_on_q if constant else _RUNTIME_SCALE)
     if site is not None:
         site.attn_mask, site.key_padding, site.is_causal, site.dropout_p = None, False, False, 0.0
     return site
+
+
+_RUNTIME_SCALE = object()  # `_new_site`'s scale when the graph computes it: the site's scale is None (dense)
 
 
 def _new_site(node, pattern, q, k, v, scale) -> Site | None:
@@ -355,20 +359,34 @@ def _softmax_dim(node: torch.fx.Node) -> Any:
 
 
 def _strip_scale(node: Any) -> tuple[Any, float | None]:
-    """Peel `x * c`, `c * x` and `x / c` with constant c; returns (x, product of factors)."""
-    factor = 1.0
+    """Peel `x * c`, `c * x` and `x / c` with scalar c; returns (x, product of factors), the product
+    None if a factor is computed at run time (e.g. a float attribute under `dynamic=True`, which dynamo
+    makes a graph input): the site is still found, and stays dense for it."""
+    factor: float | None = 1.0
     while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in (
         operator.mul, operator.truediv, torch.mul, torch.div
     ):
         a, b = node.args[:2]
-        if isinstance(b, (int, float)) and isinstance(a, torch.fx.Node):
-            factor = factor / b if node.target in (operator.truediv, torch.div) else factor * b
-            node = a
-        elif isinstance(a, (int, float)) and isinstance(b, torch.fx.Node) and node.target in (operator.mul, torch.mul):
-            factor, node = factor * a, b
+        divides = node.target in (operator.truediv, torch.div)
+        if _is_scalar(b) and isinstance(a, torch.fx.Node):
+            c, node = b, a
+        elif _is_scalar(a) and isinstance(b, torch.fx.Node) and not divides:
+            c, node = a, b
         else:
             return node, None
+        if factor is None or not isinstance(c, (int, float)):
+            factor = None
+        else:
+            factor = factor / c if divides else factor * c
     return node, factor
+
+
+def _is_scalar(arg: Any) -> bool:
+    """A number, or a node holding one (a symbolic float or a 0-d tensor)."""
+    if isinstance(arg, (int, float)):
+        return True
+    value = _value(arg) if isinstance(arg, torch.fx.Node) else None
+    return isinstance(value, (torch.SymFloat, torch.SymInt)) or (isinstance(value, torch.Tensor) and value.dim() == 0)
 
 
 def _untranspose_last_two(node: Any) -> torch.fx.Node | None:
