@@ -141,6 +141,13 @@ def block_sparse_attention_backward(
                                                            use_tma=implementation is Implementation.TRITON_TMA)
 
 
+def fp8_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           key_padding: torch.Tensor | None = None) -> str | None:
+    """Why `block_sparse_attention_fp8` cannot take these inputs (None if it can; tensors may be fake):
+    the FP8 kernel's rules on CUDA, none beyond the 16-bit ones elsewhere (the emulation runs there)."""
+    return triton_fp8.fp8_unsupported_reason(q, k, v, key_padding)
+
+
 def block_sparse_attention_fp8(
     q: torch.Tensor,  # (B, H, Sq, D), fp16 or bf16, D 64 or 128, any strides
     k: torch.Tensor,  # (B, H, Sk, D)
@@ -152,7 +159,7 @@ def block_sparse_attention_fp8(
     """FP8 block-sparse attention forward (inference only): the Triton FP8 kernel on CUDA, the torch
     emulation of its quantisation and softmax (`reference.blockwise_attention_fp8`) elsewhere.
     Inputs that `fp8_unsupported_reason` refuses raise ValueError."""
-    reason = triton_fp8.fp8_unsupported_reason(q, k, v, key_padding)
+    reason = fp8_unsupported_reason(q, k, v, key_padding)
     if reason is not None:
         raise ValueError(f"FP8 block-sparse attention cannot take these inputs: {reason}")
     if q.device.type == "cuda":

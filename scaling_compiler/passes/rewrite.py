@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from ..kernels.triton.block_sparse_attention_fp8 import fp8_unsupported_reason
+from ..kernels.dispatch import fp8_unsupported_reason
 from ..sites import FP8, GraphRecord, Site
 
 

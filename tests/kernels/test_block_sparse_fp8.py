@@ -36,7 +36,8 @@ from scaling_compiler.kernels.reference import (FP8_DTYPE, blockwise_attention_f
 from scaling_compiler.kernels.triton.block_sparse_attention import block_sparse_attention
 from scaling_compiler.kernels.triton.block_sparse_attention_fp8 import (block_sparse_attention_fp8,
                                                                          fp8_unsupported_reason, quantize)
-from tests.kernels.test_block_sparse_kernel import DEVICE, _qkv, _random_mask, _rel_err, _structured_mask
+from tests.kernels.test_block_sparse_kernel import (DEVICE, _qkv, _random_mask, _rel_err, _structured_mask,
+                                                   per_batch_case)
 
 FP8_REL_TOL = 0.08
 FP8_ROW_TOL = 0.25
@@ -112,13 +113,8 @@ def test_strided_inputs(layout, config):
 
 
 def test_per_batch_masks():
-    B, H, Sq, Sk, D = 2, 2, 260, 260, 128
-    q, k, v = _qkv(B, H, Sq, Sk, D, torch.float16, seed=9, layout="bshd")
-    mask = _random_mask((B, H), num_blocks(Sq), num_blocks(Sk), 0.5, seed=4)
-    mask[1, 0, 2] = False
-    mask[0, 1, 0] = True
-    assert not torch.equal(mask[0], mask[1])
-    _check(q, k, v, mask, 1 / math.sqrt(D))
+    q, k, v, mask = per_batch_case(128)
+    _check(q, k, v, mask, 1 / math.sqrt(128))
 
 
 @pytest.mark.parametrize("config", ["m128n128_tma", "m128n64_ptr"])

@@ -159,13 +159,20 @@ def test_strided_inputs(layout, use_tma):
 
 @pytest.mark.parametrize("config", ["m128n64", "m128n128"])
 def test_per_batch_masks(config):
-    B, H, Sq, Sk, D = 2, 2, 260, 260, 64
-    q, k, v = _qkv(B, H, Sq, Sk, D, torch.float16, seed=9, layout="bshd")
-    mask = _random_mask((B, H), num_blocks(Sq), num_blocks(Sk), 0.5, seed=4)
+    q, k, v, mask = per_batch_case(64)
+    _run_and_check(q, k, v, mask, 0.125, CONFIGS[config])
+
+
+def per_batch_case(head_dim: int):
+    """(B, S, H, D)-transposed fp16 q, k, v (B=2, H=2, S=260) and a (B, H, Nq, Nk) mask whose batch
+    entries differ."""
+    B, H, S = 2, 2, 260
+    q, k, v = _qkv(B, H, S, S, head_dim, torch.float16, seed=9, layout="bshd")
+    mask = _random_mask((B, H), num_blocks(S), num_blocks(S), 0.5, seed=4)
     mask[1, 0, 2] = False
     mask[0, 1, 0] = True
     assert not torch.equal(mask[0], mask[1])
-    _run_and_check(q, k, v, mask, 0.125, CONFIGS[config])
+    return q, k, v, mask
 
 
 @pytest.mark.parametrize("lpt_order", [True, False])
