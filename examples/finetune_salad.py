@@ -25,6 +25,9 @@ harness's own batch: WEST calibrates on inputs of the graph's batch size (and ca
 only at that batch do tuning and harness calibrate the same masks; point SCALINGATTN_CACHE_DIR
 and the harness's --cache-dir at one folder and the harness loads the very masks tuned against.
 Larger calls may run faster on a GPU (not measured) but tune against slightly different masks.
+On an H200 a call (forward + backward, host-bound) takes ~35 ms and a step of 8 videos ~0.46 s: a
+9.3-minute budget ran 1,060 steps (8,480 videos). Run tunings one after another: three sharing one
+GPU ran ~25x slower per step.
 AdamW (no weight decay), gradients clipped at norm 1, the learning rate warmed up over --warmup
 steps then on a cosine down to a tenth of --lr at the end of the budget (or of --steps). The
 default peak 5e-3 was chosen on the CPU at 5x32x32 (160 videos, density 0.1, the harness's 8

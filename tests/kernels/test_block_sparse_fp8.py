@@ -21,7 +21,12 @@ large per-channel offset (without it the offset would set the e4m3 scale of ever
 Rows with no kept key are exactly 0. The torch emulation (the op's CPU path) writes the same
 quantised bytes as the Triton prep and matches the kernel to fp32 rounding (1e-4) when the
 kernel walks 128-key tiles (the emulation's granularity; 64-key tiles round P after other
-running maxima, within the FP8 tolerance of each other).
+running maxima, within the FP8 tolerance of each other). That holds in the interpreter, whose fp8
+dots are fp32 dots of the rounded values; on an H200 the kernel differs from the emulation by
+0.29-0.46% (measured, Triton 3.6): Hopper's FP8 tensor cores accumulate with fewer mantissa bits
+than fp32, and a P element near an e4m3 rounding boundary can round the other way after the
+kernel's exp2 differs from torch's in the last bit. ``EMULATION_TOL`` is 0.01 on a GPU (about 2x that;
+still 5x below the FP8 error against float64).
 """
 import math
 
@@ -41,7 +46,7 @@ from tests.kernels.test_block_sparse_kernel import (DEVICE, _qkv, _random_mask, 
 
 FP8_REL_TOL = 0.08
 FP8_ROW_TOL = 0.25
-EMULATION_TOL = 1e-4
+EMULATION_TOL = 1e-4 if DEVICE != "cuda" else 0.01
 OPS = torch.ops.scaling_compiler
 gpu_only = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
 DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -183,7 +188,9 @@ def test_emulation_matches_kernel(per_batch, padded):
                                      config=conf)
     emu = blockwise_attention_fp8(q.cpu(), k.cpu(), v.cpu(), words, 0.1, padding)
     assert emu.dtype == q.dtype and emu.is_contiguous()
-    assert torch.equal(emu == 0, out.cpu() == 0)
+    # the rows of an empty mask row are zero in both (an element may round to 0 in one and not the other)
+    assert torch.equal((emu == 0).all(-1), (out.cpu() == 0).all(-1))
+    assert (emu[:, :, :128] == 0).all()
     assert _rel_err(out.cpu(), emu.double()) <= EMULATION_TOL
 
 
