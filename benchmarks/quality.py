@@ -77,8 +77,8 @@ from scaling_compiler.cache import CACHE_DIR_ENV_VAR
 from scaling_compiler.cost_model import CostModel, slug
 from scaling_compiler.demo import synthetic_videos as sv
 from scaling_compiler.demo.metrics import psnr, ssim
-from scaling_compiler.demo.sampling import (DEFAULT_GUIDANCE, DEFAULT_SHIFT, sample, sampler_timesteps,
-                                            save_contact_sheet)
+from scaling_compiler.demo.sampling import (DEFAULT_GUIDANCE, DEFAULT_SHIFT, compile_call_inputs, sample,
+                                            sampler_timesteps, save_contact_sheet)
 from scaling_compiler.demo.video_dit import load_pretrained
 from scaling_compiler.kernels.bitmask import num_blocks, unpack_block_mask
 from scaling_compiler.policies.west_fast.policy import DEFAULT_CALIBRATION_SAMPLES
@@ -364,11 +364,11 @@ def run_variant(model, variant, density, args, jobs, video_shape, device, fast_f
     # first call at the sampler's shapes (batch 2: cond + uncond) compiles; time it alone
     prompt, seed = jobs[0]
     tokens = sv.labels_to_tokens(sv.parse_prompt(prompt)[None]).to(device)
-    x = torch.randn(2, *video_shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    first_call = compile_call_inputs(tokens, sv.null_tokens(1, device), video_shape, seed)
     sync(device)
     start = time.perf_counter()
     with torch.no_grad():
-        compiled(x, torch.full((2,), 1000.0, device=device), torch.cat([tokens, sv.null_tokens(1, device)]))
+        compiled(*first_call)
     sync(device)
     compile_s = time.perf_counter() - start
     for report in backend.reports:

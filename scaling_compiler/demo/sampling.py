@@ -53,6 +53,20 @@ def seeded_noise(shape: Sequence[int], seed: int, device: torch.device | str = "
     return torch.randn(*shape, generator=generator).to(device)
 
 
+def compile_call_inputs(tokens: torch.Tensor, null_tokens: torch.Tensor, video_shape: tuple[int, int, int, int],
+                        seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The quality harness's first, compiling call: (video, timestep, tokens) for one prompt with CFG.
+
+    Two rows of float32 noise from `seed` (the sampler's input dtype), timestep 1000 (the first step),
+    the prompt's `tokens` (1, T) then `null_tokens`. WEST calibrates from the compiling call's inputs
+    (noise at their scale, integer inputs as they are), so a process that compiles with these very
+    inputs (examples/finetune_salad.py) calibrates the masks the harness runs.
+    """
+    device = tokens.device
+    video = torch.randn(2, *video_shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    return video, torch.full((2,), 1000.0, device=device), torch.cat([tokens, null_tokens])
+
+
 @torch.no_grad()
 def sample(
     model: VelocityModel,

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.variants import backend_options
+from scaling_compiler import ScalingAttnBackend
+from scaling_compiler.cost_model import CostModel
 from scaling_compiler.salad import read_metadata
 from tests.examples import load_example
 
@@ -72,7 +75,7 @@ def test_saved_branches_reload_to_identical_outputs(example, tuned):
     args, model = tuned["args"], tuned["model"]
     assert any(p.abs().sum() > 0 for name, p in tuned["backend"].linear_branches.named_parameters()
                if name.endswith("proj.weight"))  # tuned: no longer the zero projection
-    batch = example.make_batch(args, 100, tuned["video"], torch.float32)
+    batch = example.make_batch(args, 100, tuned["video"])
     with torch.no_grad():
         expected = tuned["student"](batch.video, batch.timestep, batch.tokens)
         torch._dynamo.reset()
@@ -84,3 +87,30 @@ def test_saved_branches_reload_to_identical_outputs(example, tuned):
         untuned = sparse_only(batch.video, batch.timestep, batch.tokens)
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-6)
     assert (untuned - expected).abs().max() > 1e-3  # the branches change the output: the check has teeth
+
+
+def _west_fast_masks(example, args, model, inputs) -> dict[str, torch.Tensor]:
+    """The masks of the quality harness's "west:fast" variant at the tuning's settings, compiled on
+    `inputs`, calibrated afresh (no cache)."""
+    options = backend_options("west:fast", args.density, "eager", args.sampler_steps)
+    backend = ScalingAttnBackend(**options, calibration_samples=args.calibration_samples, cache=False,
+                                 cost_model=CostModel.ideal("test: every site sparse"))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(*inputs)
+    return backend.report.masks
+
+
+def test_tuning_runs_the_masks_the_harness_calibrates(example, tuned):
+    """The student compiles on the harness's own compiling call, so its masks are the ones the harness's
+    west:fast variant calibrates for itself; compiled on a tuning batch they differ (the check has teeth:
+    WEST calibrates from the compiling call's inputs)."""
+    args, model, video = tuned["args"], tuned["model"], tuned["video"]
+    tuned_masks = tuned["backend"].reports[0].masks
+    harness = _west_fast_masks(example, args, model, example.harness_compile_call(model.config.in_channels, video,
+                                                                                   torch.device("cpu")))
+    assert tuned_masks.keys() == harness.keys() and tuned_masks
+    assert all(torch.equal(tuned_masks[name], harness[name]) for name in harness)
+    batch = example.make_batch(args, 0, video)
+    on_a_batch = _west_fast_masks(example, args, model, (batch.video, batch.timestep, batch.tokens))
+    assert any(not torch.equal(on_a_batch[name], harness[name]) for name in harness)
