@@ -29,9 +29,21 @@ small ones included, so the intercept is measured, not extrapolated. Where a mod
   A GPU without backward rows gets this ideal for its backward too (not measured on first use),
   at `BACKWARD_FLOP_RATIO` times the forward's time per FLOP.
 
-FP8 attention (option `attention_dtype="fp8"`, `block_sparse_attention_fp8`) has no rows yet (not
-timed on a GPU): the rewrite picks it after planning, so FP8 sites are predicted with the 16-bit
-kernel's rows of their implementation, and the option never makes sparse a site that would stay dense.
+FP8 attention (option `attention_dtype="fp8"`, `block_sparse_attention_fp8`) has forward rows of its
+own where a GPU's table has them (key `FP8`, its quantisation prep included; written by
+`benchmarks.kernels.block_sparse`, each with the time of the 16-bit op it was timed beside: `versus`,
+`versus_ms`). They are modelled relative to that op:
+
+    fp8_ms = prep_ms_per_byte * (bytes of q, k, v) + kernel_ratio * sparse_ms
+
+the prep reads q, k, v once whatever the density, the FP8 kernel runs at a fixed fraction of the
+16-bit one's time. (A line in kept FLOPs fitted to FP8 rows alone would be compared with a 16-bit line
+fitted to other shapes, and the two lines' fitting errors, not the kernels, would decide.) Planning is
+the same with or without the option: sparse or dense is decided on the 16-bit kernel's line. A sparse
+site then runs FP8 only where it is predicted at least `MIN_PREDICTED_GAIN` faster than the 16-bit op
+(FP8 costs accuracy, so it must buy time); without FP8 rows (the CPU, a GPU not timed) it runs FP8
+wherever the option asks. The H200's rows (Wan2.1-1.3B shape): prep 0.34 ms, kernel ratio 0.85, so
+FP8 pays there from about density 0.5 up.
 """
 from __future__ import annotations
 
@@ -45,7 +57,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .cost_table_format import (BACKWARD, DENSE, FORWARD, MEASURE_DENSITIES, MEASURE_SHAPES, Shape, environment, row,
+from .cost_table_format import (BACKWARD, DENSE, FORWARD, FP8, MEASURE_DENSITIES, MEASURE_SHAPES, Shape, environment, row,
                                 row_flops, slug, write_table)
 from .cost_table_format import TABLE_FORMAT  # noqa: F401  (callers read the format as cost_model.TABLE_FORMAT)
 from .kernels.dispatch import Implementation, device_implementation, implementation_for
@@ -64,18 +76,27 @@ class CostModel:
     sparse_overhead_ms: float  # our op, per call: mask pick, decode, launches
     dense_ms_per_flop: float  # SDPA
     dense_overhead_ms: float = 0.0  # SDPA, per call
+    fp8_prep_ms_per_byte: float | None = None  # the FP8 op's quantisation prep (None: the table has no FP8 rows)
+    fp8_kernel_ratio: float | None = None  # the FP8 op's time beyond its prep, over the 16-bit op's
 
     def sparse_ms(self, dense_flops: int, head_densities: torch.Tensor) -> float:
         """Predicted time of one call with these per-head densities (heads share the FLOPs evenly)."""
         kept = dense_flops * float(head_densities.double().mean())
         return self.sparse_overhead_ms + kept * self.sparse_ms_per_flop
 
+    def fp8_sparse_ms(self, dense_flops: int, head_densities: torch.Tensor, qkv_bytes: int) -> float | None:
+        """The FP8 op's predicted time of the same call (q, k and v together `qkv_bytes` in 16 bits);
+        None without FP8 rows."""
+        if self.fp8_prep_ms_per_byte is None or self.fp8_kernel_ratio is None:
+            return None
+        return self.fp8_prep_ms_per_byte * qkv_bytes + self.fp8_kernel_ratio * self.sparse_ms(dense_flops, head_densities)
+
     def dense_ms(self, dense_flops: int) -> float:
         return self.dense_overhead_ms + dense_flops * self.dense_ms_per_flop
 
     def plus(self, other: "CostModel") -> "CostModel":
         """Running this and `other` once each per call (a training site: forward, then backward):
-        both lines add."""
+        both lines add. The sum has no FP8 line (the FP8 op has no backward)."""
         return CostModel(f"{self.source} + {other.source}", self.sparse_ms_per_flop + other.sparse_ms_per_flop,
                          self.sparse_overhead_ms + other.sparse_overhead_ms,
                          self.dense_ms_per_flop + other.dense_ms_per_flop,
@@ -129,7 +150,11 @@ class CostModel:
             return None
         sparse_overhead, sparse_slope = fit_line(sparse)
         dense_overhead, dense_slope = fit_line(dense)
-        return cls(source, sparse_slope, sparse_overhead, dense_slope, dense_overhead)
+        model = cls(source, sparse_slope, sparse_overhead, dense_slope, dense_overhead)
+        fp8 = fit_fp8(rows, implementation) if direction == FORWARD else None
+        if fp8 is not None:
+            model = dataclasses.replace(model, fp8_prep_ms_per_byte=fp8[0], fp8_kernel_ratio=fp8[1])
+        return model
 
 
 def _from_legacy_table(table: dict, source: str) -> CostModel:
@@ -143,6 +168,25 @@ def _from_legacy_table(table: dict, source: str) -> CostModel:
     overhead = max(0.0, float(y.mean() - slope * x.mean()))
     dense = sum(r["ms_cudnn"] for r in rows) / len(rows) / flops
     return CostModel(source, slope, overhead, dense, 0.0)
+
+
+def qkv_bytes(B: int, H: int, Sq: int, Sk: int, D: int, kv_heads: int | None = None, itemsize: int = 2) -> int:
+    """Bytes of q, k and v in a 16-bit dtype: what the FP8 op's quantisation prep reads."""
+    return B * (H * Sq + 2 * (kv_heads or H) * Sk) * D * itemsize
+
+
+def fit_fp8(rows: Iterable[dict], implementation: str) -> tuple[float, float] | None:
+    """(prep_ms_per_byte, kernel_ratio) of `fp8_ms = prep_ms_per_byte * qkv_bytes + kernel_ratio * ms`,
+    least squares over the FP8 rows timed beside `implementation` (each row holds that op's time of the
+    same call, `versus_ms`); None without two such rows."""
+    pairs = [(qkv_bytes(r["B"], r["H"], r["Sq"], r["Sk"], r["D"]), r["versus_ms"], r["ms"]) for r in rows
+             if r["implementation"] == FP8 and r["direction"] == FORWARD and r.get("versus") == implementation]
+    if len(pairs) < 2:
+        return None
+    x = torch.tensor([p[:2] for p in pairs], dtype=torch.float64)
+    y = torch.tensor([p[2] for p in pairs], dtype=torch.float64)
+    per_byte, ratio = torch.linalg.lstsq(x, y[:, None]).solution[:, 0].tolist()
+    return max(per_byte, 0.0), ratio
 
 
 def fit_line(points: Iterable[tuple[float, float]]) -> tuple[float, float]:

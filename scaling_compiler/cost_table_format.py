@@ -16,6 +16,7 @@ import torch
 TABLE_FORMAT = 2
 DENSE = "sdpa"  # the dense rows' implementation key: F.scaled_dot_product_attention (cuDNN / flash)
 FORWARD, BACKWARD = "forward", "backward"
+FP8 = "triton_fp8"  # forward rows of `block_sparse_attention_fp8` (its quantisation included): no backward
 
 
 @dataclasses.dataclass(frozen=True)

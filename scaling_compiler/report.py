@@ -197,8 +197,9 @@ class PassReport:
             return ""
         fp8 = sum(s.attention_dtype == FP8 for s in self.sparse_sites)
         others = "; ".join(f"{s.name}: {s.fp8_reason}" for s in self.sparse_sites if s.fp8_reason)
-        return (f"\nattention_dtype fp8: {fp8} of {len(self.sparse_sites)} sparse sites run the FP8 op (predicted "
-                "times from the 16-bit kernel's cost rows: no FP8 rows are measured yet)"
+        return (f"\nattention_dtype fp8: {fp8} of {len(self.sparse_sites)} sparse sites run the FP8 op (where the "
+                "cost model's FP8 rows predict it faster than the 16-bit kernel, or it has none; predicted times "
+                "are the 16-bit kernel's)"
                 + (f"; in their own dtype: {others}" if others else ""))
 
     def __str__(self) -> str:

@@ -84,7 +84,7 @@ def test_fp8_sites_run_the_fp8_op_within_its_tolerance(density, monkeypatch):
     assert [s["attention_dtype"] for s in data["sites"]] == ["fp8", "bfloat16", "fp8", "bfloat16"]
     text = str(report)
     assert "attn dtype" in text and "2 of 2 sparse sites run the FP8 op" in text
-    assert "16-bit kernel's cost rows" in text
+    assert "FP8 rows predict it faster than the 16-bit kernel, or it has none" in text
 
 
 @pytest.mark.parametrize("name, options", [(WAN, {"token_order": "hilbert"}), (HUNYUAN, {})],
@@ -99,6 +99,34 @@ def test_reordered_and_padded_sites_run_fp8(name, options, monkeypatch):
     assert sparse and all(s.attention_dtype == "fp8" for s in sparse) and op_calls(graphs, FP8_OP) == len(sparse)
     assert all(s.token_order == "hilbert" for s in sparse) if options else all(s.attn_mask for s in sparse)
     assert not torch.equal(out, expected) and rel_err(out, expected) <= FP8_REL_TOL
+
+
+@pytest.mark.parametrize("fp8_faster", [False, True])
+def test_cost_model_fp8_rows_decide_where_fp8_runs(fp8_faster, monkeypatch):
+    """With an FP8 line in the cost model, a site runs FP8 only where it is predicted faster; else it
+    keeps the 16-bit op and the report gives both times."""
+    per_flop = 1 / 500e9
+    cost = CostModel("test: FP8 rows", per_flop, 0.0, per_flop, 0.0, fp8_prep_ms_per_byte=0.0 if fp8_faster else 1e-3,
+                     fp8_kernel_ratio=0.5)
+    model, inputs = zoo_model()
+    graphs = []
+    inner = backend_module._inner_compile
+    monkeypatch.setattr(backend_module, "_inner_compile",
+                        lambda config, gm, example: graphs.append(gm) or inner(config, gm, example))
+    backend = ScalingAttnBackend(compiler="aot_eager", cost_model=cost, density=1.0, attention_dtype="fp8")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(**inputs)
+    sparse = backend.report.sparse_sites
+    assert len(sparse) == 2
+    if fp8_faster:
+        assert op_calls(graphs, FP8_OP) == 2 and all(s.attention_dtype == "fp8" and s.fp8_reason is None for s in sparse)
+    else:
+        assert op_calls(graphs, FP8_OP) == 0 and op_calls(graphs, BF16_OP) == 2
+        for site in sparse:
+            assert site.attention_dtype == "bfloat16"
+            assert site.fp8_reason.startswith("cost model: FP8 ") and "the 16-bit kernel's" in site.fp8_reason
+        assert "0 of 2 sparse sites run the FP8 op" in str(backend.report)
 
 
 def test_without_the_option_sites_report_their_dtype(monkeypatch):

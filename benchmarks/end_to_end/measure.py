@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from typing import Any, Callable
 
@@ -30,6 +31,7 @@ from benchmarks.end_to_end.stack import CachedSequence, Models, first_block_cach
 from benchmarks.end_to_end.timing import log, peak_gib, release, reset_peak, time_steps, timed_call
 from benchmarks.end_to_end.variants import Settings, Variant, VariantResult
 from scaling_compiler import ScalingAttnBackend
+from scaling_compiler.cost_model import CostModel
 
 WARMUP_SEQUENCES = 4  # +fbc: at most this many untimed sequences
 
@@ -46,6 +48,10 @@ def backend_options(variant: Variant, settings: Settings, timesteps: list[float]
         options["linear_branch"] = True
     if variant.fp8:
         options["attention_dtype"] = "fp8"
+        # the layer's own time: FP8 at every site the op can run, also where the device's FP8 cost rows
+        # predict no gain (the backend would keep such sites 16-bit); the same model otherwise
+        device_model = CostModel.for_device(torch.device(settings.device))
+        options["cost_model"] = dataclasses.replace(device_model, fp8_prep_ms_per_byte=None, fp8_kernel_ratio=None)
     return options
 
 
@@ -205,4 +211,5 @@ def warm_recompile(model: torch.nn.Module, inputs: dict[str, Any], settings: Set
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+    return {k: list(v) if isinstance(v, tuple) else v.source if isinstance(v, CostModel) else v
+            for k, v in options.items()}

@@ -2,7 +2,9 @@
 sequence mode.
 
 - `+fp8`: our backend with option `attention_dtype="fp8"` (sparse sites call
-  `block_sparse_attention_fp8`; not on `dense`). It needs bf16/fp16 inputs: `fp8_sites` of
+  `block_sparse_attention_fp8`; not on `dense`), and the device's cost model without its FP8 rows, so
+  that every site the op can run does (by default the backend keeps a site 16-bit where those rows
+  predict FP8 no faster: at density 0.1 on the H200). It needs bf16/fp16 inputs: `fp8_sites` of
   `sparse_sites` ran FP8, `fp8_refused` says why the others did not (--quick's fp32: all refused,
   which the output notes under the table).
 - `+f8lin`: torchao float8 dynamic activation + weight linears, `quantize_(model.blocks,

@@ -326,7 +326,8 @@ def _implementation(q, k, v, use_tma):
 
 
 def write_cost_table(rows, info, config, args):
-    """Merge the random-mask rows (our kernel, and cuDNN as the dense rows) into the cost table."""
+    """Merge the random-mask rows (our kernel, the FP8 kernel with its prep, and cuDNN as the dense rows)
+    into the cost table."""
     table_rows = []
     dtype = "float32" if args.dry_run else "bfloat16"  # as run_benchmark runs them
     for r in rows:
@@ -335,6 +336,9 @@ def write_cost_table(rows, info, config, args):
         shape = cost_model.Shape(r["shape"], r["B"], r["H"], r["S"], r["D"])
         table_rows.append(cost_model.row(r["implementation"], r["direction"], shape, r["density_actual"],
                                          r["ms_ours"], dtype, kernel_config=config, source=MODULE))
+        if r["ms_fp8"] is not None:  # with the 16-bit op's time of the same run: the FP8 model is relative to it
+            table_rows.append(cost_model.row(cost_model.FP8, r["direction"], shape, r["density_actual"], r["ms_fp8"],
+                                             dtype, versus=r["implementation"], versus_ms=r["ms_ours"], source=MODULE))
         if r["ms_cudnn"] is not None and not any(t["implementation"] == cost_model.DENSE and t["shape"] == r["shape"]
                                                  for t in table_rows):
             table_rows.append(cost_model.row(cost_model.DENSE, r["direction"], shape, 1.0, r["ms_cudnn"], dtype,

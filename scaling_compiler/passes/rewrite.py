@@ -8,9 +8,10 @@ SDPA call) is then erased.
 
 With option `attention_dtype="fp8"` the pass first decides, per site, whether its plan emits the FP8
 op (`site.runs_fp8`) or keeps the site's dtype, and records why not (`site.fp8_reason`): the FP8 op
-has no backward, its kernel takes fp16/bf16 with head dim 64 or 128 only, and a plan may have no FP8
-path (`SitePlan.fp8_refusal`). Planning has already run, so the cost model's verdict, made with the
-16-bit kernel's rows, is the same with FP8 or without.
+has no backward, its kernel takes fp16/bf16 with head dim 64 or 128 only, and a plan may refuse
+(`SitePlan.fp8_refusal`: no FP8 path, or the cost model's FP8 rows predict no gain). Planning has
+already run, so which sites are sparse, decided on the 16-bit kernel's rows, is the same with FP8 or
+without.
 """
 from __future__ import annotations
 

@@ -125,3 +125,19 @@ def test_quick_first_block_cache_times_a_sequence_and_its_skips(tmp_path):
     assert cached["speedup"] == pytest.approx(dense["latency_ms"] / cached["latency_ms"])
     (stack,) = payload["stacks"]
     assert stack["variant"] == "dense+fbc" and stack["cache_skip_rate"] == cached["cache_skip_rate"]
+
+
+def test_fp8_layer_forces_fp8_past_the_cost_models_fp8_rows(monkeypatch):
+    """+fp8 times the FP8 layer itself: the backend gets the device's cost model without its FP8 line
+    (with it, sites predicted no faster in FP8 would stay 16-bit), and the options stay JSON."""
+    from benchmarks.end_to_end import measure
+    from scaling_compiler.cost_model import CostModel
+
+    with_fp8 = CostModel("device table", 1e-12, 0.1, 2e-12, 0.0, fp8_prep_ms_per_byte=1e-9, fp8_kernel_ratio=0.85)
+    monkeypatch.setattr(CostModel, "for_device", classmethod(lambda cls, device, *a, **k: with_fp8))
+    options = measure.backend_options(Variant.parse("uniform-0.1+fp8"), quick_settings(), [1000.0])
+    forced = options["cost_model"]
+    assert options["attention_dtype"] == "fp8" and forced.fp8_kernel_ratio is None and forced.fp8_prep_ms_per_byte is None
+    assert (forced.sparse_ms_per_flop, forced.sparse_overhead_ms, forced.source) == (1e-12, 0.1, "device table")
+    assert json.loads(json.dumps(measure._jsonable(options)))["cost_model"] == "device table"
+    assert "cost_model" not in measure.backend_options(Variant.parse("uniform-0.1"), quick_settings(), [1000.0])

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from scaling_compiler import cost_model
-from scaling_compiler.cost_model import (BACKWARD, DENSE, FORWARD, MEASURE_SHAPES, TABLES, CostModel, Shape, fit_line,
+from scaling_compiler.cost_model import (BACKWARD, DENSE, FORWARD, FP8, MEASURE_SHAPES, TABLES, CostModel, Shape,
+                                         fit_line,
                                          measure_rows, measured_model, row)
 from scaling_compiler.kernels import dispatch
 from scaling_compiler.kernels.dispatch import Implementation
@@ -76,6 +77,69 @@ def test_tables_are_keyed_by_implementation_and_direction():
     backward = [dict(r, direction="backward", ms=2 * r["ms"]) for r in rows]
     both = CostModel.from_rows(rows + backward, TMA, "backward", "t")
     assert both.sparse_ms_per_flop == pytest.approx(2 * LAWS[TMA][1], rel=1e-9)
+
+
+# the FP8 op in an H200-like world: a quantisation prep reading q, k, v at ~0.45 TB/s whatever the
+# density (0.34 ms at the Wan2.1-1.3B shape), then 0.85x the 16-bit op's time
+FP8_PREP_MS_PER_BYTE, FP8_RATIO = 1 / 0.45e9, 0.85
+
+
+def shape_bytes(shape: Shape) -> int:
+    return cost_model.qkv_bytes(shape.B, shape.H, shape.S, shape.S, shape.D)
+
+
+def fp8_law_ms(shape: Shape, density: float) -> float:
+    return FP8_PREP_MS_PER_BYTE * shape_bytes(shape) + FP8_RATIO * law_ms(TMA, shape, density)
+
+
+def fp8_rows(shapes=SHAPES, densities=(1.0, 0.5, 0.25, 0.1)):
+    return [row(FP8, FORWARD, s, d, fp8_law_ms(s, d), versus=TMA, versus_ms=law_ms(TMA, s, d))
+            for s in shapes for d in densities]
+
+
+@pytest.mark.parametrize("shapes", [SHAPES, (WAN,)], ids=["several shapes", "one shape"])
+def test_fp8_rows_fit_prep_and_kernel_ratio_forward_only(shapes):
+    """From FP8 rows holding the time of the 16-bit op they were timed beside (one shape is enough: the
+    prep is per byte, the rest a ratio); they serve only the model of that op."""
+    rows = law_rows(implementations=(TMA,))
+    model = CostModel.from_rows(rows + fp8_rows(shapes), TMA, FORWARD, "t")
+    assert model.fp8_prep_ms_per_byte == pytest.approx(FP8_PREP_MS_PER_BYTE, rel=1e-6)
+    assert model.fp8_kernel_ratio == pytest.approx(FP8_RATIO, rel=1e-6)
+    assert (model.sparse_overhead_ms, model.sparse_ms_per_flop) == pytest.approx(LAWS[TMA], rel=1e-9)  # unchanged
+    half = torch.full((12,), 0.5)
+    assert model.fp8_sparse_ms(flops(WAN), half, shape_bytes(WAN)) == pytest.approx(fp8_law_ms(WAN, 0.5), rel=1e-6)
+    assert CostModel.from_rows(rows, TMA, FORWARD, "t").fp8_sparse_ms(flops(WAN), half, shape_bytes(WAN)) is None
+    pointer = law_rows(implementations=(POINTER,)) + fp8_rows(shapes)
+    assert CostModel.from_rows(pointer, POINTER, FORWARD, "t").fp8_kernel_ratio is None  # timed beside TMA
+    backward = [dict(r, direction=BACKWARD) for r in rows + fp8_rows(shapes)]
+    assert CostModel.from_rows(backward, TMA, BACKWARD, "t").fp8_kernel_ratio is None  # the FP8 op has no backward
+    assert model.plus(model).fp8_sparse_ms(flops(WAN), half, shape_bytes(WAN)) is None  # training: forward + backward
+
+
+@pytest.mark.parametrize("density, runs_fp8", [(1.0, True), (0.1, False)])
+def test_fp8_runs_only_where_predicted_faster(density, runs_fp8):
+    """west_fast's plan of a Wan-sized site: with FP8 rows, FP8 is refused (with both times) where its
+    prep outweighs its faster kernel; without FP8 rows there is no objection."""
+    from scaling_compiler.policies.west_fast.plan import build_plan
+    from scaling_compiler.sites import Site
+
+    site = Site("blocks.0.attn1", None, None, WAN.B, WAN.H, WAN.H, WAN.S, WAN.S, WAN.D, torch.bfloat16,
+                torch.device("cpu"), (), WAN.D**-0.5, None, False, False, 0.0, None, "", ())
+    nb = (WAN.S + 127) // 128
+    masks = (torch.rand(1, WAN.H, nb, nb, generator=torch.Generator().manual_seed(0)) < density) | (density == 1.0)
+    rows = law_rows(implementations=(TMA,))
+    plan = build_plan(site, masks, (density,), torch.zeros(1, WAN.H, dtype=torch.int64), torch.tensor([500.0]), "t",
+                      None, CostModel.from_rows(rows + fp8_rows(), TMA, FORWARD, "t"))
+    assert plan.fp8_predicted_ms == pytest.approx(FP8_PREP_MS_PER_BYTE * shape_bytes(WAN) + FP8_RATIO * plan.predicted_ms,
+                                                  rel=1e-6)
+    refusal = plan.fp8_refusal()
+    assert (refusal is None) == runs_fp8
+    if not runs_fp8:
+        assert refusal == (f"cost model: FP8 {plan.fp8_predicted_ms:.3g} ms (quantisation included) is not 5% "
+                           f"below the 16-bit kernel's {plan.predicted_ms:.3g} ms")
+    no_fp8 = build_plan(site, masks, (density,), torch.zeros(1, WAN.H, dtype=torch.int64), torch.tensor([500.0]), "t",
+                        None, CostModel.from_rows(rows, TMA, FORWARD, "t"))
+    assert no_fp8.fp8_predicted_ms is None and no_fp8.fp8_refusal() is None
 
 
 def test_small_sites_with_big_fixed_costs_are_predicted_slower_than_dense():

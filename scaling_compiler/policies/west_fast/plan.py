@@ -14,7 +14,7 @@ import functools
 import torch
 import torch.fx
 
-from ...cost_model import CostModel
+from ...cost_model import CostModel, qkv_bytes
 from ...kernels.bitmask import BLOCK_SIZE, num_blocks, pack_block_mask
 from ...ops import pick_step_masks
 from ...sites import Site, SitePlan, SitePlanSummary
@@ -38,6 +38,7 @@ class MaskPlan(SitePlan):
     recall: list[float] | None  # per head, calibration recall at the step of median density (WEST)
     predicted_ms: float  # mean over steps, from the cost model (a training site: forward + backward)
     dense_ms: float  # SDPA, in the same directions
+    fp8_predicted_ms: float | None = None  # the FP8 op's, where the cost model has FP8 rows (inference only)
 
     @property
     def static(self) -> bool:
@@ -70,7 +71,12 @@ class MaskPlan(SitePlan):
         return graph.call_function(_FP8_OP if site.runs_fp8 else _OP, (q, k, v, mask, site.scale, key_padding))
 
     def fp8_refusal(self) -> str | None:
-        return None
+        """FP8 costs accuracy, so it must buy time: refused where the cost model's FP8 rows predict it
+        less than MIN_PREDICTED_GAIN faster than the 16-bit kernel (no FP8 rows: no objection)."""
+        if self.fp8_predicted_ms is None or self.fp8_predicted_ms < self.predicted_ms * (1.0 - MIN_PREDICTED_GAIN):
+            return None
+        return (f"cost model: FP8 {self.fp8_predicted_ms:.3g} ms (quantisation included) is not "
+                f"{MIN_PREDICTED_GAIN:.0%} below the 16-bit kernel's {self.predicted_ms:.3g} ms")
 
     def masks_at(self, timestep: float) -> torch.Tensor:
         steps = self.step_timesteps[: self.level_index.shape[0]]  # a static plan has one step
@@ -101,8 +107,10 @@ def build_plan(site: Site, block_masks: torch.Tensor, densities: tuple[float, ..
     """
     per_head = step_head_fraction(block_masks, level_index, site.q_len, site.kv_len)  # (steps, H)
     predicted = sum(cost.sparse_ms(site.dense_flops, row) for row in per_head) / len(per_head)
+    qkv = qkv_bytes(site.batch, site.heads, site.q_len, site.kv_len, site.head_dim, site.kv_heads, site.dtype.itemsize)
+    fp8 = [cost.fp8_sparse_ms(site.dense_flops, row, qkv) for row in per_head]
     return MaskPlan(densities, block_masks, level_index.contiguous(), step_timesteps, reason, recall,
-                    predicted, cost.dense_ms(site.dense_flops))
+                    predicted, cost.dense_ms(site.dense_flops), None if None in fp8 else sum(fp8) / len(fp8))
 
 
 def full_mask(site: Site) -> torch.Tensor:
