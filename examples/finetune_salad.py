@@ -24,8 +24,8 @@ gradients accumulated. The default, 1 video per call, is the quality harness's o
 student is then compiled on the harness's own compiling call (its first held-out prompt and noise
 seed 0; no loss, no gradient): WEST calibrates from the compiling call's inputs, so the branches are
 tuned against the very masks the harness calibrates for its training-free variants, with or without
-a shared cache (session 8 saw masks calibrated from a tuning batch score 3 dB lower at density 0.1,
-and the harness run those through a shared cache). Videos stay float32, as the sampler feeds them.
+a shared cache (on the H200, masks calibrated from a tuning batch scored 3 dB lower at density 0.1,
+and a shared cache handed them to the harness). Videos stay float32, as the sampler feeds them.
 Larger calls may run faster on a GPU (not measured) but compile on a tuning batch: other masks.
 On an H200 a call (forward + backward, host-bound) takes ~35 ms and a step of 8 videos ~0.46 s: a
 9.3-minute budget ran 1,060 steps (8,480 videos). Run tunings one after another: three sharing one
@@ -170,8 +170,8 @@ def make_batch(args: argparse.Namespace, index: int, video: tuple[int, int, int]
 def harness_compile_call(channels: int, video: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, ...]:
     """The inputs of the quality harness's compiling call with its default first job (held-out prompt
     EVAL_PROMPTS[0], noise seed 0; `sampling.compile_call_inputs`). WEST calibrates from the compiling
-    call's inputs, so compiling on these gives the masks the harness calibrates for itself (session 8
-    measured west:fast at 0.1 at 15.37 dB on the harness's masks and 12.17 dB on masks calibrated from a
+    call's inputs, so compiling on these gives the masks the harness calibrates for itself (on the H200,
+    west:fast at 0.1 scored 15.37 dB on the harness's own masks, 12.17 dB on masks calibrated from a
     tuning batch). The call only compiles: no loss, no gradient; no tuning batch is ever a held-out prompt."""
     tokens = sv.labels_to_tokens(sv.parse_prompt(sv.EVAL_PROMPTS[0])[None]).to(device)
     return compile_call_inputs(tokens, sv.null_tokens(1, device), (channels, *video), seed=0)
