@@ -108,9 +108,9 @@ def build_plan(site: Site, block_masks: torch.Tensor, densities: tuple[float, ..
     per_head = step_head_fraction(block_masks, level_index, site.q_len, site.kv_len)  # (steps, H)
     predicted = sum(cost.sparse_ms(site.dense_flops, row) for row in per_head) / len(per_head)
     qkv = qkv_bytes(site.batch, site.heads, site.q_len, site.kv_len, site.head_dim, site.kv_heads, site.dtype.itemsize)
-    fp8 = [cost.fp8_sparse_ms(site.dense_flops, row, qkv) for row in per_head]
+    fp8 = cost.fp8_sparse_ms(site.dense_flops, per_head.mean(0), qkv)  # linear in density: the mean over steps
     return MaskPlan(densities, block_masks, level_index.contiguous(), step_timesteps, reason, recall,
-                    predicted, cost.dense_ms(site.dense_flops), None if None in fp8 else sum(fp8) / len(fp8))
+                    predicted, cost.dense_ms(site.dense_flops), fp8)
 
 
 def full_mask(site: Site) -> torch.Tensor:
