@@ -34,17 +34,18 @@ def block_sparse_attention_lse(
     mask_words: torch.Tensor,  # int32 (H, Nq, W) or (B, H, Nq, W): bit-packed 128x128 block mask
     scale: float,
     key_padding: torch.Tensor | None = None,  # bool (B or 1, Sk): False marks keys to ignore
-) -> tuple[torch.Tensor, torch.Tensor]:  # out (B, H, Sq, D) contiguous, lse float32 (B, H, Sq)
+) -> tuple[torch.Tensor, torch.Tensor]:  # out (B, H, Sq, D) in q's layout, lse float32 (B, H, Sq)
     """Attention of q over the kept 128x128 key blocks, and the natural-log log-sum-exp of its
     scores. A query row with no kept key returns zeros and lse = -inf. Differentiable in q, k, v
-    (through out and lse); the mask and padding are constants."""
-    out, lse = dispatch.block_sparse_attention(q, k, v, mask_words, scale, key_padding)
-    return out.contiguous(), lse
+    (through out and lse); the mask and padding are constants. `out` is laid out like q
+    (`torch.empty_like(q)`), as SDPA's output: after a model's transpose back to (B, S, H, D) it is
+    a view, so no copy follows the op."""
+    return dispatch.block_sparse_attention(q, k, v, mask_words, scale, key_padding)
 
 
 @block_sparse_attention_lse.register_fake
 def _(q, k, v, mask_words, scale, key_padding=None):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("scaling_compiler::block_sparse_attention_backward", mutates_args=())
@@ -109,16 +110,16 @@ def block_sparse_attention_fp8(
     mask_words: torch.Tensor,  # int32 (H, Nq, W) or (B, H, Nq, W): bit-packed 128x128 block mask
     scale: float,
     key_padding: torch.Tensor | None = None,  # bool (B or 1, Sk): False marks keys to ignore
-) -> torch.Tensor:  # out (B, H, Sq, D) contiguous, q's dtype
+) -> torch.Tensor:  # out (B, H, Sq, D), q's dtype and layout
     """`block_sparse_attention` with FP8 (e4m3) dots: the Triton FP8 kernel on CUDA, the torch
     emulation of the same quantisation elsewhere. Inference only: no autograd formula is
     registered, so a backward through it raises; a query row with no kept key returns zeros."""
-    return dispatch.block_sparse_attention_fp8(q, k, v, mask_words, scale, key_padding).contiguous()
+    return dispatch.block_sparse_attention_fp8(q, k, v, mask_words, scale, key_padding)
 
 
 @block_sparse_attention_fp8.register_fake
 def _(q, k, v, mask_words, scale, key_padding=None):
-    return q.new_empty(q.shape)
+    return torch.empty_like(q)
 
 
 def sparse_attention(q, k, v, mask_words, scale, key_padding) -> torch.Tensor:

@@ -72,3 +72,25 @@ def test_op_gradients_match_float64_reference(mask, S, padded):
         torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
     if mask == "empty":
         assert all(bool((g == 0).all()) for g in got)
+
+
+@pytest.mark.parametrize("op", ["block_sparse_attention_lse", "block_sparse_attention_fp8"])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_output_in_q_layout(op, layout):
+    """The forward ops return out laid out like q (`torch.empty_like(q)`), fake and real alike (opcheck
+    compares them): a transposed (B, S, H, D) q gives an out whose transpose back is contiguous, so
+    a model's `transpose(1, 2).flatten(2)` after attention is a view, as after SDPA."""
+    dtype = torch.float32 if op == "block_sparse_attention_lse" else torch.bfloat16
+    q, k, v, block_mask, key_padding = _case(False, seed=5, S=260, dtype=dtype)
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    args = (q, k, v, pack_block_mask(block_mask), 0.125, key_padding)
+    torch.library.opcheck(getattr(OPS, op).default, args)
+    out = getattr(OPS, op)(*args)
+    out = out[0] if isinstance(out, tuple) else out
+    assert out.stride() == q.stride()
+    assert out.transpose(1, 2).is_contiguous() == (layout == "bshd")
+    # the values do not depend on the layout
+    contiguous = getattr(OPS, op)(*(t.contiguous() for t in args[:3]), *args[3:])
+    contiguous = contiguous[0] if isinstance(contiguous, tuple) else contiguous
+    torch.testing.assert_close(out, contiguous, rtol=0, atol=0)

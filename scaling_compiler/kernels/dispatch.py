@@ -97,17 +97,20 @@ def block_sparse_attention(
     key_padding: torch.Tensor | None = None,  # bool (B or 1, Sk): False marks keys to ignore
     *,
     implementation: Implementation | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # out (B, H, Sq, D), lse float32 (B, H, Sq)
+) -> tuple[torch.Tensor, torch.Tensor]:  # out (B, H, Sq, D) in q's layout, lse float32 (B, H, Sq)
     """Block-sparse attention forward by the implementation `implementation_for` picks.
 
     `implementation` forces one (tests: a Triton path on CPU tensors under TRITON_INTERPRET=1,
     e.g. the pointer path that GPUs without TMA take). Empty mask rows give out = 0, lse = -inf.
+    `out` has q's layout (`torch.empty_like(q)`), as SDPA's output does: a model that transposes
+    the attention back to (B, S, H, D) then gets a view, not a copy.
     """
     if implementation is None:
         implementation = implementation_for(q, k, v, key_padding is not None)
     implementation = Implementation(implementation)
     if implementation is Implementation.TORCH_BLOCKWISE:
-        return blockwise_attention(q, k, v, mask_words, scale, key_padding=key_padding)
+        out, lse = blockwise_attention(q, k, v, mask_words, scale, key_padding=key_padding)
+        return in_layout_of(q, out), lse
     return triton_forward.block_sparse_attention(q, k, v, mask_words, scale, key_padding=key_padding,
                                                  use_tma=implementation is Implementation.TRITON_TMA)
 
@@ -155,7 +158,7 @@ def block_sparse_attention_fp8(
     mask_words: torch.Tensor,  # int32 (H, Nq, W) or (B, H, Nq, W), on q's device
     scale: float,
     key_padding: torch.Tensor | None = None,  # bool (B or 1, Sk): False marks keys to ignore
-) -> torch.Tensor:  # out (B, H, Sq, D) in q's dtype; empty rows 0
+) -> torch.Tensor:  # out (B, H, Sq, D) in q's dtype and layout; empty rows 0
     """FP8 block-sparse attention forward (inference only): the Triton FP8 kernel on CUDA, the torch
     emulation of its quantisation and softmax (`reference.blockwise_attention_fp8`) elsewhere.
     Inputs that `fp8_unsupported_reason` refuses raise ValueError."""
@@ -164,4 +167,10 @@ def block_sparse_attention_fp8(
         raise ValueError(f"FP8 block-sparse attention cannot take these inputs: {reason}")
     if q.device.type == "cuda":
         return triton_fp8.block_sparse_attention_fp8(q, k, v, mask_words, scale, key_padding)
-    return blockwise_attention_fp8(q, k, v, mask_words, scale, key_padding)
+    return in_layout_of(q, blockwise_attention_fp8(q, k, v, mask_words, scale, key_padding))
+
+
+def in_layout_of(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out` (q's shape) in the layout `torch.empty_like(q)` gives: the layout every forward returns."""
+    like_q = torch.empty_like(q, dtype=out.dtype)
+    return out if out.stride() == like_q.stride() else like_q.copy_(out)

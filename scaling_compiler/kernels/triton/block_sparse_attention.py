@@ -29,8 +29,9 @@ Semantics (the contract the rest of the project codes against):
   ``(B, S, H, D)``, taken without a copy); Sq != Sk allowed; any lengths.
 - mask_words int32 ``(H, Nq, W)`` shared over the batch or ``(B, H, Nq, W)``;
   ``Nq = ceil(Sq / 128)``, ``W = ceil(ceil(Sk / 128) / 32)``.
-- Returns ``out`` (q's dtype, contiguous ``(B, H, Sq, D)``) and ``lse`` (float32 ``(B, H, Sq)``,
-  natural-log log-sum-exp of ``scale * q.k`` over the kept keys). Key tokens ``>= Sk`` never
+- Returns ``out`` (q's dtype, ``(B, H, Sq, D)`` in q's layout: ``torch.empty_like(q)``, so that a
+  model's transpose back to ``(B, S, H, D)`` stays a view, as after SDPA) and ``lse`` (float32
+  ``(B, H, Sq)``, natural-log log-sum-exp of ``scale * q.k`` over the kept keys). Key tokens ``>= Sk`` never
   contribute. A query row whose mask row is all zero gets ``out = 0`` and ``lse = -inf``.
 - An optional key-padding mask (bool ``(B or 1, Sk)``, False = padded) drops keys inside kept
   blocks; a row left with no key is an empty row (out 0, lse -inf), as on the CPU path. It is a
@@ -445,7 +446,7 @@ def block_sparse_attention(
     block_lists: BlockLists | None = None,
     key_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse attention forward. Returns ``out (B, H, Sq, D)`` (q's dtype, contiguous) and
+    """Block-sparse attention forward. Returns ``out (B, H, Sq, D)`` (``torch.empty_like(q)``) and
     float32 ``lse (B, H, Sq)`` (natural log); empty mask rows give ``out = 0``, ``lse = -inf``.
 
     ``scale``: None means ``1 / sqrt(D)``, as in SDPA.
@@ -470,7 +471,7 @@ def block_sparse_attention(
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
     if out is None:
-        out = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
+        out = torch.empty_like(q)
     if lse is None:
         lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     if out.shape != q.shape or out.dtype != q.dtype or lse.shape != q.shape[:3] or lse.dtype != torch.float32 \

@@ -30,8 +30,8 @@ Wan2.1-1.3B shape 1.13x our 16-bit kernel at density 1.0, 0.88x at 0.1, the prep
 Supported: q, k, v fp16 or bf16 ``(B, H, S, D)`` with any strides, D 64 or 128, Sq != Sk, any
 lengths, per-head ``(H, Nq, W)`` or per-batch ``(B, H, Nq, W)`` masks, key padding (bool
 ``(B or 1, Sk)``), compute capability >= (8, 9) (``fp8_unsupported_reason`` says why not).
-Output in q's dtype, contiguous ``(B, H, Sq, D)``; rows with no kept key are 0. Padded keys
-still enter k's mean and the scales (finite values are fine; NaN there would spread).
+Output ``(B, H, Sq, D)`` in q's dtype and layout (``torch.empty_like(q)``); rows with no kept key
+are 0. Padded keys still enter k's mean and the scales (finite values are fine; NaN there would spread).
 
 Accuracy (``tests/kernels/test_block_sparse_fp8.py`` states and derives the tolerance): e4m3
 keeps 3 mantissa bits, so each of the three roundings (q and k, P, v) has a relative error up to
@@ -269,8 +269,9 @@ def block_sparse_attention_fp8(
     config: dict | None = None,
     use_tma: bool | None = None,
 ) -> torch.Tensor:
-    """Block-sparse attention forward with e4m3 operands: ``out (B, H, Sq, D)`` in q's dtype,
-    contiguous; rows with no kept (unpadded) key are 0. Inference only (no lse, no backward).
+    """Block-sparse attention forward with e4m3 operands: ``out (B, H, Sq, D)`` in q's dtype and
+    layout (``torch.empty_like(q)``); rows with no kept (unpadded) key are 0. Inference only (no
+    lse, no backward).
 
     ``scale``: None means ``1 / sqrt(D)``. ``config``: ``{"BLOCK_M", "BLOCK_N", "num_warps",
     "num_stages"}`` to launch one fixed config; None autotunes on a GPU (``fp8_default_config`` in
@@ -287,7 +288,7 @@ def block_sparse_attention_fp8(
     kv_idx, kv_cnt, order = prepare_block_lists(mask_words, Sk)
     pad, stride_pz = _padding_argument(key_padding, B, Sk, q.device, kv_cnt)
     x = quantize(q, k, v)
-    out = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q)
     use_tma = TensorDescriptor is not None and (gpu_has_tma(q.device) if use_tma is None else use_tma)
     desc_k, desc_v = _descriptors(x) if use_tma else (None, None)
 
