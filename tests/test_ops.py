@@ -81,10 +81,12 @@ def test_output_in_q_layout(op, layout):
     compares them): a transposed (B, S, H, D) q gives an out whose transpose back is contiguous, so
     a model's `transpose(1, 2).flatten(2)` after attention is a view, as after SDPA."""
     dtype = torch.float32 if op == "block_sparse_attention_lse" else torch.bfloat16
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernels on a GPU, the CPU paths here
     q, k, v, block_mask, key_padding = _case(False, seed=5, S=260, dtype=dtype)
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
-    args = (q, k, v, pack_block_mask(block_mask), 0.125, key_padding)
+    q, k, v, key_padding = (t.to(device) for t in (q, k, v, key_padding))
+    args = (q, k, v, pack_block_mask(block_mask).to(device), 0.125, key_padding)
     torch.library.opcheck(getattr(OPS, op).default, args)
     out = getattr(OPS, op)(*args)
     out = out[0] if isinstance(out, tuple) else out
