@@ -106,6 +106,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available (--quick: cpu)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/salad-<density>)")
     p.add_argument("--ckpt-every", type=int, default=None, help="checkpoint every N steps (default 100)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from these branches (an earlier run's branches.safetensors at the same density) "
+                        "instead of fresh ones; the optimizer and the learning-rate schedule start anew (pass "
+                        "another --seed than the earlier run's for videos it has not seen)")
     p.add_argument("--seed", type=int, default=0, help="offsets the training seeds (TRAIN_SEED_BASE + ...)")
     p.add_argument("--data-pool", type=int, default=None,
                    help="cycle this many fixed batches instead of fresh ones every step (default 0: fresh; --quick 2)")
@@ -190,7 +194,8 @@ def tuning_metadata(args: argparse.Namespace, video: tuple[int, int, int], step:
               "video": list(video), "steps": step, "batch": args.batch,
               "micro_batch": args.micro_batch, "lr": args.lr, "warmup": args.warmup, "videos_seen": step * args.batch, "minutes": round(minutes, 2),
               "train_seed_base": TRAIN_SEED_BASE, "held_out_prompts": list(sv.EVAL_PROMPTS),
-              "calibration_samples": args.calibration_samples, "objective": "distillation (dense teacher), CFG pairs"}
+              "calibration_samples": args.calibration_samples, "objective": "distillation (dense teacher), CFG pairs",
+              "init": None if args.init is None else str(args.init)}
     return {"density": repr(args.density), "tuning": json.dumps(tuning)}
 
 
@@ -237,7 +242,7 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
     model: TinyVideoDiT = load_pretrained(device, dtype).requires_grad_(False)
     video = tuple(args.video or (model.config.frames, model.config.height, model.config.width))
-    backend = student_backend(args)
+    backend = student_backend(args, weights=args.init)
     student = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     args.out.mkdir(parents=True, exist_ok=True)
     log.info("tuning SALAD branches of the tiny DiT at density %g on %s (%s): video %s = %d tokens, %d videos "

@@ -55,6 +55,15 @@ def test_checkpoints_record_the_density_and_held_out_prompts(tuned):
     assert tuning["lr"] == 1e-3 and tuning["warmup"] == 0  # the recipe is recorded (--quick's)
 
 
+def test_init_continues_from_saved_branches(example, tuned, tmp_path):
+    """--init starts from a run's branches: the first step's loss is below the fresh run's (same data),
+    and the new file records where it started."""
+    torch._dynamo.reset()
+    again = example.main(["--quick", "--out", str(tmp_path), "--init", str(tuned["path"])])
+    assert again["losses"][0] < 0.8 * tuned["losses"][0], (again["losses"], tuned["losses"])
+    assert json.loads(read_metadata(again["path"])["tuning"])["init"] == str(tuned["path"])
+
+
 def test_default_recipe(example):
     # the GPU recipe (peak lr chosen on the CPU at 5x32x32, see the module docstring); --quick keeps its own
     args = example.parse_args(["--device", "cpu"])
