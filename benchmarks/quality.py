@@ -45,6 +45,13 @@ per-step plans at the sampler's steps).
 dtype), so the videos measure FP8's quality cost on top of the masks' against the same dense reference;
 each variant records how many sparse sites ran in which dtype (`attention_dtypes`).
 
+`--linears float8|int8` quantises the linear layers of a copy of the model's transformer blocks with
+torchao before every variant compiles (float8: dynamic activation + weight with per-row scales, the
+end-to-end benchmark's `+f8lin`, on a GPU of compute capability 8.9 or later; int8: weight-only, any
+device). The dense reference stays the unquantised model, so the scores include the quantisation's
+cost; at density 1.0 (every block kept) they are its cost alone. Each variant records how many linear
+weights ran quantised (`quantized_linears`).
+
 Times: `compile_s` is the first call of the compiled model (dynamo trace, WEST calibration
 unless cached, mask building, the inner compiler; on CUDA the first sparse variant also pays
 the Triton kernel's JIT and autotuning); `sample_s` is the sampling of all videos afterwards.
@@ -89,6 +96,8 @@ VARIANTS = ["west:fast", "west:uniform:0.2", "window_3d", "dfsattn"]
 DENSITIES = [0.5, 0.25, 0.1]
 SHEET_DENSITY = 0.25
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# --linears: torchao configs by name (imported on use: torchao is optional)
+LINEAR_QUANTISATIONS = {"float8": "Float8DynamicActivationFloat8WeightConfig", "int8": "Int8WeightOnlyConfig"}
 # --quick: CI size on the CPU
 QUICK = {"prompts": PROMPTS[:1], "steps": 2, "frames": 3, "height": 32, "width": 32, "densities": [0.5, 1.0]}
 
@@ -118,6 +127,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="branch files of the 'salad' variant (examples/finetune_salad.py), one per density")
     p.add_argument("--attention-dtype", choices=["fp8"], default=None,
                    help="backend option attention_dtype: sparse sites in FP8 (default: the model's dtype)")
+    p.add_argument("--linears", choices=sorted(LINEAR_QUANTISATIONS), default=None,
+                   help="quantise the transformer blocks' linears with torchao before compiling each variant (the "
+                        "dense reference stays unquantised): float8 (sm89+ GPU) or int8 weight-only")
     p.add_argument("--calibration-samples", type=int, default=None, help="WEST calibration runs (backend default 8)")
     p.add_argument("--compiler", default="aot_eager", choices=["aot_eager", "inductor", "eager"],
                    help="inner compiler of the backend (quality does not depend on it)")
@@ -140,6 +152,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sv.parse_prompt(prompt)  # fail early on a bad prompt
     if not all(0 < d <= 1 for d in args.densities):
         p.error("densities must be in (0, 1]")
+    if args.linears:
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            p.error("--linears needs torchao (pip install torchao)")
+        if args.linears == "float8" and not (str(args.device).startswith("cuda") and torch.cuda.is_available()
+                                             and torch.cuda.get_device_capability(args.device) >= (8, 9)):
+            p.error("--linears float8 needs a CUDA GPU of compute capability 8.9 or later (torchao's float8 matmuls)")
     try:
         args.salad_files = salad_files(args.salad_weights)
         for variant, density in variants(args.variants, args.densities):
@@ -344,6 +364,24 @@ def mean_recall(reports, west_topology=None) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def quantized_copy(model: torch.nn.Module, kind: str) -> tuple[torch.nn.Module, int]:
+    """A copy of the tiny DiT whose transformer blocks' linears torchao quantised (`--linears`), and how
+    many linear weights became quantised tensors."""
+    import copy
+
+    from torchao import quantization
+
+    config = getattr(quantization, LINEAR_QUANTISATIONS[kind])
+    quantized = copy.deepcopy(model)
+    quantization.quantize_(quantized.transformer.blocks,
+                           config(granularity=quantization.PerRow()) if kind == "float8" else config())
+    count = sum(type(m.weight) not in (torch.Tensor, torch.nn.Parameter)  # torchao's tensor subclasses
+                for m in quantized.modules() if isinstance(m, torch.nn.Linear))
+    if count == 0:
+        raise RuntimeError(f"--linears {kind}: torchao quantised no linear layer of the blocks")
+    return quantized, count
+
+
 def run_variant(model, variant, density, args, jobs, video_shape, device, fast_fit=None):
     """Compile, sample every job, and return (videos, backend, compile seconds, sampling seconds).
 
@@ -418,6 +456,10 @@ def _run(args, device, dtype, out, fast_fit=None) -> dict:
     with torch.no_grad():
         dense, dense_s = generate(model, jobs, args, video_shape, device)
     print(f"  sampled in {dense_s:.1f} s", flush=True)
+    quantized_linears = 0
+    if args.linears:  # every variant runs the quantised copy; the dense reference above did not
+        model, quantized_linears = quantized_copy(model, args.linears)
+        print(f"linears: {quantized_linears} quantised ({args.linears}, torchao) in every variant below", flush=True)
 
     results, sheet_videos = [], {}
     west_topology = None
@@ -448,6 +490,7 @@ def _run(args, device, dtype, out, fast_fit=None) -> dict:
             "graphs_compiled": len(reports),
             "attention_dtypes": dict(collections.Counter(site.attention_dtype for r in reports
                                                          for site in r.sparse_sites)),
+            "quantized_linears": quantized_linears,
             "backend_config": reports[0].config if reports else None,
             "topology_origin": [r.topology_origin for r in reports],
             "salad": salad,
@@ -491,7 +534,7 @@ def _run(args, device, dtype, out, fast_fit=None) -> dict:
         "settings": {
             "prompts": args.prompts, "seeds": args.seeds, "steps": args.steps, "guidance_scale": args.guidance,
             "shift": DEFAULT_SHIFT, "video": list(video_shape), "tokens": tokens, "dtype": args.dtype,
-            "compiler": args.compiler, "attention_dtype": args.attention_dtype,
+            "compiler": args.compiler, "attention_dtype": args.attention_dtype, "linears": args.linears,
             "calibration_samples": args.calibration_samples or DEFAULT_CALIBRATION_SAMPLES,
             "quick": args.quick,
             "metrics": "PSNR over the whole video, SSIM per frame (11x11 Gaussian, sigma 1.5), data range 2",

@@ -72,3 +72,23 @@ def test_density_one_matches_dense(quick_run):
     # platforms' summation orders while failing at once on any masked or misplaced block (< 30 dB).
     assert full["psnr_mean"] >= 40, full["psnr_mean"]
     assert full["ssim_mean"] > 0.999
+
+
+def test_int8_linears_cost_is_measured_against_the_unquantised_dense(tmp_path):
+    """--linears int8: every variant runs a torchao-quantised copy while the dense reference stays
+    unquantised, so at density 1.0 (every block) the score is the quantisation's cost alone: far below
+    the ~120 dB of the unquantised run (test_density_one_matches_dense), yet a recognisable video."""
+    pytest.importorskip("torchao")
+    result = quality.main(["--quick", "--device", "cpu", "--densities", "1.0", "--linears", "int8",
+                           "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")])
+    assert result["settings"]["linears"] == "int8"
+    (full,) = result["variants"]
+    assert full["quantized_linears"] > 0
+    assert 15 < full["psnr_mean"] < 80, full["psnr_mean"]
+
+
+def test_float8_linears_refused_on_the_cpu(capsys):
+    pytest.importorskip("torchao")
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--quick", "--device", "cpu", "--linears", "float8"])
+    assert "compute capability" in capsys.readouterr().err
