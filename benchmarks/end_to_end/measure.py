@@ -12,6 +12,13 @@
   are reused by later ones, in memory and on disk. Calibration runs on `--calibration-samples` (2)
   samples, not the backend's default 8, to fit the time limit; `calibration_s` is reported so the
   cold compile at 8 samples can be extrapolated.
+- compile phases (`compile_phases_s`): where the first call's seconds went, from torch._dynamo's
+  compilation timers (`compilation_time_metrics`; phases whose timer this torch lacks are left out):
+  `dynamo_trace` (bytecode tracing), `backend` (the backend's call: for dense, AOTAutograd and
+  inductor; for ours, our passes with WEST calibration, then the inner compiler), `aot_and_inductor`
+  (AOTAutograd with inductor inside it), `inductor` (inductor's code generation and compile) and, for
+  ours, `ours` = backend - aot_and_inductor. What the first call spends outside the phases is
+  mostly the first run (Triton JIT and autotuning).
 - memory: `torch.cuda.max_memory_allocated` over the timed calls (after a reset), and over the
   first call (`compile_peak_gib`: includes calibration).
 - graphs: graphs compiled on the first call, recompiles (graphs compiled after it: must be 0,
@@ -34,6 +41,12 @@ from scaling_compiler import ScalingAttnBackend
 from scaling_compiler.cost_model import CostModel
 
 WARMUP_SEQUENCES = 4  # +fbc: at most this many untimed sequences
+COMPILE_TIMERS = {  # phase of the first call -> the torch._dynamo compilation timer that measures it
+    "dynamo_trace": "bytecode_tracing",
+    "backend": "OutputGraph.call_user_compiler",
+    "aot_and_inductor": "create_aot_dispatcher_function",
+    "inductor": "compile_fx_inner",
+}
 
 
 def backend_options(variant: Variant, settings: Settings, timesteps: list[float]) -> dict[str, Any]:
@@ -89,6 +102,20 @@ def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before[k] for k in after}
 
 
+def compile_clock() -> dict[str, float]:
+    """Seconds on each of torch._dynamo's compilation timers of `COMPILE_TIMERS` so far (those it has)."""
+    metrics = torch._dynamo.utils.compilation_time_metrics
+    return {phase: sum(metrics[timer]) for phase, timer in COMPILE_TIMERS.items() if timer in metrics}
+
+
+def compile_phases(before: dict[str, float], after: dict[str, float], ours: bool) -> dict[str, float]:
+    """The phases' seconds between two `compile_clock()` readings; `ours` adds our passes' share."""
+    phases = {phase: round(after[phase] - before.get(phase, 0.0), 2) for phase in after}
+    if ours and "backend" in phases and "aot_and_inductor" in phases:
+        phases["ours"] = round(phases["backend"] - phases["aot_and_inductor"], 2)
+    return phases
+
+
 def measure_variant(models: Models, inputs: Inputs, section_key: str, batch: int, variant: Variant,
                     settings: Settings, timesteps: list[float]) -> VariantResult:
     options = backend_options(variant, settings, timesteps) if variant.schedule else {}
@@ -126,7 +153,8 @@ def measure_variant(models: Models, inputs: Inputs, section_key: str, batch: int
 
 def after_first_call(result: VariantResult, variant: Variant, backend: ScalingAttnBackend | None,
                      settings: Settings) -> None:
-    log(f"  compiled in {result.compile_s:.1f} s")
+    phases = ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in result.compile_phases_s.items())
+    log(f"  compiled in {result.compile_s:.1f} s" + (f" (s: {phases})" if phases else ""))
     if variant.linear_branch:
         log(f"  {randomize_branches(backend, settings.seed)} linear branches set to random weights")
     for report in backend.reports if backend else []:
@@ -145,7 +173,9 @@ def time_per_step(compiled: Callable[..., Any], inputs: Inputs, variant: Variant
 
     first, cuda = result.timed_timesteps[0], settings.cuda
     reset_peak(cuda)
+    clock = compile_clock()
     result.compile_s = timed_call(lambda: call(first), cuda) / 1e3
+    result.compile_phases_s = compile_phases(clock, compile_clock(), backend is not None)
     result.compile_peak_gib = peak_gib(cuda)
     compiled_first = delta(before, counters())
     after_first_call(result, variant, backend, settings)
@@ -173,7 +203,9 @@ def time_sequences(sequence: CachedSequence, variant: Variant, settings: Setting
     profiled sequence. Returns the counters' change over the first call."""
     cuda = settings.cuda
     reset_peak(cuda)
+    clock = compile_clock()
     result.compile_s = sequence.run(cuda, limit=1)[0][0] / 1e3
+    result.compile_phases_s = compile_phases(clock, compile_clock(), backend is not None)
     result.compile_peak_gib = peak_gib(cuda)
     compiled_first = delta(before, counters())
     after_first_call(result, variant, backend, settings)

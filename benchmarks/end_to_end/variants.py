@@ -153,6 +153,7 @@ class VariantResult:
     attention_kernels: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> ms per call
     top_kernels: dict[str, float] = dataclasses.field(default_factory=dict)
     compile_s: float | None = None  # first call
+    compile_phases_s: dict[str, float] = dataclasses.field(default_factory=dict)  # measure.COMPILE_TIMERS' phases
     compile_state: str = ""
     recompile_s: float | None = None  # dense only: a fresh compile after torch._dynamo.reset()
     calibration_s: float | None = None

@@ -27,6 +27,12 @@ def test_quick_mode_measures_each_variant(tmp_path):
         assert (r["graphs"], r["recompiles"], r["graph_breaks"]) == (1, 0, 0)  # FAST: masks follow the timestep
         assert r["self_density"] == pytest.approx(0.25, abs=0.03)
         assert r["predicted_attention_speedup"] > 1 and r["amdahl_speedup"] > 1
+    # where the first call's time went: dynamo's timers, our passes' share only for our backend
+    for name, r in results.items():
+        phases = r["compile_phases_s"]
+        assert 0 < phases["backend"] <= r["compile_s"] and 0 < phases["dynamo_trace"] <= r["compile_s"], (name, phases)
+        assert ("ours" in phases) == (name != "dense")
+    assert results["uniform-0.25"]["compile_phases_s"]["ours"] > 0  # WEST calibration at least
     assert "calibrated" in results["uniform-0.25"]["compile_state"]
     assert "from cache" in results["fast-0.25"]["compile_state"]
     assert len(results["fast-0.25"]["timed_timesteps"]) == len(results["fast-0.25"]["step_latency_ms"]) == 2
