@@ -19,8 +19,7 @@ Variants (one process, same weights and inputs): `dense` (torch.compile, inducto
 against it), `uniform-<d>`, `salad-<d>` and `fast-<d>` (our backend), each with optional suffixes
 `+cg` (CUDA graphs) and the stack layers `+fp8`, `+f8lin`, `+fbc` (issue #18). Measured per variant:
 latency, attention share, compile time (with its phases: dynamo, our passes, inductor) and cache state,
-peak memory, graphs and recompiles, and
-the PassReport's densities and predicted speedups.
+peak memory, graphs and recompiles, and the PassReport's densities and predicted speedups.
 
 The modules, from the bottom up (each imports only those above it):
 - `variants`: the sections, the variant grammar and what each variant is; settings and result records.
