@@ -2,13 +2,16 @@
 (deadline and skips included), and `main`.
 
 Caches start empty: SCALINGATTN_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR point at
-fresh temporary folders (--compile-cache-dir keeps inductor's). The JSON is rewritten after every
+fresh temporary folders (--compile-cache-dir keeps inductor's). `--inductor KEY=VALUE` sets an inductor
+config (`torch._inductor.config`, dotted keys such as `triton.multi_kernel=1`) for the whole run, dense
+and ours alike, so ratios stay like for like; the JSON records it under `inductor_config`. The JSON is rewritten after every
 variant (a timeout keeps what was measured); no variant starts after --deadline-s seconds, the rest
 are recorded as skipped.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import datetime
@@ -66,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="dense SDPA: cuDNN first (fastest on H100), or torch's own order")
     p.add_argument("--deadline-s", type=float, default=520.0, help="no variant starts after this many seconds")
     p.add_argument("--compile-cache-dir", default=None, help="keep inductor/Triton caches here (default: fresh, empty)")
+    p.add_argument("--inductor", type=inductor_setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="an inductor config for every variant, e.g. triton.multi_kernel=1 (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     p.add_argument("--tag", default=None, help="file name suffix (default: sections and batches)")
@@ -79,7 +84,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             Variant.parse(spec)
     except ValueError as error:
         p.error(str(error))
+    known = torch._inductor.config.get_config_copy()
+    for key, _ in args.inductor:
+        if key not in known:
+            p.error(f"--inductor: torch._inductor.config has no {key!r}")
+    args.inductor = dict(args.inductor)
     return args
+
+
+def inductor_setting(text: str) -> tuple[str, Any]:
+    """--inductor KEY=VALUE: the value as a Python literal (1, True, 'max-autotune'), else as the string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key.strip(), value
 
 
 def make_settings(args: argparse.Namespace) -> Settings:
@@ -100,8 +121,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = environment(args, settings)
     out_path = output_path(args, payload)
     dense_sdpa = cudnn_first(settings.device) if args.sdpa == "cudnn" else contextlib.nullcontext()
-    with fresh_caches(args) as dirs, dense_sdpa, one_thread(args.quick):
+    with fresh_caches(args) as dirs, dense_sdpa, one_thread(args.quick), torch._inductor.config.patch(args.inductor):
         payload["cache_dirs"] = dirs
+        payload["inductor_config"] = args.inductor
         log(f"{payload['device']}: sections {args.sections}, batch {args.batch}; results to {out_path}")
         run_all(args, settings, payload, out_path)
     log(f"wrote {out_path}")

@@ -76,3 +76,30 @@ def test_random_branches_are_seeded_and_nonzero():
     first, again = branches(0), branches(0)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert first["sites.blocks__0__attn1.proj.weight"].abs().min() > 0
+
+
+def test_inductor_settings_are_parsed_checked_and_recorded(capsys):
+    args = end_to_end.parse_args(["--quick", "--inductor", "triton.multi_kernel=1", "--inductor",
+                                  "coordinate_descent_tuning=True"])
+    assert args.inductor == {"triton.multi_kernel": 1, "coordinate_descent_tuning": True}
+    with pytest.raises(SystemExit):
+        end_to_end.parse_args(["--quick", "--inductor", "triton.no_such_setting=1"])
+    assert "no_such_setting" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        end_to_end.parse_args(["--quick", "--inductor", "multi_kernel"])
+
+
+@pytest.mark.slow
+def test_inductor_settings_hold_during_the_run(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from benchmarks.end_to_end import cli
+
+    seen = []
+    real = cli.run_all
+    monkeypatch.setattr(cli, "run_all", lambda *a: (seen.append(inductor_config.triton.multi_kernel), real(*a))[1])
+    payload = end_to_end.main(["--quick", "--variants", "dense", "--reps", "1", "--no-dense-recompile",
+                               "--inductor", "triton.multi_kernel=1", "--out-dir", str(tmp_path)])
+    assert seen == [1] and inductor_config.triton.multi_kernel == 0  # set for the run, restored after
+    assert payload["inductor_config"] == {"triton.multi_kernel": 1}
+    assert json.loads(Path(payload["path"]).read_text())["inductor_config"] == {"triton.multi_kernel": 1}
