@@ -63,13 +63,15 @@ def environment(gpu: str) -> dict:
 
 def write_table(path: Path, rows: list[dict], env: dict, merge: bool = True) -> Path:
     """Write a table file atomically; with `merge`, rows of an existing file (same format) whose
-    (implementation, direction, shape, dtype, density) the new rows do not cover are kept."""
+    (implementation, direction, shape, dtype, density) the new rows do not cover are kept. The density
+    of that key is the nominal one where a row has it: random masks keep a slightly different
+    fraction in every run (0.4994 vs 0.5006), and a new measurement must replace the old."""
     path = Path(path)
     if merge and path.exists():
         old = json.loads(path.read_text())
         if old.get("format") == TABLE_FORMAT:
             key = lambda r: (r["implementation"], r["direction"], r["B"], r["H"], r["Sq"], r["Sk"], r["D"],
-                             r["dtype"], round(r["density"], 3))
+                             r["dtype"], round(r.get("nominal_density", r["density"]), 3))
             new_keys = {key(r) for r in rows}
             rows = [r for r in old["rows"] if key(r) not in new_keys] + rows
     path.parent.mkdir(parents=True, exist_ok=True)

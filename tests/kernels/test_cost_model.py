@@ -302,6 +302,15 @@ def test_write_committed_table_for_both_triton_paths(fake_gpu, monkeypatch, tmp_
     extra = row(TMA, "backward", Shape("other", 1, 2, 512, 64), 0.5, 1.0)
     cost_model.write_table(path, [extra], cost_model.environment("NVIDIA H200"))  # merged, not replaced
     assert len(json.loads(path.read_text())["rows"]) == len(rows) + 1
+    # a new measurement at the same nominal density replaces the old one, whatever fraction its masks kept
+    other = Shape("other", 1, 2, 512, 64)
+    again = [row(TMA, "backward", other, 0.5006, 1.5, nominal_density=0.5),
+             row(TMA, "backward", other, 0.2491, 0.7, nominal_density=0.25)]
+    cost_model.write_table(path, again[:1], cost_model.environment("NVIDIA H200"))
+    cost_model.write_table(path, [row(TMA, "backward", other, 0.4994, 1.4, nominal_density=0.5), again[1]],
+                           cost_model.environment("NVIDIA H200"))
+    kept = [r for r in json.loads(path.read_text())["rows"] if r["shape"] == "other"]
+    assert sorted((r.get("nominal_density", r["density"]), r["ms"]) for r in kept) == [(0.25, 0.7), (0.5, 1.4)]
 
 
 def test_for_device_fits_the_backward_from_committed_rows(fake_gpu, monkeypatch, tmp_path):
