@@ -46,3 +46,23 @@ def cudnn_first(device: str) -> Iterator[None]:
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     with sdpa_kernel(order, set_priority=True):
         yield
+
+
+FLOAT8_CAPABILITY = (8, 9)  # torchao's float8 matmuls and our FP8 attention kernel: sm89 (Ada) or later
+TORCHAO_LINEARS = {"float8": "Float8DynamicActivationFloat8WeightConfig", "int8": "Int8WeightOnlyConfig"}
+
+
+def quantize_linears(blocks: torch.nn.Module, kind: str) -> None:
+    """torchao quantisation of the linears under `blocks`, in place: "float8", dynamic activation + weight
+    with per-row scales (issue #18's stack), or "int8", weight-only (any device). torchao is optional:
+    imported here."""
+    from torchao import quantization
+
+    config = getattr(quantization, TORCHAO_LINEARS[kind])
+    quantization.quantize_(blocks, config(granularity=quantization.PerRow()) if kind == "float8" else config())
+
+
+def quantized_linears(model: torch.nn.Module) -> int:
+    """How many nn.Linear weights of `model` are torchao tensor subclasses (0 for a plain model)."""
+    return sum(type(m.weight) not in (torch.Tensor, torch.nn.Parameter)
+               for m in model.modules() if isinstance(m, torch.nn.Linear))

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import datetime
 import json
 import os
@@ -77,7 +78,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from benchmarks.common import RESULTS_DIR
+from benchmarks.common import FLOAT8_CAPABILITY, RESULTS_DIR, TORCHAO_LINEARS, quantize_linears, quantized_linears
 from benchmarks.variants import SALAD, backend_options, variants
 from scaling_compiler import ScalingAttnBackend
 from scaling_compiler.cache import CACHE_DIR_ENV_VAR
@@ -96,8 +97,6 @@ VARIANTS = ["west:fast", "west:uniform:0.2", "window_3d", "dfsattn"]
 DENSITIES = [0.5, 0.25, 0.1]
 SHEET_DENSITY = 0.25
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# --linears: torchao configs by name (imported on use: torchao is optional)
-LINEAR_QUANTISATIONS = {"float8": "Float8DynamicActivationFloat8WeightConfig", "int8": "Int8WeightOnlyConfig"}
 # --quick: CI size on the CPU
 QUICK = {"prompts": PROMPTS[:1], "steps": 2, "frames": 3, "height": 32, "width": 32, "densities": [0.5, 1.0]}
 
@@ -127,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="branch files of the 'salad' variant (examples/finetune_salad.py), one per density")
     p.add_argument("--attention-dtype", choices=["fp8"], default=None,
                    help="backend option attention_dtype: sparse sites in FP8 (default: the model's dtype)")
-    p.add_argument("--linears", choices=sorted(LINEAR_QUANTISATIONS), default=None,
+    p.add_argument("--linears", choices=sorted(TORCHAO_LINEARS), default=None,
                    help="quantise the transformer blocks' linears with torchao before compiling each variant (the "
                         "dense reference stays unquantised): float8 (sm89+ GPU) or int8 weight-only")
     p.add_argument("--calibration-samples", type=int, default=None, help="WEST calibration runs (backend default 8)")
@@ -158,7 +157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         except ImportError:
             p.error("--linears needs torchao (pip install torchao)")
         if args.linears == "float8" and not (str(args.device).startswith("cuda") and torch.cuda.is_available()
-                                             and torch.cuda.get_device_capability(args.device) >= (8, 9)):
+                                             and torch.cuda.get_device_capability(args.device) >= FLOAT8_CAPABILITY):
             p.error("--linears float8 needs a CUDA GPU of compute capability 8.9 or later (torchao's float8 matmuls)")
     try:
         args.salad_files = salad_files(args.salad_weights)
@@ -367,16 +366,9 @@ def mean_recall(reports, west_topology=None) -> float | None:
 def quantized_copy(model: torch.nn.Module, kind: str) -> tuple[torch.nn.Module, int]:
     """A copy of the tiny DiT whose transformer blocks' linears torchao quantised (`--linears`), and how
     many linear weights became quantised tensors."""
-    import copy
-
-    from torchao import quantization
-
-    config = getattr(quantization, LINEAR_QUANTISATIONS[kind])
     quantized = copy.deepcopy(model)
-    quantization.quantize_(quantized.transformer.blocks,
-                           config(granularity=quantization.PerRow()) if kind == "float8" else config())
-    count = sum(type(m.weight) not in (torch.Tensor, torch.nn.Parameter)  # torchao's tensor subclasses
-                for m in quantized.modules() if isinstance(m, torch.nn.Linear))
+    quantize_linears(quantized.transformer.blocks, kind)
+    count = quantized_linears(quantized)
     if count == 0:
         raise RuntimeError(f"--linears {kind}: torchao quantised no linear layer of the blocks")
     return quantized, count

@@ -34,7 +34,8 @@ import torch
 
 from benchmarks.end_to_end.model import Inputs, timed_steps, timed_timesteps
 from benchmarks.end_to_end.profiling import compile_state, profile, summarise_reports
-from benchmarks.end_to_end.stack import CachedSequence, Models, first_block_cache, float8_linears
+from benchmarks.common import quantized_linears
+from benchmarks.end_to_end.stack import CachedSequence, Models, first_block_cache
 from benchmarks.end_to_end.timing import log, peak_gib, release, reset_peak, time_steps, timed_call
 from benchmarks.end_to_end.variants import Settings, Variant, VariantResult
 from scaling_compiler import ScalingAttnBackend
@@ -125,7 +126,7 @@ def measure_variant(models: Models, inputs: Inputs, section_key: str, batch: int
         result.cuda_graphs = "torch.compile(mode='reduce-overhead')"
     result.timed_timesteps = timed_timesteps(variant, timesteps, settings)
     model = models.for_variant(variant)
-    result.float8_linears = float8_linears(model)
+    result.float8_linears = quantized_linears(model)
     release()
     with first_block_cache(model, variant, settings.fbc_threshold):
         compiled, backend = compile_model(model, variant, settings, options)

@@ -11,7 +11,7 @@ sequence mode.
   Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))`, on a copy of the model built
   from the same seed (quantize_ works in place; from then on both models count in every peak
   memory); `dense+f8lin` isolates the linears' gain.
-  `float8_linears` counts the Float8Tensor weights of every row (0 without +f8lin).
+  `float8_linears` counts the quantised (Float8Tensor) linear weights of every row (0 without +f8lin).
 - `+fbc`: diffusers' FirstBlockCache (`model.enable_cache(FirstBlockCacheConfig(threshold=
   --fbc-threshold))`, default 0.2, the example of diffusers' docs: a step whose first-block residual
   moved less than that, relative to the previous step's, skips the other blocks). A cache skips
@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from benchmarks.common import FLOAT8_CAPABILITY, quantize_linears, quantized_linears
 from benchmarks.end_to_end.model import Inputs, build_model
 from benchmarks.end_to_end.timing import timed_call
 from benchmarks.end_to_end.variants import Section, Settings, Variant
@@ -41,7 +42,6 @@ from scaling_compiler.demo.sampling import diffusers_cache_context
 
 FBC_LEADER_HOOK = "fbc_leader_block_hook"  # diffusers' name of FirstBlockCache's hook on the first block
 FBC_THRESHOLD = 0.2  # FirstBlockCache's relative first-block residual change below which a step is skipped
-FLOAT8_CAPABILITY = (8, 9)  # torchao's float8 matmuls and our FP8 attention kernel: sm89 (Ada) or later
 
 
 def cuda_capability() -> tuple[int, int]:
@@ -80,19 +80,6 @@ def float8_linears_unavailable(settings: Settings) -> str | None:
     return None
 
 
-def quantize_linears(model: torch.nn.Module) -> int:
-    """torchao float8 dynamic activation + weight with per-row scales on the transformer blocks, as issue
-    #18 quotes; returns how many linear weights became float8."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-    quantize_(model.blocks, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-    return float8_linears(model)
-
-
-def float8_linears(model: torch.nn.Module) -> int:
-    return sum(type(m.weight).__name__ == "Float8Tensor" for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-
 @dataclasses.dataclass
 class Models:
     """A section's model, and its float8-linear copy (same seed, same weights) built on first use:
@@ -108,7 +95,8 @@ class Models:
             return self.plain
         if self.float8 is None:
             model = build_model(self.section, self.settings)
-            if quantize_linears(model) == 0:
+            quantize_linears(model.blocks, "float8")
+            if quantized_linears(model) == 0:
                 raise RuntimeError("quantize_ left every linear of the blocks unquantised")
             self.float8 = model
         return self.float8
