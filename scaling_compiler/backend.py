@@ -141,10 +141,15 @@ def scalingattn_backend(
 def _inner_compile(config: Config, gm: torch.fx.GraphModule, inputs: list[Any]) -> CompiledFn:
     compiler = config.compiler
     if compiler is InnerCompiler.INDUCTOR:
+        from torch._inductor import config as inductor_config
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, inputs, config_patches=list_mode_options(config.mode) if config.mode else None)
+        from .passes.float8_activations import Float8ActivationFusion
+
+        patches = dict(list_mode_options(config.mode)) if config.mode else {}
+        patches["post_grad_custom_post_pass"] = Float8ActivationFusion(then=inductor_config.post_grad_custom_post_pass)
+        return compile_fx(gm, inputs, config_patches=patches)
     if compiler is InnerCompiler.AOT_EAGER:
         from torch._dynamo.backends.registry import lookup_backend
 

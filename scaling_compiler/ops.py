@@ -6,6 +6,9 @@
 - `torch.ops.scaling_compiler.block_sparse_attention_fp8`: the same attention with e4m3 operands
   (q, k per 128-token block, k smoothed by its mean, v per channel, P in e4m3); inference only.
 - `torch.ops.scaling_compiler.step_masks`: the current step's masks, picked from the timestep in-graph.
+- `torch.ops.scaling_compiler.gelu_tanh_float8_rows`: GELU (tanh) and torchao's rowwise float8
+  quantisation of a feed-forward hidden state, which `passes/float8_activations.py` puts in inductor's
+  graphs in place of torchao's decomposed quantisation.
 
 (A policy's own run-time op lives with the policy: `policies/dfsattn/op.py`.)
 
@@ -120,6 +123,19 @@ def block_sparse_attention_fp8(
 @block_sparse_attention_fp8.register_fake
 def _(q, k, v, mask_words, scale, key_padding=None):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("scaling_compiler::gelu_tanh_float8_rows", mutates_args=())
+def gelu_tanh_float8_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 ``gelu(h, approximate="tanh")`` scaled per row, float32 scales ``h.shape[:-1] + (1,)``): the
+    activation torchao's float8 rowwise linear computes from ``h``, with torchao's semantics
+    (`kernels/activation_quant.py`). h: fp16 or bf16, any shape."""
+    return dispatch.gelu_tanh_float8_rows(h)
+
+
+@gelu_tanh_float8_rows.register_fake
+def _(h):
+    return h.new_empty(h.shape, dtype=torch.float8_e4m3fn), h.new_empty((*h.shape[:-1], 1), dtype=torch.float32)
 
 
 def sparse_attention(q, k, v, mask_words, scale, key_padding) -> torch.Tensor:

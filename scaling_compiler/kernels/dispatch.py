@@ -28,7 +28,9 @@ import logging
 
 import torch
 
+from .activation_quant import gelu_tanh_float8_rows_reference
 from .reference import blockwise_attention, blockwise_attention_backward, blockwise_attention_fp8
+from .triton import activation_quant as triton_activation_quant
 from .triton import block_sparse_attention as triton_forward
 from .triton import block_sparse_attention_bwd as triton_backward
 from .triton import block_sparse_attention_fp8 as triton_fp8
@@ -174,3 +176,13 @@ def in_layout_of(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """`out` (q's shape) in the layout `torch.empty_like(q)` gives: the layout every forward returns."""
     like_q = torch.empty_like(q, dtype=out.dtype)
     return out if out.stride() == like_q.stride() else like_q.copy_(out)
+
+
+def gelu_tanh_float8_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GELU (tanh) and torchao's rowwise e4m3 quantisation (`kernels/activation_quant.py`): the
+    one-pass Triton kernel for CUDA inputs it takes on GPUs with e4m3 conversions (capability >= (8, 9),
+    as torchao's float8 needs), PyTorch's operations (the reference) otherwise."""
+    if h.device.type == "cuda" and tuple(device_capability(h.device)) >= triton_fp8.MIN_CAPABILITY \
+            and triton_activation_quant.unsupported_reason(h) is None:
+        return triton_activation_quant.gelu_tanh_float8_rows(h)
+    return gelu_tanh_float8_rows_reference(h)

@@ -44,15 +44,17 @@ def _patch_interpreter_scalar_index():
     interpreter._patch_lang_tensor = patched
 
 
-def _patch_interpreter_fp8_rounding():
-    """Make the interpreter round floats to float8e4nv (e4m3) as the GPU does.
+def _patch_interpreter_float_rounding():
+    """Make the interpreter round floats to float8e4nv (e4m3) and bfloat16 as the GPU does.
 
     Triton 3.x's interpreter converts fp32/fp16/bf16 to fp8 by adding the first dropped mantissa
     bit and masking the carry away: a value that rounds up into the next power of two drops to
-    the power below (126.1 -> 64 instead of 128), and ties round up. The FP8 kernel
-    (``block_sparse_attention_fp8.py``) casts every operand this way, so we convert through torch
-    instead: round to nearest even, saturating at +-448 like the GPU's ``cvt.rn.satfinite``.
-    Other conversions keep the interpreter's code.
+    the power below (126.1 -> 64 instead of 128), and ties round up. It converts fp32 to bf16 by
+    dropping the low 16 bits (1.0039 -> 1.0, not 1.0078). The FP8 kernel
+    (``block_sparse_attention_fp8.py``) casts every operand to e4m3, and the activation
+    quantisation (``activation_quant.py``) rounds its GELU to bf16 as PyTorch does, so we convert
+    through torch instead: round to nearest even, saturating fp8 at +-448 like the GPU's
+    ``cvt.rn.satfinite``. Other conversions keep the interpreter's code.
     """
     import numpy as np
     import torch
@@ -60,7 +62,7 @@ def _patch_interpreter_fp8_rounding():
     from triton.runtime import interpreter
 
     original = interpreter._convert_float
-    if getattr(original, "_fp8_fixed", False):
+    if getattr(original, "_rounding_fixed", False):
         return
 
     def to_float32(data, dtype):
@@ -69,15 +71,20 @@ def _patch_interpreter_fp8_rounding():
         return data.astype(np.float32)
 
     def patched(data, input_dtype, output_dtype, rounding_mode):
-        if output_dtype != tl.float8e4nv or input_dtype not in (tl.float32, tl.float16, tl.bfloat16):
+        if input_dtype not in (tl.float32, tl.float16, tl.bfloat16):
             return original(data, input_dtype, output_dtype, rounding_mode)
-        x = torch.from_numpy(np.clip(to_float32(data, input_dtype), -448.0, 448.0))
-        return x.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(data.shape)
+        if output_dtype == tl.float8e4nv:
+            x = torch.from_numpy(np.clip(to_float32(data, input_dtype), -448.0, 448.0))
+            return x.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(data.shape)
+        if output_dtype == tl.bfloat16 and input_dtype == tl.float32:
+            x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+            return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).reshape(data.shape)
+        return original(data, input_dtype, output_dtype, rounding_mode)
 
-    patched._fp8_fixed = True
+    patched._rounding_fixed = True
     interpreter._convert_float = patched
 
 
 if interpreting():
     _patch_interpreter_scalar_index()
-    _patch_interpreter_fp8_rounding()
+    _patch_interpreter_float_rounding()

@@ -1,0 +1,68 @@
+"""GELU (tanh) and rowwise float8 quantisation in one pass: one program per row, the row in registers.
+
+The semantics are ``kernels.activation_quant.gelu_tanh_float8_rows_reference`` (torchao's), step
+by step: the GELU in float32 as ``x * sigmoid(2 u)`` (equal to ``0.5 x (1 + tanh(u))``; after rounding
+to the input dtype it gives the same value except for ~0.03% of elements, one unit of the last place
+apart); the row's absolute maximum in the input dtype; ``scale = amax / 448`` rounded to the input
+dtype, then float32; ``g / scale`` with IEEE division (as eager divides), clamped to +-448 (NaN kept:
+an all-zero row gives NaN, as torchao's 0 / 0), cast to e4m3. Rows up to ``MAX_ROW`` elements (the
+row's tile lives in registers: 16 warps hold 32,768 values at 64 registers per thread).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..activation_quant import FLOAT8_DTYPE, FLOAT8_MAX, INPUT_DTYPES
+
+MAX_ROW = 32768
+_FLOAT8_MAX: tl.constexpr = tl.constexpr(FLOAT8_MAX)
+
+
+@triton.jit
+def _gelu_tanh_float8_rows(H, Q, Scale, N, stride_h, stride_q, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    in_row = offs < N
+    h = tl.load(H + row * stride_h + offs, mask=in_row, other=0.0)
+    x = h.to(tl.float32)
+    inner = (x + x * x * x * 0.044715) * 0.7978845608028654
+    # 0.5 x (1 + tanh(inner)) = x sigmoid(2 inner): no cancellation where tanh is near -1; the fast
+    # division's few-ulp float32 error is far below the rounding to h's dtype that follows
+    g = (x / (1.0 + tl.exp(-2.0 * inner))).to(h.dtype)
+    amax = tl.max(tl.abs(g), 0)  # padding lanes hold gelu(0) = 0
+    scale = tl.math.div_rn(amax.to(tl.float32), _FLOAT8_MAX).to(h.dtype).to(tl.float32)
+    y = tl.clamp(tl.math.div_rn(g.to(tl.float32), scale), -_FLOAT8_MAX, _FLOAT8_MAX,
+                 propagate_nan=tl.PropagateNan.ALL)
+    tl.store(Q + row * stride_q + offs, y.to(tl.float8e4nv), mask=in_row)
+    tl.store(Scale + row, scale)
+
+
+def unsupported_reason(h: torch.Tensor) -> str | None:
+    """Why :func:`gelu_tanh_float8_rows` cannot take ``h`` (None if it can)."""
+    if h.dtype not in INPUT_DTYPES:
+        return f"dtype {h.dtype} not in {[str(d) for d in INPUT_DTYPES]}"
+    if h.dim() == 0 or h.shape[-1] == 0:
+        return "no rows"
+    if h.shape[-1] > MAX_ROW:
+        return f"rows of {h.shape[-1]} elements > {MAX_ROW}"
+    return None
+
+
+def gelu_tanh_float8_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 values shaped like ``h``, float32 scales ``h.shape[:-1] + (1,)``); see the module docstring."""
+    reason = unsupported_reason(h)
+    if reason is not None:
+        raise ValueError(f"gelu_tanh_float8_rows cannot take this input: {reason}")
+    n = h.shape[-1]
+    rows = h.reshape(-1, n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    q = torch.empty(rows.shape, device=h.device, dtype=FLOAT8_DTYPE)
+    scale = torch.empty((rows.shape[0], 1), device=h.device, dtype=torch.float32)
+    if rows.shape[0]:
+        block = triton.next_power_of_2(n)
+        _gelu_tanh_float8_rows[(rows.shape[0],)](rows, q, scale, n, rows.stride(0), q.stride(0), BLOCK_N=block,
+                                                 num_warps=max(1, min(16, block // 512)))
+    return q.view(h.shape), scale.view(*h.shape[:-1], 1)

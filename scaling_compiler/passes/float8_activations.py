@@ -1,0 +1,74 @@
+"""Inductor post-grad pass: torchao's rowwise float8 quantisation of a tanh-GELU becomes one op.
+
+A model whose linears torchao quantised with ``Float8DynamicActivationFloat8WeightConfig(PerRow())``
+quantises each linear's input at run time; AOTAutograd decomposes that into aten operations, and in
+a feed-forward block they follow the GELU of the first linear. Inductor fuses them into a looped row
+reduction that reads the hidden state twice and computes the GELU twice (1.02 ms per layer at the
+Wan2.1-1.3B shape on an H200). This pass, which the backend hands to inductor as its
+``post_grad_custom_post_pass``, replaces the subgraph ``h -> gelu(h) -> (e4m3 values, row scales)``
+with ``scaling_compiler::gelu_tanh_float8_rows`` (one read of each row: 0.53 ms; benchmarks/NOTES.md,
+session 10). The pattern is traced from ``gelu_tanh_float8_rows_reference``, the same torch
+operations as torchao's eager code, so it matches what AOTAutograd produced from them; a GELU that
+has other users keeps inductor's code (the pattern matcher refuses matches whose inner nodes are used
+outside them). Graphs without a cast to e4m3 are left alone before any pattern is traced.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.pattern_matcher import PatternMatcherPass, fwd_only, register_replacement
+
+from ..kernels import activation_quant
+from ..kernels.activation_quant import FLOAT8_DTYPE, INPUT_DTYPES, gelu_tanh_float8_rows_reference
+
+log = logging.getLogger(__name__)
+PATTERN_RANKS = (2, 3)  # (tokens, features) and (batch, tokens, features) hidden states
+
+
+def _fused(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.scaling_compiler.gelu_tanh_float8_rows(h)
+
+
+@functools.cache
+def _patterns() -> PatternMatcherPass:
+    """The patterns, traced once per process (their dtype and reduced dim are part of the graph)."""
+    from .. import ops  # noqa: F401  (registers the op the replacement calls)
+
+    patterns = PatternMatcherPass(pass_name="scalingattn_float8_activations")
+    for dtype in INPUT_DTYPES:
+        for rank in PATTERN_RANKS:
+            example = torch.empty((2,) * (rank - 1) + (16,), dtype=dtype)
+            register_replacement(gelu_tanh_float8_rows_reference, _fused, [example], fwd_only, patterns)
+    return patterns
+
+
+def _casts_to_float8(graph: torch.fx.Graph) -> bool:
+    return any(node.target is torch.ops.prims.convert_element_type.default and node.args[1] == FLOAT8_DTYPE
+               for node in graph.nodes)
+
+
+class Float8ActivationFusion(CustomGraphPass):
+    """The pass over one inner compile; ``then``: a post-grad pass the user had configured, run after."""
+
+    def __init__(self, then: CustomGraphPass | None = None):
+        self.then = then
+        self.fused = 0  # subgraphs replaced in this compile's graphs
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if _casts_to_float8(graph):
+            fused = _patterns().apply(graph)
+            if fused:
+                log.info("fused %d GELU + float8 rowwise quantisations into scaling_compiler::gelu_tanh_float8_rows",
+                         fused)
+            self.fused += fused
+        if self.then is not None:
+            self.then(graph)
+
+    def uuid(self) -> bytes | str | None:
+        """Inductor's cache key: this pass's and the pattern's sources, and the chained pass's key."""
+        files = (__file__, activation_quant.__file__)
+        then = self.then.uuid() if isinstance(self.then, CustomGraphPass) else None
+        return get_hash_for_files(files) + (repr(then).encode() if then is not None else b"")

@@ -1,0 +1,117 @@
+"""The inductor pass that fuses a feed-forward's tanh-GELU with torchao's rowwise float8 quantisation
+of its output (`passes/float8_activations.py`), on diffusers' FeedForward with torchao float8 linears
+on the CPU (torchao's hardware check bypassed: `float8_hardware_check_bypassed` in conftest.py).
+
+Where the pass fires, the compiled graph calls `scaling_compiler.gelu_tanh_float8_rows` (checked in
+the code inductor generates). Tolerance: against torchao's eager model, the backend errs by at most
+2x what plain inductor errs by, plus one bf16 rounding of the output (the style guide's rule; the
+op computes torchao's own operations, while inductor's fused quantisation keeps some float32
+intermediates that eager rounds to bf16, so neither equals eager bit for bit).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.utils import run_and_get_code
+
+from scaling_compiler import ScalingAttnBackend
+
+torchao_quant = pytest.importorskip("torchao.quantization")
+diffusers_attention = pytest.importorskip("diffusers.models.attention")
+
+FUSED_OP = "scaling_compiler.gelu_tanh_float8_rows"
+BF16_EPS = 2.0 ** -7
+
+
+class FeedForwardAndHidden(torch.nn.Module):
+    """A feed-forward block that also returns its GELU output (a second user of the hidden state)."""
+
+    def __init__(self, ff: torch.nn.Module):
+        super().__init__()
+        self.ff = ff
+
+    def forward(self, x):
+        hidden = self.ff.net[0](x)
+        return self.ff.net[2](hidden), hidden
+
+
+def feed_forward(float8: bool, dim: int = 64) -> torch.nn.Module:
+    torch.manual_seed(0)
+    ff = diffusers_attention.FeedForward(dim, activation_fn="gelu-approximate").to(torch.bfloat16).eval()
+    if float8:
+        torchao_quant.quantize_(ff, torchao_quant.Float8DynamicActivationFloat8WeightConfig(
+            granularity=torchao_quant.PerRow()))
+    return ff
+
+
+def compiled_run(model, x, backend):
+    """(outputs, the code inductor generated), compiled afresh: inductor's and AOTAutograd's caches
+    could serve a graph compiled under another post-grad pass (their keys differ in the pass, but a
+    cached AOT entry was seen to come back for the same graph with another pass configured)."""
+    from torch._inductor import config as inductor_config
+
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_config.patch(force_disable_caches=True):
+        out, code = run_and_get_code(torch.compile(model, backend=backend), x)
+    return out, "\n".join(code)
+
+
+def max_error(out, reference):
+    return (out.float() - reference.float()).abs().max()
+
+
+@pytest.mark.parametrize("shape", [(2, 40, 64), (75, 64)], ids=["batch-tokens-features", "tokens-features"])
+def test_fused_and_close_to_eager(float8_hardware_check_bypassed, shape):
+    model = feed_forward(float8=True)
+    x = torch.randn(shape, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = model(x)
+    ours, code = compiled_run(model, x, ScalingAttnBackend())
+    assert FUSED_OP in code
+    plain, plain_code = compiled_run(model, x, "inductor")
+    assert FUSED_OP not in plain_code
+    assert max_error(ours, eager) <= 2 * max_error(plain, eager) + BF16_EPS * eager.abs().max()
+
+
+def test_gelu_used_elsewhere_stays_with_inductor(float8_hardware_check_bypassed):
+    """The GELU output is also returned: the pattern's inner node has another user, so no match, and
+    the backend's graph computes what plain inductor's does."""
+    model = FeedForwardAndHidden(feed_forward(float8=True))
+    x = torch.randn(2, 40, 64, dtype=torch.bfloat16)
+    (out, hidden), code = compiled_run(model, x, ScalingAttnBackend())
+    assert FUSED_OP not in code
+    (plain_out, plain_hidden), _ = compiled_run(model, x, "inductor")
+    torch.testing.assert_close(hidden, plain_hidden, rtol=0, atol=0)
+    torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
+
+
+def test_no_float8_no_fusion():
+    model = feed_forward(float8=False)
+    x = torch.randn(2, 40, 64, dtype=torch.bfloat16)
+    out, code = compiled_run(model, x, ScalingAttnBackend())
+    assert FUSED_OP not in code
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=2 * BF16_EPS, atol=2 * BF16_EPS)
+
+
+class CountingPass(CustomGraphPass):
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, graph):
+        self.calls += 1
+
+    def uuid(self):
+        return "counting-pass"
+
+
+def test_a_configured_post_grad_pass_still_runs(float8_hardware_check_bypassed, monkeypatch):
+    """The backend installs its pass in front of the user's `post_grad_custom_post_pass`, not instead."""
+    from torch._inductor import config as inductor_config
+
+    user_pass = CountingPass()
+    monkeypatch.setattr(inductor_config, "post_grad_custom_post_pass", user_pass)
+    _, code = compiled_run(feed_forward(float8=True), torch.randn(2, 40, 64, dtype=torch.bfloat16),
+                           ScalingAttnBackend())
+    assert FUSED_OP in code and user_pass.calls >= 1
