@@ -57,6 +57,18 @@ def test_zero_row_is_nan_as_torchao_and_large_values_saturate_nothing():
     check_against_reference(h.to(DEVICE), min_equal=0.99)
 
 
+def test_special_values_as_eager():
+    """inf, -inf and NaN in a row spread through the GELU, amax and division exactly as in torch."""
+    h = torch.randn(5, 130).to(torch.bfloat16)
+    h[0, 3] = float("inf")  # gelu = inf, amax inf: inf / inf = NaN there, 0 elsewhere
+    h[1, 9] = float("-inf")  # gelu(-inf) = NaN in torch's formula: the row's amax is NaN
+    h[2, 0] = float("nan")
+    q, scale = kernel.gelu_tanh_float8_rows(h.to(DEVICE))
+    ref_q, ref_scale = gelu_tanh_float8_rows_reference(h.to(DEVICE))
+    torch.testing.assert_close(scale, ref_scale, equal_nan=True, rtol=INPUT_EPS[h.dtype], atol=0)
+    torch.testing.assert_close(q.float(), ref_q.float(), equal_nan=True, rtol=0, atol=0)
+
+
 def test_strided_input_equals_contiguous():
     h = torch.randn(300, 6).to(torch.bfloat16).to(DEVICE).t()  # (6, 300): rows with stride 1 between rows
     q, scale = kernel.gelu_tanh_float8_rows(h)

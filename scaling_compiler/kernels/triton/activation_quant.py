@@ -5,7 +5,8 @@ by step: the GELU in float32 as ``x * sigmoid(2 u)`` (equal to ``0.5 x (1 + tanh
 to the input dtype it gives the same value except for ~0.03% of elements, one unit of the last place
 apart); the row's absolute maximum in the input dtype; ``scale = amax / 448`` rounded to the input
 dtype, then float32; ``g / scale`` with IEEE division (as eager divides), clamped to +-448 (NaN kept:
-an all-zero row gives NaN, as torchao's 0 / 0), cast to e4m3. Rows up to ``MAX_ROW`` elements (the
+an all-zero row gives NaN, as torchao's 0 / 0; a NaN in a row makes its amax and so the whole row NaN,
+as torch's amax does; infinities follow IEEE arithmetic as in eager), cast to e4m3. Rows up to ``MAX_ROW`` elements (the
 row's tile lives in registers: 16 warps hold 32,768 values at 64 registers per thread).
 """
 from __future__ import annotations
@@ -30,8 +31,10 @@ def _gelu_tanh_float8_rows(H, Q, Scale, N, stride_h, stride_q, BLOCK_N: tl.const
     inner = (x + x * x * x * 0.044715) * 0.7978845608028654
     # 0.5 x (1 + tanh(inner)) = x sigmoid(2 inner): no cancellation where tanh is near -1; the fast
     # division's few-ulp float32 error is far below the rounding to h's dtype that follows
-    g = (x / (1.0 + tl.exp(-2.0 * inner))).to(h.dtype)
+    g32 = x / (1.0 + tl.exp(-2.0 * inner))
+    g = g32.to(h.dtype)
     amax = tl.max(tl.abs(g), 0)  # padding lanes hold gelu(0) = 0
+    amax = tl.where(tl.max((g32 != g32).to(tl.int32), 0) > 0, float("nan"), amax)  # torch's amax keeps a NaN
     scale = tl.math.div_rn(amax.to(tl.float32), _FLOAT8_MAX).to(h.dtype).to(tl.float32)
     y = tl.clamp(tl.math.div_rn(g.to(tl.float32), scale), -_FLOAT8_MAX, _FLOAT8_MAX,
                  propagate_nan=tl.PropagateNan.ALL)
