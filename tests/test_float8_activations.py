@@ -115,3 +115,19 @@ def test_a_configured_post_grad_pass_still_runs(float8_hardware_check_bypassed, 
     _, code = compiled_run(feed_forward(float8=True), torch.randn(2, 40, 64, dtype=torch.bfloat16),
                            ScalingAttnBackend())
     assert FUSED_OP in code and user_pass.calls >= 1
+
+
+def test_a_configured_plain_callable_runs_and_turns_the_cache_off(float8_hardware_check_bypassed, monkeypatch):
+    """A plain function has no cache key: the chained pass has none either (inductor bypasses its cache,
+    as for the function alone), and the function still runs."""
+    from torch._inductor import config as inductor_config
+
+    from scaling_compiler.passes.float8_activations import Float8ActivationFusion
+
+    calls = []
+    monkeypatch.setattr(inductor_config, "post_grad_custom_post_pass", lambda graph: calls.append(graph))
+    _, code = compiled_run(feed_forward(float8=True), torch.randn(2, 40, 64, dtype=torch.bfloat16),
+                           ScalingAttnBackend())
+    assert FUSED_OP in code and calls
+    assert Float8ActivationFusion(then=lambda graph: None).uuid() is None
+    assert Float8ActivationFusion(then=[CountingPass()]).uuid() != Float8ActivationFusion().uuid()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Any
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -51,10 +52,11 @@ def _casts_to_float8(graph: torch.fx.Graph) -> bool:
 
 
 class Float8ActivationFusion(CustomGraphPass):
-    """The pass over one inner compile; ``then``: a post-grad pass the user had configured, run after."""
+    """The pass over one inner compile; ``then``: the ``post_grad_custom_post_pass`` configured before
+    (a pass, a callable, a list of them, or None), run after this one."""
 
-    def __init__(self, then: CustomGraphPass | None = None):
-        self.then = then
+    def __init__(self, then: Any = None):
+        self.then = list(then) if isinstance(then, (list, tuple)) else [then] if then else []
         self.fused = 0  # subgraphs replaced in this compile's graphs
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -64,11 +66,14 @@ class Float8ActivationFusion(CustomGraphPass):
                 log.info("fused %d GELU + float8 rowwise quantisations into scaling_compiler::gelu_tanh_float8_rows",
                          fused)
             self.fused += fused
-        if self.then is not None:
-            self.then(graph)
+        for configured in self.then:
+            configured(graph)
 
-    def uuid(self) -> bytes | str | None:
-        """Inductor's cache key: this pass's and the pattern's sources, and the chained pass's key."""
-        files = (__file__, activation_quant.__file__)
-        then = self.then.uuid() if isinstance(self.then, CustomGraphPass) else None
-        return get_hash_for_files(files) + (repr(then).encode() if then is not None else b"")
+    def uuid(self) -> bytes | None:
+        """Inductor's cache key: this pass's and the pattern's sources, then the configured passes' keys.
+        None (inductor then bypasses its cache, as it does for the configured pass alone) when one of
+        those has no key: a plain callable, or a pass whose ``uuid()`` is None."""
+        keys = [configured.uuid() if isinstance(configured, CustomGraphPass) else None for configured in self.then]
+        if any(key is None for key in keys):
+            return None
+        return get_hash_for_files((__file__, activation_quant.__file__)) + repr(keys).encode()
