@@ -57,7 +57,6 @@ class Float8ActivationFusion(CustomGraphPass):
 
     def __init__(self, then: Any = None):
         self.then = list(then) if isinstance(then, (list, tuple)) else [then] if then else []
-        self.fused = 0  # subgraphs replaced in this compile's graphs
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         if _casts_to_float8(graph):
@@ -65,7 +64,6 @@ class Float8ActivationFusion(CustomGraphPass):
             if fused:
                 log.info("fused %d GELU + float8 rowwise quantisations into scaling_compiler::gelu_tanh_float8_rows",
                          fused)
-            self.fused += fused
         for configured in self.then:
             configured(graph)
 
