@@ -11,6 +11,13 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # where every benchmark writes by default
 
 
+def result_name(benchmark: str, info: dict, dry_run: bool) -> str:
+    """`<benchmark>_<gpu slug>_<date>[_dry].json`: a benchmark's result file for `env_info()`'s device and date."""
+    from scaling_compiler.cost_model import slug
+
+    return f"{benchmark}_{slug(info['gpu'])}_{info['date'][:10]}{'_dry' if dry_run else ''}.json"
+
+
 def write_result(out_dir: str | Path | None, name: str, payload: dict) -> Path:
     """Write a benchmark's JSON result as `out_dir/name` (default `RESULTS_DIR`) and say where."""
     out = RESULTS_DIR if out_dir is None else Path(out_dir)

@@ -21,8 +21,8 @@ if "SCALINGATTN_CACHE_DIR" not in os.environ:
 
 @pytest.fixture
 def float8_hardware_check_bypassed(monkeypatch):
-    """torchao's Float8DynamicActivationFloat8WeightConfig usable on the CPU. torchao refuses float8 quantisation without such a GPU by a
-    hardware check before it quantises; torch's `_scaled_mm` runs the float8 weights and activations
+    """torchao's Float8DynamicActivationFloat8WeightConfig usable on the CPU. torchao refuses float8
+    quantisation without an sm89 GPU by a hardware check before it quantises; torch's `_scaled_mm` runs the float8 weights and activations
     on the CPU all the same, so CPU tests bypass the check and run torchao's real code."""
     quant_api = pytest.importorskip("torchao.quantization.quant_api")
     if not hasattr(quant_api, "_check_hardware_support"):

@@ -17,9 +17,8 @@ import argparse
 import torch
 from tabulate import tabulate
 
-from benchmarks.common import write_result
+from benchmarks.common import result_name, write_result
 from benchmarks.kernels.block_sparse import bench, env_info
-from scaling_compiler.cost_model import slug
 from scaling_compiler.kernels.activation_quant import gelu_tanh_float8_rows_reference
 from scaling_compiler.kernels.triton.activation_quant import gelu_tanh_float8_rows
 
@@ -64,8 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
                    headers="keys"))
     info = env_info()
     payload = {"benchmark": "activation_quant", **info, "dry_run": dry, "rows": rows}
-    write_result(args.out_dir, f"activation_quant_{slug(info['gpu'])}_{info['date'][:10]}{'_dry' if dry else ''}.json",
-                 payload)
+    write_result(args.out_dir, result_name("activation_quant", info, dry), payload)
     return payload
 
 

@@ -39,6 +39,7 @@ if "--dry-run" in sys.argv:  # must precede the first Triton import
 
 import torch  # noqa: E402
 
+from benchmarks.common import result_name  # noqa: E402
 from scaling_compiler import cost_model  # noqa: E402
 from scaling_compiler.cost_model import slug  # noqa: E402
 from scaling_compiler.kernels.bitmask import BLOCK_SIZE, num_blocks, pack_block_mask, to_flex_block_mask  # noqa: E402
@@ -270,7 +271,7 @@ def run_benchmark(args):
     result = {**info, "config": config, **flags, "variant": variant, "rows": rows}
     out_dir = Path(args.out_dir) if args.out_dir else ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"kernel_{slug(info['gpu'])}_{info['date'][:10]}{'_dry' if dry else ''}.json"
+    name = result_name("kernel", info, dry)
     (out_dir / name).write_text(json.dumps(result, indent=1))
     print(f"wrote {out_dir / name}")
     write_cost_table(rows, info, config, args)

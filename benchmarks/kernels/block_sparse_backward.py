@@ -43,11 +43,10 @@ if "--dry-run" in sys.argv:  # must precede the first Triton import
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import result_name, write_result  # noqa: E402
 from benchmarks.kernels.block_sparse import (DENSITIES, SHAPES, bench, env_info, kept_flops, make_qkv,  # noqa: E402
                                              merge_cost_rows, random_mask)
 from scaling_compiler import cost_model  # noqa: E402
-from scaling_compiler.cost_model import slug  # noqa: E402
 from scaling_compiler.kernels import dispatch  # noqa: E402
 from scaling_compiler.kernels.bitmask import num_blocks, pack_block_mask, to_flex_block_mask  # noqa: E402
 from scaling_compiler.kernels.dispatch import Implementation  # noqa: E402
@@ -244,8 +243,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for check in payload["checks"]:
         print(f"target {check['shape']} d={check['density']}: {check['metric']} = {_f(check['value'], '{:.2f}')} "
               f"(>= {check['target']}) -> {'met' if check['met'] else 'NOT met'}")
-    path = write_result(args.out_dir, f"kernel_backward_{slug(info['gpu'])}_{info['date'][:10]}{'_dry' if dry else ''}.json",
-                        payload)
+    path = write_result(args.out_dir, result_name("kernel_backward", info, dry), payload)
     payload["path"] = str(path)
     if args.write_cost_table:
         payload["cost_table"] = str(merge_cost_rows(cost_rows(rows), info, dry, args.cost_dir))

@@ -16,10 +16,9 @@ import argparse
 import torch
 from tabulate import tabulate
 
-from benchmarks.common import write_result
+from benchmarks.common import result_name, write_result
 from benchmarks.kernels.block_sparse import SHAPES, bench, env_info, make_qkv, random_mask
 from scaling_compiler import ops  # noqa: F401  (registers the op)
-from scaling_compiler.cost_model import slug
 from scaling_compiler.kernels.bitmask import num_blocks, pack_block_mask
 from scaling_compiler.salad import LinearBranch
 
@@ -80,8 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = env_info()
     payload = {"benchmark": "linear_branch", **info, "dry_run": dry, "dtype": str(dtype).removeprefix("torch."),
                "rows": rows}
-    write_result(args.out_dir, f"linear_branch_{slug(info['gpu'])}_{info['date'][:10]}{'_dry' if dry else ''}.json",
-                 payload)
+    write_result(args.out_dir, result_name("linear_branch", info, dry), payload)
     return payload
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-FLOAT8_DTYPE = torch.float8_e4m3fn
-FLOAT8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+from .reference import FP8_DTYPE, FP8_MAX
+
 INPUT_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -29,5 +29,5 @@ def gelu_tanh_float8_rows_reference(h: torch.Tensor) -> tuple[torch.Tensor, torc
 
     A row whose GELU is all zero gets scale 0 and NaN values, as in torchao (0 / 0)."""
     g = torch.nn.functional.gelu(h, approximate="tanh")
-    scale = (g.abs().amax(dim=g.dim() - 1, keepdim=True) / FLOAT8_MAX).to(torch.float32)
-    return (g.to(torch.float32) / scale).clamp(min=-FLOAT8_MAX, max=FLOAT8_MAX).to(FLOAT8_DTYPE), scale
+    scale = (g.abs().amax(dim=g.dim() - 1, keepdim=True) / FP8_MAX).to(torch.float32)
+    return (g.to(torch.float32) / scale).clamp(min=-FP8_MAX, max=FP8_MAX).to(FP8_DTYPE), scale

@@ -23,7 +23,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch._inductor.pattern_matcher import PatternMatcherPass, fwd_only, register_replacement
 
 from ..kernels import activation_quant
-from ..kernels.activation_quant import FLOAT8_DTYPE, INPUT_DTYPES, gelu_tanh_float8_rows_reference
+from ..kernels.activation_quant import INPUT_DTYPES, gelu_tanh_float8_rows_reference
+from ..kernels.reference import FP8_DTYPE
 
 log = logging.getLogger(__name__)
 PATTERN_RANKS = (2, 3)  # (tokens, features) and (batch, tokens, features) hidden states
@@ -47,7 +48,7 @@ def _patterns() -> PatternMatcherPass:
 
 
 def _casts_to_float8(graph: torch.fx.Graph) -> bool:
-    return any(node.target is torch.ops.prims.convert_element_type.default and node.args[1] == FLOAT8_DTYPE
+    return any(node.target is torch.ops.prims.convert_element_type.default and node.args[1] == FP8_DTYPE
                for node in graph.nodes)
 
 

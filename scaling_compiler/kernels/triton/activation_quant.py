@@ -15,10 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..activation_quant import FLOAT8_DTYPE, FLOAT8_MAX, INPUT_DTYPES
+from ..activation_quant import INPUT_DTYPES
+from ..reference import FP8_DTYPE, FP8_MAX
 
 MAX_ROW = 32768
-_FLOAT8_MAX: tl.constexpr = tl.constexpr(FLOAT8_MAX)
+_FLOAT8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
 
 
 @triton.jit
@@ -62,7 +63,7 @@ def gelu_tanh_float8_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows = h.reshape(-1, n)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    q = torch.empty(rows.shape, device=h.device, dtype=FLOAT8_DTYPE)
+    q = torch.empty(rows.shape, device=h.device, dtype=FP8_DTYPE)
     scale = torch.empty((rows.shape[0], 1), device=h.device, dtype=torch.float32)
     if rows.shape[0]:
         block = triton.next_power_of_2(n)
