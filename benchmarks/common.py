@@ -62,11 +62,18 @@ TORCHAO_LINEARS = {"float8": "Float8DynamicActivationFloat8WeightConfig", "int8"
 def quantize_linears(blocks: torch.nn.Module, kind: str) -> None:
     """torchao quantisation of the linears under `blocks`, in place: "float8", dynamic activation + weight
     with per-row scales (issue #18's stack), or "int8", weight-only (any device). torchao is optional:
-    imported here."""
+    imported here.
+
+    `set_inductor_config=False`: by default torchao's configs switch on inductor's coordinate-descent
+    tuning for the whole process, so every later compile (of any variant) autotunes each Triton kernel
+    on its first run: the float8 Wan2.1-1.3B took 428 s to compile instead of ~80 on an H200 (session 9),
+    and variants compiled after it ran other kernels than those compiled before. Inductor's settings
+    stay the run's own (`--inductor` sets them for every variant)."""
     from torchao import quantization
 
     config = getattr(quantization, TORCHAO_LINEARS[kind])
-    quantization.quantize_(blocks, config(granularity=quantization.PerRow()) if kind == "float8" else config())
+    options = {"granularity": quantization.PerRow()} if kind == "float8" else {}
+    quantization.quantize_(blocks, config(**options, set_inductor_config=False))
 
 
 def quantized_linears(model: torch.nn.Module) -> int:

@@ -78,7 +78,7 @@ def assert_sparse_self_attention(report) -> None:
 
 
 def int8_wan(seed: int = 0) -> torch.nn.Module:
-    model = quantized_wan(torchao_quant.Int8WeightOnlyConfig(), seed=seed)
+    model = quantized_wan(torchao_quant.Int8WeightOnlyConfig(set_inductor_config=False), seed=seed)
     assert type(model.blocks[0].attn1.to_q.weight).__name__ == "Int8Tensor"
     return model
 
@@ -185,7 +185,8 @@ def test_fingerprint_refuses_a_weight_it_cannot_read(caplog):
 @pytest.fixture
 def float8_on_cpu(float8_hardware_check_bypassed):
     """The tiny Wan with Float8DynamicActivationFloat8WeightConfig(PerRow) linears, on the CPU."""
-    config = torchao_quant.Float8DynamicActivationFloat8WeightConfig(granularity=torchao_quant.PerRow())
+    config = torchao_quant.Float8DynamicActivationFloat8WeightConfig(granularity=torchao_quant.PerRow(),
+                                                                     set_inductor_config=False)
     model = quantized_wan(config, dtype=torch.bfloat16)  # PerRow wants bf16 weights
     assert type(model.blocks[0].attn1.to_q.weight).__name__ == "Float8Tensor"
     return model

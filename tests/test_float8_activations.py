@@ -1,6 +1,7 @@
 """The inductor pass that fuses a feed-forward's tanh-GELU with torchao's rowwise float8 quantisation
 of its output (`passes/float8_activations.py`), on diffusers' FeedForward with torchao float8 linears
-on the CPU (torchao's hardware check bypassed: `float8_hardware_check_bypassed` in conftest.py).
+on a GPU with float8 tensor cores, else on the CPU (torchao's hardware check bypassed: `float8_device`
+in conftest.py).
 
 Where the pass fires, the compiled graph calls `scaling_compiler.gelu_tanh_float8_rows` (checked in
 the code inductor generates). Tolerance: against torchao's eager model, the backend errs by at most
@@ -36,12 +37,12 @@ class FeedForwardAndHidden(torch.nn.Module):
         return self.ff.net[2](hidden), hidden
 
 
-def feed_forward(float8: bool, dim: int = 64) -> torch.nn.Module:
+def feed_forward(float8: bool, device: str = "cpu", dim: int = 64) -> torch.nn.Module:
     torch.manual_seed(0)
-    ff = diffusers_attention.FeedForward(dim, activation_fn="gelu-approximate").to(torch.bfloat16).eval()
+    ff = diffusers_attention.FeedForward(dim, activation_fn="gelu-approximate").to(device, torch.bfloat16).eval()
     if float8:
         torchao_quant.quantize_(ff, torchao_quant.Float8DynamicActivationFloat8WeightConfig(
-            granularity=torchao_quant.PerRow()))
+            granularity=torchao_quant.PerRow(), set_inductor_config=False))
     return ff
 
 
@@ -62,9 +63,9 @@ def max_error(out, reference):
 
 
 @pytest.mark.parametrize("shape", [(2, 40, 64), (75, 64)], ids=["batch-tokens-features", "tokens-features"])
-def test_fused_and_close_to_eager(float8_hardware_check_bypassed, shape):
-    model = feed_forward(float8=True)
-    x = torch.randn(shape, dtype=torch.bfloat16)
+def test_fused_and_close_to_eager(float8_device, shape):
+    model = feed_forward(float8=True, device=float8_device)
+    x = torch.randn(shape, dtype=torch.bfloat16, device=float8_device)
     with torch.no_grad():
         eager = model(x)
     ours, code = compiled_run(model, x, ScalingAttnBackend())
@@ -74,11 +75,11 @@ def test_fused_and_close_to_eager(float8_hardware_check_bypassed, shape):
     assert max_error(ours, eager) <= 2 * max_error(plain, eager) + BF16_EPS * eager.abs().max()
 
 
-def test_gelu_used_elsewhere_stays_with_inductor(float8_hardware_check_bypassed):
+def test_gelu_used_elsewhere_stays_with_inductor(float8_device):
     """The GELU output is also returned: the pattern's inner node has another user, so no match, and
     the backend's graph computes what plain inductor's does."""
-    model = FeedForwardAndHidden(feed_forward(float8=True))
-    x = torch.randn(2, 40, 64, dtype=torch.bfloat16)
+    model = FeedForwardAndHidden(feed_forward(float8=True, device=float8_device))
+    x = torch.randn(2, 40, 64, dtype=torch.bfloat16, device=float8_device)
     (out, hidden), code = compiled_run(model, x, ScalingAttnBackend())
     assert FUSED_OP not in code
     (plain_out, plain_hidden), _ = compiled_run(model, x, "inductor")
@@ -106,18 +107,18 @@ class CountingPass(CustomGraphPass):
         return "counting-pass"
 
 
-def test_a_configured_post_grad_pass_still_runs(float8_hardware_check_bypassed, monkeypatch):
+def test_a_configured_post_grad_pass_still_runs(float8_device, monkeypatch):
     """The backend installs its pass in front of the user's `post_grad_custom_post_pass`, not instead."""
     from torch._inductor import config as inductor_config
 
     user_pass = CountingPass()
     monkeypatch.setattr(inductor_config, "post_grad_custom_post_pass", user_pass)
-    _, code = compiled_run(feed_forward(float8=True), torch.randn(2, 40, 64, dtype=torch.bfloat16),
-                           ScalingAttnBackend())
+    _, code = compiled_run(feed_forward(float8=True, device=float8_device),
+                           torch.randn(2, 40, 64, dtype=torch.bfloat16, device=float8_device), ScalingAttnBackend())
     assert FUSED_OP in code and user_pass.calls >= 1
 
 
-def test_a_configured_plain_callable_runs_and_turns_the_cache_off(float8_hardware_check_bypassed, monkeypatch):
+def test_a_configured_plain_callable_runs_and_turns_the_cache_off(float8_device, monkeypatch):
     """A plain function has no cache key: the chained pass has none either (inductor bypasses its cache,
     as for the function alone), and the function still runs."""
     from torch._inductor import config as inductor_config
@@ -126,8 +127,8 @@ def test_a_configured_plain_callable_runs_and_turns_the_cache_off(float8_hardwar
 
     calls = []
     monkeypatch.setattr(inductor_config, "post_grad_custom_post_pass", lambda graph: calls.append(graph))
-    _, code = compiled_run(feed_forward(float8=True), torch.randn(2, 40, 64, dtype=torch.bfloat16),
-                           ScalingAttnBackend())
+    _, code = compiled_run(feed_forward(float8=True, device=float8_device),
+                           torch.randn(2, 40, 64, dtype=torch.bfloat16, device=float8_device), ScalingAttnBackend())
     assert FUSED_OP in code and calls
     assert Float8ActivationFusion(then=lambda graph: None).uuid() is None
     assert Float8ActivationFusion(then=[CountingPass()]).uuid() != Float8ActivationFusion().uuid()

@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.common import RESULTS_DIR, cudnn_first, one_thread
 from benchmarks.end_to_end.measure import measure_variant
-from benchmarks.end_to_end.model import Inputs, build_model, make_inputs, sampler_timesteps, timed_timesteps
+from benchmarks.end_to_end.model import Inputs, make_inputs, sampler_timesteps, timed_timesteps
 from benchmarks.end_to_end.results import add_ratios, checks, compile_summary, print_table, stacks, write_json
 from benchmarks.end_to_end.stack import FBC_THRESHOLD, Models, skip_reason
 from benchmarks.end_to_end.timing import START, log, release
@@ -198,7 +198,7 @@ def run_all(args: argparse.Namespace, settings: Settings, payload: dict[str, Any
     for key in args.sections:
         section = section_with_layers(key, args)
         log(f"[{key}] {section.name}: {section.config['num_layers']} layers, {section.tokens} tokens; building")
-        models = Models(section, settings, build_model(section, settings))
+        models = Models.build(section, settings)
         timesteps = sampler_timesteps(section)
         variants = [Variant.parse(v) for v in args.variants or default_variants(key, args.cuda_graphs)]
         needed = sorted({t for v in variants for t in timed_timesteps(v, timesteps, settings)})

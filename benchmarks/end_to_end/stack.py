@@ -8,9 +8,10 @@ sequence mode.
   `sparse_sites` ran FP8, `fp8_refused` says why the others did not (--quick's fp32: all refused,
   which the output notes under the table).
 - `+f8lin`: torchao float8 dynamic activation + weight linears, `quantize_(model.blocks,
-  Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))`, on a copy of the model built
-  from the same seed (quantize_ works in place; from then on both models count in every peak
-  memory); `dense+f8lin` isolates the linears' gain.
+  Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False))`
+  (`benchmarks.common.quantize_linears`: inductor's settings stay the run's), on a copy of the model built
+  from the same seed (quantize_ works in place; each variant's peak memory leaves out the weights of
+  the model it does not run); `dense+f8lin` isolates the linears' gain.
   `float8_linears` counts the quantised (Float8Tensor) linear weights of every row (0 without +f8lin).
 - `+fbc`: diffusers' FirstBlockCache (`model.enable_cache(FirstBlockCacheConfig(threshold=
   --fbc-threshold))`, default 0.2, the example of diffusers' docs: a step whose first-block residual
@@ -36,7 +37,7 @@ import torch
 
 from benchmarks.common import FLOAT8_CAPABILITY, quantize_linears, quantized_linears
 from benchmarks.end_to_end.model import Inputs, build_model
-from benchmarks.end_to_end.timing import timed_call
+from benchmarks.end_to_end.timing import allocated_gib, timed_call
 from benchmarks.end_to_end.variants import Section, Settings, Variant
 from scaling_compiler.demo.sampling import diffusers_cache_context
 
@@ -83,23 +84,38 @@ def float8_linears_unavailable(settings: Settings) -> str | None:
 @dataclasses.dataclass
 class Models:
     """A section's model, and its float8-linear copy (same seed, same weights) built on first use:
-    `quantize_` changes a model in place, so the unquantised variants keep their own."""
+    `quantize_` changes a model in place, so the unquantised variants keep their own. Each model's
+    resident GiB on the GPU is kept, so that a variant's peak memory can leave out the model it
+    does not run (`idle_gib`)."""
 
     section: Section
     settings: Settings
     plain: torch.nn.Module
+    plain_gib: float = 0.0
     float8: torch.nn.Module | None = None
+    float8_gib: float = 0.0
+
+    @classmethod
+    def build(cls, section: Section, settings: Settings) -> "Models":
+        before = allocated_gib(settings.cuda)
+        plain = build_model(section, settings)
+        return cls(section, settings, plain, allocated_gib(settings.cuda) - before)
 
     def for_variant(self, variant: Variant) -> torch.nn.Module:
         if not variant.f8lin:
             return self.plain
         if self.float8 is None:
+            before = allocated_gib(self.settings.cuda)
             model = build_model(self.section, self.settings)
             quantize_linears(model.blocks, "float8")
             if quantized_linears(model) == 0:
                 raise RuntimeError("quantize_ left every linear of the blocks unquantised")
-            self.float8 = model
+            self.float8, self.float8_gib = model, allocated_gib(self.settings.cuda) - before
         return self.float8
+
+    def idle_gib(self, variant: Variant) -> float:
+        """GiB held by the model that `variant` does not run (0 while the float8 copy is not built)."""
+        return self.plain_gib if variant.f8lin else self.float8_gib
 
 
 @contextlib.contextmanager

@@ -47,6 +47,11 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
+def allocated_gib(cuda: bool) -> float:
+    """GiB the caching allocator holds for tensors now (0 on the CPU)."""
+    return torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
+
+
 def peak_gib(cuda: bool) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if cuda else None
 

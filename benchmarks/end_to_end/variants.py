@@ -157,7 +157,7 @@ class VariantResult:
     compile_state: str = ""
     recompile_s: float | None = None  # dense only: a fresh compile after torch._dynamo.reset()
     calibration_s: float | None = None
-    peak_gib: float | None = None
+    peak_gib: float | None = None  # while timing; less the weights of the model the variant does not run
     peak_vs_dense: float | None = None
     compile_peak_gib: float | None = None
     graphs: int | None = None

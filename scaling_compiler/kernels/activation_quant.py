@@ -8,7 +8,7 @@ reduction that reads the hidden state twice and computes the GELU twice: at the 
 shape (32,760 x 8,960) 1.02 ms per layer on an H200, the float8 stack's largest kernel after the
 GEMMs and attention. ``passes/float8_activations.py`` replaces that pattern with the op
 ``scaling_compiler::gelu_tanh_float8_rows``, whose Triton kernel
-(``kernels/triton/activation_quant.py``) reads each row once (0.53 ms in the same setting,
+(``kernels/triton/activation_quant.py``) reads each row once (0.36 ms in the same setting,
 benchmarks/NOTES.md, session 10).
 
 :func:`gelu_tanh_float8_rows_reference` is both the op's PyTorch implementation and the pattern the

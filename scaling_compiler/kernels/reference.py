@@ -268,19 +268,21 @@ def _quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 ``(B, H, N, 128, D)`` -> e4m3 ``(B, H, N * 128, D)`` and one scale per block ``(B, H, N)``."""
     B, H, n, _, D = x.shape
     scale = x.abs().amax(dim=(-1, -2)).clamp_min(FP8_SCALE_FLOOR) * (1.0 / FP8_MAX)
-    return to_fp8(x / scale[..., None, None]).reshape(B, H, n * BLOCK_SIZE, D), scale
+    return to_fp8(x * (1.0 / scale)[..., None, None]).reshape(B, H, n * BLOCK_SIZE, D), scale
 
 
 def quantize_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Fp8Inputs:
     """The FP8 kernel's operands, in torch: q per (batch, head, 128-token block); k smoothed by its
     mean over tokens, then per block; v per (batch, head, channel), stored transposed. Scales are
-    absmax / 448 in float32; values are divided by them (IEEE division) and rounded to nearest even.
-    The Triton prep (``block_sparse_attention_fp8.quantize``) writes the same bytes."""
+    absmax / 448 in float32; values are multiplied by their IEEE reciprocals (not divided: on a GPU a
+    division per element is a branchy subroutine, and the product is within an ulp of the quotient)
+    and rounded to nearest even. The Triton prep (``block_sparse_attention_fp8.quantize``) writes the
+    same bytes."""
     q8, q_scale = _quantize_blocks(_padded_blocks(q.float()))
     k8, k_scale = _quantize_blocks(_padded_blocks(k.float() - key_means(k)[:, :, None]))
     v_scale = value_scales(v)
     vb = _padded_blocks(v.float()).flatten(2, 3)
-    v_t = to_fp8(vb / v_scale[:, :, None]).transpose(-1, -2).contiguous()
+    v_t = to_fp8(vb * (1.0 / v_scale)[:, :, None]).transpose(-1, -2).contiguous()
     return Fp8Inputs(q8, q_scale, k8, k_scale, v_t, v_scale)
 
 

@@ -21,7 +21,7 @@ from .test_block_sparse_kernel import DEVICE, gpu_only
 
 INPUT_EPS = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}  # one unit of the last place, relative
 E4M3_STEP = 2.0 ** -3
-SHAPES = [(1, 64), (3, 300), (2, 5, 1000), (2, 8960)]  # odd widths; (2, 8960): Wan2.1's FFN hidden width
+SHAPES = [(1, 64), (3, 300), (2, 5, 1000), (2, 8960), (1, 13824)]  # odd widths; Wan2.1 1.3B's and 14B's FFN widths
 
 
 def check_against_reference(h: torch.Tensor, min_equal: float) -> None:
@@ -55,6 +55,14 @@ def test_zero_row_is_nan_as_torchao_and_large_values_saturate_nothing():
     q, scale = kernel.gelu_tanh_float8_rows(h.to(DEVICE))
     assert scale[1].item() == 0 and q[1].float().isnan().all()
     assert q[2, 7].float().item() == FP8_MAX
+    check_against_reference(h.to(DEVICE), min_equal=0.99)
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-37, 1e-39], ids=str)
+def test_tiny_rows_keep_their_values(magnitude):
+    """Rows of tiny values, down to a subnormal scale (bf16 keeps float32's exponent range): the
+    kernel multiplies by the row's reciprocal scale, which must stay finite there."""
+    h = (torch.randn(3, 300, dtype=torch.float64) * magnitude).to(torch.bfloat16)
     check_against_reference(h.to(DEVICE), min_equal=0.99)
 
 

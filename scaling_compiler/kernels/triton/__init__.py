@@ -45,7 +45,7 @@ def _patch_interpreter_scalar_index():
 
 
 def _patch_interpreter_float_rounding():
-    """Make the interpreter round floats to float8e4nv (e4m3) and bfloat16 as the GPU does.
+    """Make the interpreter convert floats to and from float8e4nv (e4m3) and bfloat16 as the GPU does.
 
     Triton 3.x's interpreter converts fp32/fp16/bf16 to fp8 by adding the first dropped mantissa
     bit and masking the carry away: a value that rounds up into the next power of two drops to
@@ -54,7 +54,8 @@ def _patch_interpreter_float_rounding():
     (``block_sparse_attention_fp8.py``) casts every operand to e4m3, and the activation
     quantisation (``activation_quant.py``) rounds its GELU to bf16 as PyTorch does, so we convert
     through torch instead: round to nearest even, saturating fp8 at +-448 like the GPU's
-    ``cvt.rn.satfinite``. Other conversions keep the interpreter's code.
+    ``cvt.rn.satfinite``. bfloat16 -> float32 is a shift (the interpreter's formula turns subnormals
+    into other numbers: 1.01e-39 -> 4.41e-39). Other conversions keep the interpreter's code.
     """
     import numpy as np
     import torch
@@ -76,6 +77,8 @@ def _patch_interpreter_float_rounding():
         if output_dtype == tl.float8e4nv:
             x = torch.from_numpy(np.clip(to_float32(data, input_dtype), -448.0, 448.0))
             return x.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(data.shape)
+        if output_dtype == tl.float32 and input_dtype == tl.bfloat16:  # exact: the interpreter's own breaks subnormals
+            return to_float32(data, input_dtype)
         if output_dtype == tl.bfloat16 and input_dtype == tl.float32:
             x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
             return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).reshape(data.shape)
