@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import end_to_end
 from benchmarks.end_to_end import Variant, VariantResult, stack
@@ -141,3 +142,20 @@ def test_fp8_layer_forces_fp8_past_the_cost_models_fp8_rows(monkeypatch):
     assert (forced.sparse_ms_per_flop, forced.sparse_overhead_ms, forced.source) == (1e-12, 0.1, "device table")
     assert json.loads(json.dumps(measure._jsonable(options)))["cost_model"] == "device table"
     assert "cost_model" not in measure.backend_options(Variant.parse("uniform-0.1"), quick_settings(), [1000.0])
+
+
+def test_a_variants_peak_memory_leaves_out_the_model_it_does_not_run(monkeypatch):
+    """The float8 copy is built on first use; from then on both models are resident, and each variant's
+    peak memory is to leave out the other one's weights (`Models.idle_gib`)."""
+    allocated = iter([0.0, 2.0, 2.0, 3.5])  # GiB: before / after the plain model, before / after the copy
+    monkeypatch.setattr(stack, "allocated_gib", lambda cuda: next(allocated))
+    monkeypatch.setattr(stack, "build_model",
+                        lambda section, settings: torch.nn.ModuleDict({"blocks": torch.nn.Linear(2, 2)}))
+    monkeypatch.setattr(stack, "quantize_linears", lambda blocks, kind: None)
+    monkeypatch.setattr(stack, "quantized_linears", lambda model: 1)
+    models = stack.Models.build(end_to_end.SECTIONS["1.3b"], quick_settings())
+    sparse, sparse_f8 = Variant.parse("uniform-0.1"), Variant.parse("uniform-0.1+f8lin")
+    assert models.plain_gib == 2.0 and models.idle_gib(sparse) == 0.0  # no copy yet
+    assert models.for_variant(sparse_f8) is models.float8 is not models.plain
+    assert models.float8_gib == 1.5
+    assert models.idle_gib(sparse) == 1.5 and models.idle_gib(sparse_f8) == 2.0
