@@ -242,8 +242,11 @@ class Fp8Inputs(NamedTuple):
 def key_means(k: torch.Tensor) -> torch.Tensor:
     """float32 ``(B, H, D)``: k's mean over tokens, subtracted before quantising (SageAttention's
     smoothing: each score of a row moves by the same q.mean, so the softmax does not change, while
-    a channel's common offset no longer eats the block's e4m3 range)."""
-    return k.mean(dim=2, dtype=torch.float32)
+    a channel's common offset no longer eats the block's e4m3 range). Summed in float64 (as the Triton
+    prep does, in another order: a sum of 16-bit values within 2^30 of each other in magnitude is
+    exact there, and any other order differs by ~1e-16 relative, far below the float32 rounding after
+    the division), divided by the length, then rounded to float32."""
+    return (k.double().sum(dim=2) / k.shape[2]).float()
 
 
 def value_scales(v: torch.Tensor) -> torch.Tensor:

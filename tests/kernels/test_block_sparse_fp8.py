@@ -36,10 +36,11 @@ import torch
 from scaling_compiler import ops  # noqa: F401  (registers the ops)
 from scaling_compiler.kernels import dispatch
 from scaling_compiler.kernels.bitmask import num_blocks, pack_block_mask
-from scaling_compiler.kernels.reference import (FP8_DTYPE, blockwise_attention_fp8, masked_attention_reference,
-                                                quantize_fp8)
+from scaling_compiler.kernels.reference import (FP8_DTYPE, blockwise_attention_fp8, key_means,
+                                                masked_attention_reference, quantize_fp8, value_scales)
 from scaling_compiler.kernels.triton.block_sparse_attention import block_sparse_attention
-from scaling_compiler.kernels.triton.block_sparse_attention_fp8 import (block_sparse_attention_fp8,
+from scaling_compiler.kernels.triton.block_sparse_attention_fp8 import (_key_value_statistics,
+                                                                         block_sparse_attention_fp8,
                                                                          fp8_unsupported_reason, quantize)
 from tests.kernels.test_block_sparse_kernel import (DEVICE, _qkv, _random_mask, _rel_err, _structured_mask,
                                                    per_batch_case)
@@ -171,6 +172,23 @@ def test_quantize_matches_reference(layout, dtype):
             a, b = a.view(torch.uint8), b.view(torch.uint8)
         assert torch.equal(a, b), name
     assert ours.v_t.is_contiguous() and ours.v_t.shape == (2, 3, 64, 256)
+
+
+@pytest.mark.parametrize("length", [130, 2100], ids=str)  # 2 blocks; 17 (past the reduction's 16-block chunk)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_key_value_statistics_equal_reference(length, dtype):
+    """k's means and v's scales from the prep's two launches equal the torch reference's bit for bit,
+    with offsets, and magnitudes 6 decades apart within a channel (float64 sums are exact in any order
+    there; float32 partial sums are not)."""
+    q, k, v = _qkv(1, 2, 64, length, 64, dtype, seed=5, layout="bshd")
+    spread = torch.logspace(-2, 2, 64, device=k.device)  # across channels
+    order = torch.randperm(length, generator=torch.Generator().manual_seed(0))
+    tokens = torch.logspace(-4, 2, length, device=k.device)[order.to(k.device)]
+    k = (k.float() * tokens[:, None] * spread + 7 * spread).to(dtype)  # within a channel: 6 decades apart
+    v = (v.float() * spread.flip(0)).to(dtype)
+    assert torch.isfinite(k).all() and torch.isfinite(v).all()
+    mean, v_scale = _key_value_statistics(k, v)
+    assert torch.equal(mean, key_means(k)) and torch.equal(v_scale, value_scales(v))
 
 
 @pytest.mark.parametrize("per_batch", [False, True])

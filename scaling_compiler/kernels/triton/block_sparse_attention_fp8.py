@@ -5,8 +5,8 @@ Same mask format, block lists (``prepare_block_lists``), program layout, key tai
 rule as the 16-bit forward (``block_sparse_attention.py``), whose ``@triton.jit`` helpers it
 calls. Two steps per call, no host sync:
 
-1. Quantisation prep (``quantize``: a small Triton kernel, three launches, after two torch
-   reductions): k is smoothed by subtracting its mean over tokens per (batch, head, channel)
+1. Quantisation prep (``quantize``: five small Triton launches: k's and v's per-block column
+   statistics, their reduction per head, then one quantising launch each for q, k, v): k is smoothed by subtracting its mean over tokens per (batch, head, channel)
    (every score of a row moves by the same ``q.mean``, so the softmax is unchanged, while a
    channel's common offset no longer eats the block's e4m3 range); q and k are quantised with one
    float32 scale per (batch, head, 128-token block) (absmax / 448); v per (batch, head, channel),
@@ -46,7 +46,7 @@ import triton.language as tl
 
 from .. import dispatch  # device_capability; dispatch imports this module too (used at call time only)
 from ..bitmask import num_blocks
-from ..reference import FP8_DTYPE, FP8_MAX, FP8_SCALE_FLOOR, LOG2E, Fp8Inputs, key_means, value_scales
+from ..reference import FP8_DTYPE, FP8_MAX, FP8_SCALE_FLOOR, LOG2E, Fp8Inputs
 from . import interpreting
 from .block_sparse_attention import (MASK_BLOCK, TensorDescriptor, _head_offset, _load_kv_tile, _load_rows,
                                      _locate_program, _mask_scores, _padding_argument, _softmax_step, _split_tail,
@@ -114,12 +114,68 @@ def _quantize_blocks(x: torch.Tensor, mean: torch.Tensor | None = None) -> tuple
     return out, scale
 
 
+@triton.jit
+def _key_value_block_stats(K, V, KSum, VMax,  #
+                           stride_kz, stride_kh, stride_ks, stride_kd,  #
+                           stride_vz, stride_vh, stride_vs, stride_vd,  #
+                           H, N, HEAD_DIM: tl.constexpr):
+    """One 128-token block of k and v: k's column sums in float64 (``reference.key_means`` says why)
+    and v's column absmax, into row ``(batch * head, block)`` of KSum / VMax ``(B*H, blocks, D)``."""
+    blk = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    off_z = off_hz // H
+    off_h = off_hz % H
+    offs_s = blk * MASK_BLOCK + tl.arange(0, MASK_BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = _load_rows(K + _head_offset(off_z, off_h, stride_kz, stride_kh), offs_s, offs_d, stride_ks, stride_kd,
+                   N, HEAD_DIM)
+    v = _load_rows(V + _head_offset(off_z, off_h, stride_vz, stride_vh), offs_s, offs_d, stride_vs, stride_vd,
+                   N, HEAD_DIM)
+    row = (off_hz * tl.num_programs(0) + blk) * HEAD_DIM
+    tl.store(KSum + row + offs_d, tl.sum(k.to(tl.float64), 0))
+    tl.store(VMax + row + offs_d, tl.max(tl.abs(v.to(tl.float32)), 0))
+
+
+@triton.jit
+def _key_value_stats(KSum, VMax, Mean, VScale, N, N_BLOCKS, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
+    """Per (batch, head): k's mean over its N tokens (float64 sum / N, rounded to float32) and v's
+    per-channel scale (absmax / 448), from the block rows of ``_key_value_block_stats``."""
+    off_hz = tl.program_id(0)
+    offs_b = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    total = tl.zeros([HEAD_DIM], dtype=tl.float64)
+    vmax = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for start in range(0, N_BLOCKS, CHUNK):
+        rows = start + offs_b
+        ptrs = (off_hz * N_BLOCKS + rows)[:, None] * HEAD_DIM + offs_d[None, :]
+        total += tl.sum(tl.load(KSum + ptrs, mask=(rows < N_BLOCKS)[:, None], other=0.0), 0)
+        vmax = tl.maximum(vmax, tl.max(tl.load(VMax + ptrs, mask=(rows < N_BLOCKS)[:, None], other=0.0), 0))
+    tl.store(Mean + off_hz * HEAD_DIM + offs_d, (total / N).to(tl.float32))
+    tl.store(VScale + off_hz * HEAD_DIM + offs_d, tl.maximum(vmax, _SCALE_FLOOR) * (1.0 / _FP8_MAX))
+
+
+def _key_value_statistics(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(B, H, D)`` each: ``reference.key_means(k)`` and ``reference.value_scales(v)``, the
+    same values, in two launches (in place of torch reductions over the token axis and their small
+    elementwise follow-ups)."""
+    B, H, S, D = k.shape
+    n = num_blocks(S)
+    k_sums = torch.empty((B * H, n, D), dtype=torch.float64, device=k.device)
+    v_maxes = torch.empty((B * H, n, D), dtype=torch.float32, device=k.device)
+    _key_value_block_stats[(n, B * H)](k, v, k_sums, v_maxes, *k.stride(), *v.stride(), H, S, HEAD_DIM=D,
+                                       num_warps=4)
+    mean = torch.empty((B, H, D), dtype=torch.float32, device=k.device)
+    v_scale = torch.empty_like(mean)
+    _key_value_stats[(B * H,)](k_sums, v_maxes, mean, v_scale, S, n, HEAD_DIM=D, CHUNK=16, num_warps=4)
+    return mean, v_scale
+
+
 def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Fp8Inputs:
     """The kernel's operands (:class:`reference.Fp8Inputs`), the same bytes as ``reference.quantize_fp8``."""
     B, H, Sk, D = v.shape
+    k_mean, v_scale = _key_value_statistics(k, v)
     q8, q_scale = _quantize_blocks(q)
-    k8, k_scale = _quantize_blocks(k, key_means(k))
-    v_scale = value_scales(v)
+    k8, k_scale = _quantize_blocks(k, k_mean)
     v_t = torch.empty((B, H, D, num_blocks(Sk) * MASK_BLOCK), dtype=FP8_DTYPE, device=v.device)
     _launch_quantize(v, v_t.transpose(2, 3), v_scale, per_channel=True)
     return Fp8Inputs(q8, q_scale, k8, k_scale, v_t, v_scale)
