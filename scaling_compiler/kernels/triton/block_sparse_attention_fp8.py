@@ -66,6 +66,16 @@ _SCALE_FLOOR: tl.constexpr = tl.constexpr(FP8_SCALE_FLOOR)
 # Quantisation prep: one program per (128-token block, batch * head)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _block_program(H, HEAD_DIM: tl.constexpr):
+    """A program of a (128-token blocks, batch * heads) grid: its block, batch * head, batch, head,
+    token offsets and channel offsets."""
+    blk = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    offs_s = blk * MASK_BLOCK + tl.arange(0, MASK_BLOCK)
+    return blk, off_hz, off_hz // H, off_hz % H, offs_s, tl.arange(0, HEAD_DIM)
+
+
+@triton.jit
 def _quantize_block(X, Mean, Scale, Out,  #
                     stride_xz, stride_xh, stride_xs, stride_xd,  #
                     stride_oz, stride_oh, stride_os, stride_od,  #
@@ -75,12 +85,7 @@ def _quantize_block(X, Mean, Scale, Out,  #
     first. ``PER_CHANNEL``: divide by Scale's per-channel row (``(B*H, D)``); else by the block's
     absmax / 448, stored in Scale ``(B*H, blocks)``. Times the scale's IEEE reciprocal, as
     ``reference.quantize_fp8`` (an IEEE division per element made this prep ~3x slower: NOTES, session 11)."""
-    blk = tl.program_id(0)
-    off_hz = tl.program_id(1)
-    off_z = off_hz // H
-    off_h = off_hz % H
-    offs_s = blk * MASK_BLOCK + tl.arange(0, MASK_BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
+    blk, off_hz, off_z, off_h, offs_s, offs_d = _block_program(H, HEAD_DIM)
     x = _load_rows(X + _head_offset(off_z, off_h, stride_xz, stride_xh), offs_s, offs_d, stride_xs, stride_xd,
                    N, HEAD_DIM).to(tl.float32)
     if SMOOTH:
@@ -121,12 +126,7 @@ def _key_value_block_stats(K, V, KSum, VMax,  #
                            H, N, HEAD_DIM: tl.constexpr):
     """One 128-token block of k and v: k's column sums in float64 (``reference.key_means`` says why)
     and v's column absmax, into row ``(batch * head, block)`` of KSum / VMax ``(B*H, blocks, D)``."""
-    blk = tl.program_id(0)
-    off_hz = tl.program_id(1)
-    off_z = off_hz // H
-    off_h = off_hz % H
-    offs_s = blk * MASK_BLOCK + tl.arange(0, MASK_BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
+    blk, off_hz, off_z, off_h, offs_s, offs_d = _block_program(H, HEAD_DIM)
     k = _load_rows(K + _head_offset(off_z, off_h, stride_kz, stride_kh), offs_s, offs_d, stride_ks, stride_kd,
                    N, HEAD_DIM)
     v = _load_rows(V + _head_offset(off_z, off_h, stride_vz, stride_vh), offs_s, offs_d, stride_vs, stride_vd,
