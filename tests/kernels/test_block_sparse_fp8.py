@@ -161,9 +161,11 @@ def test_check_is_sensitive():
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd", "strided"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_quantize_matches_reference(layout, dtype):
-    """The Triton prep writes the bytes and scales of ``reference.quantize_fp8``."""
-    q, k, v = _qkv(2, 3, 200, 130, 64, dtype, seed=3, layout=layout)
+@pytest.mark.parametrize("sq, sk", [(200, 130), (300, 130), (100, 300)], ids=str)  # blocks: 2/2, 3/2, 1/3
+def test_quantize_matches_reference(layout, dtype, sq, sk):
+    """The Triton prep writes the bytes and scales of ``reference.quantize_fp8`` (one launch quantises
+    q, k and v: more query than key blocks, and fewer)."""
+    q, k, v = _qkv(2, 3, sq, sk, 64, dtype, seed=3, layout=layout)
     k = k + 4
     ours, spec = quantize(q, k, v), quantize_fp8(q, k, v)
     for name, a, b in zip(ours._fields, ours, spec):
@@ -171,7 +173,7 @@ def test_quantize_matches_reference(layout, dtype):
         if a.dtype == FP8_DTYPE:
             a, b = a.view(torch.uint8), b.view(torch.uint8)
         assert torch.equal(a, b), name
-    assert ours.v_t.is_contiguous() and ours.v_t.shape == (2, 3, 64, 256)
+    assert ours.v_t.is_contiguous() and ours.v_t.shape == (2, 3, 64, num_blocks(sk) * 128)
 
 
 @pytest.mark.parametrize("length", [130, 2100], ids=str)  # 2 blocks; 17 (past the reduction's 16-block chunk)

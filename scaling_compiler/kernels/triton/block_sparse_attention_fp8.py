@@ -5,8 +5,8 @@ Same mask format, block lists (``prepare_block_lists``), program layout, key tai
 rule as the 16-bit forward (``block_sparse_attention.py``), whose ``@triton.jit`` helpers it
 calls. Two steps per call, no host sync:
 
-1. Quantisation prep (``quantize``: five small Triton launches: k's and v's per-block column
-   statistics, their reduction per head, then one quantising launch each for q, k, v): k is smoothed by subtracting its mean over tokens per (batch, head, channel)
+1. Quantisation prep (``quantize``: three small Triton launches: k's and v's per-block column
+   statistics, their reduction per head, then q, k, v quantised in one launch): k is smoothed by subtracting its mean over tokens per (batch, head, channel)
    (every score of a row moves by the same ``q.mean``, so the softmax is unchanged, while a
    channel's common offset no longer eats the block's e4m3 range); q and k are quantised with one
    float32 scale per (batch, head, 128-token block) (absmax / 448); v per (batch, head, channel),
@@ -38,6 +38,7 @@ keeps 3 mantissa bits, so each of the three roundings (q and k, P, v) has a rela
 2^-4; with random normal inputs the output's relative Frobenius error against float64 is 3.4-5.4%
 (the fp16 kernel's ~0.03%, plain bf16 attention's 0.3-0.6%).
 """
+import functools
 import math
 
 import torch
@@ -76,16 +77,16 @@ def _block_program(H, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _quantize_block(X, Mean, Scale, Out,  #
-                    stride_xz, stride_xh, stride_xs, stride_xd,  #
-                    stride_oz, stride_oh, stride_os, stride_od,  #
-                    H, N, HEAD_DIM: tl.constexpr, SMOOTH: tl.constexpr, PER_CHANNEL: tl.constexpr):
-    """One 128-token block of x ``(B, H, N, D)`` (any strides) -> e4m3 in Out (any strides, whole
-    blocks: zeros past N). ``SMOOTH``: subtract Mean's ``(batch, head)`` row (float32 ``(B*H, D)``)
-    first. ``PER_CHANNEL``: divide by Scale's per-channel row (``(B*H, D)``); else by the block's
-    absmax / 448, stored in Scale ``(B*H, blocks)``. Times the scale's IEEE reciprocal, as
-    ``reference.quantize_fp8`` (an IEEE division per element made this prep ~3x slower: NOTES, session 11)."""
-    blk, off_hz, off_z, off_h, offs_s, offs_d = _block_program(H, HEAD_DIM)
+def _quantize_tile(X, Mean, Scale, Out,  #
+                   stride_xz, stride_xh, stride_xs, stride_xd,  #
+                   stride_oz, stride_oh, stride_os, stride_od,  #
+                   blk, off_hz, off_z, off_h, offs_s, offs_d, N, N_BLOCKS,  #
+                   HEAD_DIM: tl.constexpr, SMOOTH: tl.constexpr, PER_CHANNEL: tl.constexpr):
+    """Block ``blk`` (128 tokens) of x ``(B, H, N, D)`` (any strides) -> e4m3 in Out (any strides,
+    whole blocks: zeros past N). ``SMOOTH``: subtract Mean's ``(batch, head)`` row (float32 ``(B*H, D)``)
+    first. ``PER_CHANNEL``: scale by Scale's per-channel row (``(B*H, D)``); else by the block's
+    absmax / 448, stored in Scale ``(B*H, N_BLOCKS)``. Times the scale's IEEE reciprocal, as
+    ``reference.quantize_fp8`` (an IEEE division per element is a branchy subroutine on the GPU)."""
     x = _load_rows(X + _head_offset(off_z, off_h, stride_xz, stride_xh), offs_s, offs_d, stride_xs, stride_xd,
                    N, HEAD_DIM).to(tl.float32)
     if SMOOTH:
@@ -95,28 +96,39 @@ def _quantize_block(X, Mean, Scale, Out,  #
         scale = tl.load(Scale + off_hz * HEAD_DIM + offs_d)[None, :]
     else:
         scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), _SCALE_FLOOR) * (1.0 / _FP8_MAX)
-        tl.store(Scale + off_hz * tl.num_programs(0) + blk, scale)
+        tl.store(Scale + off_hz * N_BLOCKS + blk, scale)
     x8 = tl.clamp(x * tl.math.div_rn(1.0, scale), -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
     o_ptrs = Out + _head_offset(off_z, off_h, stride_oz, stride_oh) + offs_s[:, None].to(tl.int64) * stride_os \
         + offs_d[None, :] * stride_od
     tl.store(o_ptrs, x8)
 
 
-def _launch_quantize(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor | None = None,
-                     per_channel: bool = False) -> None:
-    B, H, S, D = x.shape
-    _quantize_block[(num_blocks(S), B * H)](x, scale if mean is None else mean, scale, out, *x.stride(),
-                                            *out.stride(), H, S, HEAD_DIM=D, SMOOTH=mean is not None,
-                                            PER_CHANNEL=per_channel, num_warps=4)
-
-
-def _quantize_blocks(x: torch.Tensor, mean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    B, H, S, D = x.shape
-    n = num_blocks(S)
-    out = torch.empty((B, H, n * MASK_BLOCK, D), dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty((B, H, n), dtype=torch.float32, device=x.device)
-    _launch_quantize(x, out, scale, mean)
-    return out, scale
+@triton.jit
+def _quantize_qkv(Q, K, V, KMean, VScale, QScale, KScale, Q8, K8, Vt8,  #
+                  stride_qz, stride_qh, stride_qs, stride_qd,  #
+                  stride_kz, stride_kh, stride_ks, stride_kd,  #
+                  stride_vz, stride_vh, stride_vs, stride_vd,  #
+                  stride_q8z, stride_q8h, stride_q8s, stride_q8d,  #
+                  stride_k8z, stride_k8h, stride_k8s, stride_k8d,  #
+                  stride_v8z, stride_v8h, stride_v8s, stride_v8d,  # v8^T seen as (B, H, Sk_padded, D)
+                  H, N_Q, N_K, N_Q_BLOCKS, N_K_BLOCKS, HEAD_DIM: tl.constexpr):
+    """q, k and v in one launch: grid axis 2 picks the tensor (0 q, 1 k smoothed, 2 v per channel)."""
+    blk, off_hz, off_z, off_h, offs_s, offs_d = _block_program(H, HEAD_DIM)
+    which = tl.program_id(2)
+    if which == 0:
+        if blk < N_Q_BLOCKS:
+            _quantize_tile(Q, QScale, QScale, Q8, stride_qz, stride_qh, stride_qs, stride_qd,  #
+                           stride_q8z, stride_q8h, stride_q8s, stride_q8d,  #
+                           blk, off_hz, off_z, off_h, offs_s, offs_d, N_Q, N_Q_BLOCKS, HEAD_DIM, False, False)
+    elif blk < N_K_BLOCKS:
+        if which == 1:
+            _quantize_tile(K, KMean, KScale, K8, stride_kz, stride_kh, stride_ks, stride_kd,  #
+                           stride_k8z, stride_k8h, stride_k8s, stride_k8d,  #
+                           blk, off_hz, off_z, off_h, offs_s, offs_d, N_K, N_K_BLOCKS, HEAD_DIM, True, False)
+        else:
+            _quantize_tile(V, VScale, VScale, Vt8, stride_vz, stride_vh, stride_vs, stride_vd,  #
+                           stride_v8z, stride_v8h, stride_v8s, stride_v8d,  #
+                           blk, off_hz, off_z, off_h, offs_s, offs_d, N_K, N_K_BLOCKS, HEAD_DIM, False, True)
 
 
 @triton.jit
@@ -171,13 +183,20 @@ def _key_value_statistics(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tenso
 
 
 def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Fp8Inputs:
-    """The kernel's operands (:class:`reference.Fp8Inputs`), the same bytes as ``reference.quantize_fp8``."""
-    B, H, Sk, D = v.shape
+    """The kernel's operands (:class:`reference.Fp8Inputs`), the same bytes as ``reference.quantize_fp8``:
+    three launches (k's and v's statistics in two, then q, k, v quantised in one)."""
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    nq, nk = num_blocks(Sq), num_blocks(Sk)
     k_mean, v_scale = _key_value_statistics(k, v)
-    q8, q_scale = _quantize_blocks(q)
-    k8, k_scale = _quantize_blocks(k, k_mean)
-    v_t = torch.empty((B, H, D, num_blocks(Sk) * MASK_BLOCK), dtype=FP8_DTYPE, device=v.device)
-    _launch_quantize(v, v_t.transpose(2, 3), v_scale, per_channel=True)
+    empty = functools.partial(torch.empty, device=q.device)
+    q8, k8 = empty((B, H, nq * MASK_BLOCK, D), dtype=FP8_DTYPE), empty((B, H, nk * MASK_BLOCK, D), dtype=FP8_DTYPE)
+    v_t = empty((B, H, D, nk * MASK_BLOCK), dtype=FP8_DTYPE)
+    q_scale, k_scale = empty((B, H, nq), dtype=torch.float32), empty((B, H, nk), dtype=torch.float32)
+    _quantize_qkv[(max(nq, nk), B * H, 3)](q, k, v, k_mean, v_scale, q_scale, k_scale, q8, k8, v_t,  #
+                                           *q.stride(), *k.stride(), *v.stride(), *q8.stride(), *k8.stride(),
+                                           *v_t.transpose(2, 3).stride(), H, Sq, Sk, nq, nk, HEAD_DIM=D,
+                                           num_warps=4)
     return Fp8Inputs(q8, q_scale, k8, k_scale, v_t, v_scale)
 
 
