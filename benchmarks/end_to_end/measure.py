@@ -140,8 +140,9 @@ def measure_variant(models: Models, inputs: Inputs, section_key: str, batch: int
                 compiled_first = time_per_step(compiled, inputs, variant, settings, result, backend, before)
             later = delta(before, counters())
     if settings.cuda:  # as if the variant ran alone: without the other model's weights
-        result.peak_gib -= models.idle_gib(variant)
-        result.compile_peak_gib -= models.idle_gib(variant)
+        idle = models.idle_gib(variant)
+        result.peak_gib -= idle
+        result.compile_peak_gib -= idle
     result.graphs, result.graph_breaks = compiled_first["graphs"], compiled_first["graph_breaks"]
     result.recompiles = later["graphs"] - compiled_first["graphs"]
     result.fx_cache = {k: compiled_first[f"fx_{k}"] for k in ("hit", "miss", "bypass")}

@@ -9,7 +9,7 @@ shape (32,760 x 8,960) 1.02 ms per layer on an H200, the float8 stack's largest 
 GEMMs and attention. ``passes/float8_activations.py`` replaces that pattern with the op
 ``scaling_compiler::gelu_tanh_float8_rows``, whose Triton kernel
 (``kernels/triton/activation_quant.py``) reads each row once (0.36 ms in the same setting,
-benchmarks/NOTES.md, session 10).
+benchmarks/NOTES.md, session 11).
 
 :func:`gelu_tanh_float8_rows_reference` is both the op's PyTorch implementation and the pattern the
 pass searches for: the same torch operations as torchao's eager code, so the traced pattern equals

@@ -6,8 +6,8 @@ a feed-forward block they follow the GELU of the first linear. Inductor fuses th
 reduction that reads the hidden state twice and computes the GELU twice (1.02 ms per layer at the
 Wan2.1-1.3B shape on an H200). This pass, which the backend hands to inductor as its
 ``post_grad_custom_post_pass``, replaces the subgraph ``h -> gelu(h) -> (e4m3 values, row scales)``
-with ``scaling_compiler::gelu_tanh_float8_rows`` (one read of each row: 0.53 ms; benchmarks/NOTES.md,
-session 10). The pattern is traced from ``gelu_tanh_float8_rows_reference``, the same torch
+with ``scaling_compiler::gelu_tanh_float8_rows`` (one read of each row: 0.36 ms; benchmarks/NOTES.md,
+session 11). The pattern is traced from ``gelu_tanh_float8_rows_reference``, the same torch
 operations as torchao's eager code, so it matches what AOTAutograd produced from them; a GELU that
 has other users keeps inductor's code (the pattern matcher refuses matches whose inner nodes are used
 outside them). Graphs without a cast to e4m3 are left alone before any pattern is traced.

@@ -7,8 +7,9 @@ apart); the row's absolute maximum in the input dtype; ``scale = amax / 448`` ro
 dtype, then float32; ``g / scale`` as ``g`` times the row's IEEE reciprocal (within an ulp of
 eager's division, which decides an e4m3 rounding only next to a boundary), clamped to +-448 (NaN kept:
 an all-zero row gives NaN, as torchao's 0 / 0; a NaN in a row makes its amax and so the whole row NaN,
-as torch's amax does; infinities follow IEEE arithmetic as in eager), cast to e4m3. Rows up to ``MAX_ROW`` elements (the
-row's tile lives in registers: 16 warps hold 32,768 values at 64 registers per thread).
+as torch's amax does; infinities follow IEEE arithmetic as in eager), cast to e4m3. Rows up to
+``MAX_ROW`` elements (the row lives in registers: 16 warps hold 32,768 values at 64 registers per
+thread).
 """
 from __future__ import annotations
 
