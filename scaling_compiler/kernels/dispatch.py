@@ -34,6 +34,7 @@ from .triton import activation_quant as triton_activation_quant
 from .triton import block_sparse_attention as triton_forward
 from .triton import block_sparse_attention_bwd as triton_backward
 from .triton import block_sparse_attention_fp8 as triton_fp8
+from .triton import mask_decode
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,19 @@ def block_sparse_attention(
         return in_layout_of(q, out), lse
     return triton_forward.block_sparse_attention(q, k, v, mask_words, scale, key_padding=key_padding,
                                                  use_tma=implementation is Implementation.TRITON_TMA)
+
+
+def decode_constant_mask(mask_words: torch.Tensor, kv_len: int, backward: bool) -> None:
+    """Decode a mask that every call of a compiled graph passes unchanged (a constant of the rewrite)
+    now, at compile time, into the Triton kernels' cache of block lists (`kernels/triton/list_cache.py`):
+    the rows the forward walks, and with `backward` the columns of the dk/dv pass. The first call then
+    launches no decoding, and a CUDA graph's warm-up finds the lists instead of allocating them in the
+    graph's pool. Other devices run the block-wise path, which decodes nothing."""
+    if mask_words.device.type != "cuda":
+        return
+    mask_decode.prepare_block_lists(mask_words, kv_len)
+    if backward:
+        mask_decode.prepare_column_lists(mask_words, kv_len)
 
 
 def block_sparse_attention_backward(

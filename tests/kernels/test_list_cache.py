@@ -74,3 +74,18 @@ def test_inference_tensors_are_not_cached():
         words = pack_block_mask(_random_mask((2,), 3, 4, 0.5, seed=3)).to(DEVICE)
         assert prepare_block_lists(words, 512) is not prepare_block_lists(words, 512)
     assert list_cache.held_bytes() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (streams)")
+def test_masks_on_a_side_stream_are_not_cached():
+    """CUDA graphs warm up and capture on a side stream, allocating into the graph's private pool: a
+    list kept from there would outlive the run inside the pool, which inductor's CUDA graphs refuse."""
+    words = pack_block_mask(_random_mask((2,), 3, 4, 0.5, seed=4)).cuda()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        first = prepare_block_lists(words, 512)
+        assert prepare_block_lists(words, 512) is not first
+    torch.cuda.current_stream().wait_stream(stream)
+    assert list_cache.held_bytes() == 0
+    assert torch.equal(_rows_of(first, 4), _rows_of(prepare_block_lists(words, 512), 4))
+    assert list_cache.held_bytes() > 0  # the default stream caches

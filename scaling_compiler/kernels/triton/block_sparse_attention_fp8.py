@@ -24,8 +24,8 @@ calls. Two steps per call, no host sync:
 K/V tiles come through host-side TMA descriptors on GPUs that have TMA (capability >= 9; the
 quantised buffers are contiguous and padded, so they always qualify), through pointer loads on
 Ada (sm_89). Timed by ``benchmarks/kernels/block_sparse.py`` (its FP8 column): on an H200 at the
-Wan2.1-1.3B shape 1.13x our 16-bit kernel at density 1.0, 0.88x at 0.1, the prep 0.34 ms of it
-(``benchmarks/NOTES.md``, session 8).
+Wan2.1-1.3B shape 1.14x our 16-bit kernel at density 1.0, 1.09x at 0.25, 0.96x at 0.1, the prep
+0.23 ms of it (``benchmarks/NOTES.md``, session 12).
 
 Supported: q, k, v fp16 or bf16 ``(B, H, S, D)`` with any strides, D 64 or 128, Sq != Sk, any
 lengths, per-head ``(H, Nq, W)`` or per-batch ``(B, H, Nq, W)`` masks, key padding (bool

@@ -6,9 +6,16 @@ little GPU time but a dozen small launches of host time per call, which shows as
 between the forward and the backward (about 0.4 ms per forward + backward at the Wan2.1-1.3B
 shape, density 0.1, on an H200). Entries are keyed by the tensor's identity and checked against
 its version counter (an in-place change decodes again); an entry dies with its tensor. At most
-``BUDGET_BYTES`` of lists are kept, least recently used dropped first. Not cached: inference
-tensors (no version counter) and calls during CUDA graph capture (the lists would live in the
-graph's private pool).
+``BUDGET_BYTES`` of lists are kept, least recently used dropped first.
+
+Not cached: inference tensors (no version counter), and CUDA masks on a stream other than the
+device's default stream. The second rule keeps lists out of CUDA graph memory pools: inductor's
+CUDA graphs (``mode="reduce-overhead"``) warm up and capture a graph on a side stream with every
+allocation going to the graph's private pool, and refuse to go on when a tensor allocated there
+outlives the run ("live storage data ptrs are in the cudagraph pool but not accounted for": every
+sparse variant of the end-to-end benchmark failed so under ``+cg`` on an H200). A compiled graph's
+constant masks are decoded at compile time instead (``dispatch.decode_constant_mask``), so those
+calls find them here without allocating.
 """
 import weakref
 from collections import OrderedDict
@@ -33,7 +40,7 @@ _held_bytes = 0
 def _cacheable(words: torch.Tensor) -> bool:
     if words.is_inference():
         return False
-    return not (words.is_cuda and torch.cuda.is_current_stream_capturing())
+    return not words.is_cuda or torch.cuda.current_stream(words.device) == torch.cuda.default_stream(words.device)
 
 
 def _drop(key: tuple) -> None:

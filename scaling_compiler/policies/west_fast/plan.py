@@ -15,6 +15,7 @@ import torch
 import torch.fx
 
 from ...cost_model import CostModel, qkv_bytes
+from ...kernels import dispatch
 from ...kernels.bitmask import BLOCK_SIZE, num_blocks, pack_block_mask
 from ...ops import pick_step_masks
 from ...sites import Site, SitePlan, SitePlanSummary
@@ -60,7 +61,9 @@ class MaskPlan(SitePlan):
         graph, device = rewriter.graph, site.device
         if self.static:  # one step: each head's own level
             heads = torch.arange(site.heads, device=device)
-            mask = rewriter.add_input(self.words.to(device)[self.level_index[0].to(device), heads])
+            words = self.words.to(device)[self.level_index[0].to(device), heads]
+            dispatch.decode_constant_mask(words, site.kv_len, backward=site.requires_grad)
+            mask = rewriter.add_input(words)
         else:
             if rewriter.timestep is None:
                 raise ValueError(f"site {site.name}: masks vary by step but the graph has no timestep input")
