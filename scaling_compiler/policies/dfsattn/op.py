@@ -8,7 +8,10 @@ from ...ops import sparse_attention
 from .registry import site_handle
 
 
-@torch.library.custom_op("scaling_compiler::dfs_attention", mutates_args=())
+# cudagraph_unsafe: the op reads the step on the host and keeps the masks it scores between calls, neither
+# of which a CUDA graph can capture; under mode="reduce-overhead" inductor runs it outside the graphs
+# (graph partitions) instead of failing the capture.
+@torch.library.custom_op("scaling_compiler::dfs_attention", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def dfs_attention_op(
     q: torch.Tensor,  # (B, H, Sq, D), tokens in the site's token order
     k: torch.Tensor,  # (B, H, Sk, D)

@@ -254,3 +254,28 @@ def test_defaults_are_the_papers():
     assert (schedule.num_steps, schedule.dense_steps, schedule.refresh_interval) == (50, 12, 12)
     assert schedule.keep_ratios == (0.3, 0.2, 0.1) and schedule.dense_layers == (0,) and schedule.cfg_reuse
     assert ScalingAttnBackend().config.token_order.value == "raster"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_leave_the_run_time_op_outside():
+    """mode="reduce-overhead": the op syncs with the host and caches masks between calls, so it is tagged
+    cudagraph_unsafe; each step equals the same model compiled without CUDA graphs."""
+    model, inputs = build(batch=1)
+    model = model.cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+    def steps(mode):
+        backend = ScalingAttnBackend(policy="dfsattn", compiler="inductor", dense_layers=(), **SMALL)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=backend, mode=mode)
+        outs = []
+        for t in STEPS:
+            torch.compiler.cudagraph_mark_step_begin()
+            outs.append(run(compiled, inputs, t).clone())
+        return backend, outs
+
+    backend, graphed = steps("reduce-overhead")
+    assert backend.report.sparse_sites
+    _, plain = steps(None)
+    for a, b in zip(graphed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
