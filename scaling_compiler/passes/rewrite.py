@@ -29,6 +29,7 @@ class Rewriter:
         self.graph = graph
         self.timestep = timestep  # the model's timestep placeholder, if the graph has one
         self.extra_inputs: list[torch.Tensor] = []
+        self.extra_placeholders: list[torch.fx.Node] = []  # one per extra input, in order
         self.modules: dict[str, torch.nn.Module] = {}  # submodules the new call_module nodes call
         self._anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
         self._shared: dict[str, torch.fx.Node] = {}
@@ -41,6 +42,7 @@ class Rewriter:
         with self.graph.inserting_after(self._anchor):
             self._anchor = self.graph.placeholder(name or f"scalingattn_{len(self.extra_inputs)}")
         self.extra_inputs.append(tensor)
+        self.extra_placeholders.append(self._anchor)
         if name is not None:
             self._shared[name] = self._anchor
         return self._anchor
@@ -72,8 +74,38 @@ def rewrite(graph: GraphRecord) -> None:
     copy.lint()
     for name, module in rewriter.modules.items():
         graph.gm.add_submodule(name, module)
-    graph.gm = torch.fx.GraphModule(graph.gm, copy)
+    rewritten = torch.fx.GraphModule(graph.gm, copy)
+    _keep_dynamo_metadata(graph.gm, rewritten, copies, rewriter.extra_placeholders)
+    graph.gm = rewritten
     graph.extra_inputs = rewriter.extra_inputs
+
+
+def _keep_dynamo_metadata(dynamo_gm: torch.fx.GraphModule, rewritten: torch.fx.GraphModule, copies: dict,
+                          extra_placeholders: list[torch.fx.Node]) -> None:
+    """Carry dynamo's metadata over to the rewritten graph module, and mark its extra inputs static.
+
+    AOTAutograd tells inductor which inputs keep their address from call to call (the weights) only
+    for a graph it recognises as dynamo's: a compile id in `meta`, `_param_name_to_source`, and a
+    `_dynamo_source` on every placeholder (torch's note "Assumption on Dynamo Metadata"). A fresh
+    GraphModule has none of them, so CUDA graphs (`mode="reduce-overhead"`) copied every weight into
+    their pool on every replay. The masks and step tables are marked static as dynamo marks
+    `mark_static_address` tensors: the same tensors reach every call. A graph that gained
+    parameters dynamo never saw (SALAD's branches) has no sources for them and keeps the defaults.
+    """
+    if "dynamo_compile_id" not in dynamo_gm.meta or not hasattr(dynamo_gm, "_param_name_to_source"):
+        return
+    sources = dynamo_gm._param_name_to_source
+    tensors = [*rewritten.named_parameters(remove_duplicate=False), *rewritten.named_buffers(remove_duplicate=False)]
+    placeholders = [node for node in dynamo_gm.graph.nodes if node.op == "placeholder"]
+    if any(name not in sources for name, _ in tensors) or not all(hasattr(n, "_dynamo_source") for n in placeholders):
+        return
+    rewritten.meta.update(dynamo_gm.meta)
+    rewritten._param_name_to_source = sources
+    for node in placeholders:
+        copies[node]._dynamo_source = node._dynamo_source
+    for node in extra_placeholders:
+        node._dynamo_source = None
+        node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
 
 
 def _fp8_refusal(site: Site) -> str | None:

@@ -2,6 +2,7 @@
 the replaced chain is erased, and the graph computes what the plans say."""
 import dataclasses
 
+import pytest
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -75,3 +76,60 @@ def test_nothing_planned_leaves_the_graph_as_it_is():
     gm = graph.gm
     rewrite(graph)
     assert graph.gm is gm and graph.extra_inputs == []
+
+
+def test_rewritten_graph_keeps_dynamos_metadata_and_static_extra_inputs():
+    """AOTAutograd reports the weights as static inputs (CUDA graphs then do not copy them on every
+    replay) only for a graph with dynamo's compile id, parameter sources and a source per placeholder;
+    the rewrite keeps them, and marks its own inputs static too (the same tensors reach every call)."""
+    model, inputs = VideoAttention(layers=2), video_inputs()
+
+    def plan(graph):
+        for site in graph.rewritable:
+            site.plan = ScaledCopy(torch.tensor(3.0))
+
+    seen = {}
+
+    def before(graph):
+        seen["meta"] = dict(graph.gm.meta)
+        seen["sources"] = [n._dynamo_source for n in graph.gm.graph.nodes if n.op == "placeholder"]
+
+    graph = dynamo_graph(model, *inputs, passes=(detect, plan, before, rewrite))
+    assert "dynamo_compile_id" in seen["meta"]
+    assert graph.gm.meta["dynamo_compile_id"] == seen["meta"]["dynamo_compile_id"]
+    assert graph.gm._param_name_to_source is not None
+    placeholders = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
+    originals, extras = placeholders[:len(seen["sources"])], placeholders[len(seen["sources"]):]
+    assert [n._dynamo_source for n in originals] == seen["sources"] and None not in seen["sources"]
+    assert len(extras) == len(graph.extra_inputs) == 3
+    assert all(n._dynamo_source is None and n.meta["tensor_dict"]["_dynamo_static_input_type"] for n in extras)
+
+
+def test_inductor_sees_weights_and_masks_as_static_inputs(monkeypatch):
+    """Through the whole backend: the indices inductor gets as static (what CUDA graphs leave in place)
+    are every weight of the model and every mask input. Before, the rewritten graph had none."""
+    import torch._inductor.compile_fx as compile_fx
+    from scaling_compiler import ScalingAttnBackend
+    from scaling_compiler.demo import zoo
+
+    if not hasattr(compile_fx, "_compile_fx_inner"):
+        pytest.skip("this torch has no compile_fx._compile_fx_inner to observe")
+    seen = []
+    inner = compile_fx._compile_fx_inner
+
+    def spy(gm, example_inputs, **kwargs):
+        seen.append((len(example_inputs), list(kwargs.get("static_input_idxs") or ())))
+        return inner(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(compile_fx, "_compile_fx_inner", spy)
+    torch.manual_seed(0)
+    model = zoo.build("WanTransformer3DModel")
+    backend = ScalingAttnBackend(density=0.5, calibration_samples=1, schedule="uniform", cache=False)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(**zoo.example_inputs("WanTransformer3DModel", model, (3, 24, 24)))
+    assert backend.report.sparse_sites
+    [(n_inputs, static)] = seen
+    masks = len(backend.report.sparse_sites)  # uniform schedule: one mask input per sparse site, last
+    assert set(range(n_inputs - masks, n_inputs)) <= set(static)
+    assert n_inputs - len(static) == 3  # all but the activations: hidden states, timestep, text embeddings
