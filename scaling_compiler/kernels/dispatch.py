@@ -120,15 +120,16 @@ def block_sparse_attention(
 
 def decode_constant_mask(mask_words: torch.Tensor, kv_len: int, backward: bool) -> None:
     """Decode a mask that every call of a compiled graph passes unchanged (a constant of the rewrite)
-    now, at compile time, into the Triton kernels' cache of block lists (`kernels/triton/list_cache.py`):
-    the rows the forward walks, and with `backward` the columns of the dk/dv pass. The first call then
-    launches no decoding, and a CUDA graph's warm-up finds the lists instead of allocating them in the
-    graph's pool. Other devices run the block-wise path, which decodes nothing."""
+    now, at compile time, into the Triton kernels' cache of block lists (`kernels/triton/list_cache.py`),
+    pinned: the rows the forward walks, and with `backward` the columns of the dk/dv pass. Calls then
+    launch no decoding, under CUDA graphs too: warm-up and capture (on a side stream, where nothing
+    new is kept) find the lists, and a captured graph reads lists that live as long as the mask. Other
+    devices run the block-wise path, which decodes nothing."""
     if mask_words.device.type != "cuda":
         return
-    mask_decode.prepare_block_lists(mask_words, kv_len)
+    mask_decode.prepare_block_lists(mask_words, kv_len, pin=True)
     if backward:
-        mask_decode.prepare_column_lists(mask_words, kv_len)
+        mask_decode.prepare_column_lists(mask_words, kv_len, pin=True)
 
 
 def block_sparse_attention_backward(

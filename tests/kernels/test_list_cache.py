@@ -89,3 +89,35 @@ def test_masks_on_a_side_stream_are_not_cached():
     assert list_cache.held_bytes() == 0
     assert torch.equal(_rows_of(first, 4), _rows_of(prepare_block_lists(words, 512), 4))
     assert list_cache.held_bytes() > 0  # the default stream caches
+    pinned = pack_block_mask(_random_mask((2,), 3, 4, 0.5, seed=6)).cuda()
+    lists = prepare_block_lists(pinned, 512, pin=True)
+    with torch.cuda.stream(stream):
+        assert prepare_block_lists(pinned, 512) is lists  # a pinned entry is served on any stream
+
+
+def test_pinned_entries_outlive_the_budget_but_not_their_mask(monkeypatch):
+    """A compiled graph's constant masks (pinned) are never evicted (a captured CUDA graph reads their
+    lists at fixed addresses); they still die with their mask, and unpinned entries are evicted first."""
+    masks = [pack_block_mask(_random_mask((2,), 3, 4, 0.5, seed=s)).to(DEVICE) for s in range(3)]
+    pinned = prepare_block_lists(masks[0], 512, pin=True)
+    one_entry = list_cache.held_bytes()
+    monkeypatch.setattr(list_cache, "BUDGET_BYTES", 2 * one_entry)
+    second = prepare_block_lists(masks[1], 512)
+    prepare_block_lists(masks[2], 512)  # over budget: the unpinned masks[1] goes, the pinned (older) one stays
+    assert list_cache.held_bytes() == 2 * one_entry
+    assert prepare_block_lists(masks[0], 512) is pinned
+    assert prepare_block_lists(masks[1], 512) is not second
+    masks[1:] = []
+    del masks[0]
+    gc.collect()
+    assert list_cache.held_bytes() == 0
+
+
+def test_pinning_an_existing_entry_keeps_it():
+    words = pack_block_mask(_random_mask((2,), 3, 4, 0.5, seed=5)).to(DEVICE)
+    first = prepare_block_lists(words, 512)
+    assert prepare_block_lists(words, 512, pin=True) is first
+    words.copy_(words ^ 1)  # changed in place: decoded again, and still pinned
+    again = prepare_block_lists(words, 512)
+    assert again is not first
+    assert list_cache._entries[next(iter(list_cache._entries))].pinned

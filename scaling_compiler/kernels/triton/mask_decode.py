@@ -52,12 +52,13 @@ class BlockLists(NamedTuple):
     order: torch.Tensor  # int32 (..., Nq): the order in which each head's query blocks are launched
 
 
-def prepare_block_lists(mask_words: torch.Tensor, kv_len: int, lpt_order: bool = True) -> BlockLists:
+def prepare_block_lists(mask_words: torch.Tensor, kv_len: int, lpt_order: bool = True, *,
+                        pin: bool = False) -> BlockLists:
     """Decode ``mask_words`` into the kernel's block lists; with ``lpt_order`` each head's query
     blocks run heaviest first (longest-processing-time order shortens the last wave). Decoded
-    once per mask tensor (``list_cache``)."""
+    once per mask tensor (``list_cache``; ``pin``: a compiled graph's constant mask)."""
     return list_cache.cached("rows", mask_words, lambda: _block_lists(mask_words, kv_len, lpt_order), kv_len,
-                             lpt_order)
+                             lpt_order, pin=pin)
 
 
 def _block_lists(mask_words: torch.Tensor, kv_len: int, lpt_order: bool) -> BlockLists:
@@ -109,7 +110,7 @@ def decode_mask_columns(mask_words: torch.Tensor, num_k_blocks: int) -> tuple[to
     return q_idx.reshape(*lead, num_k_blocks, nq), q_cnt.reshape(*lead, num_k_blocks)
 
 
-def prepare_column_lists(mask_words: torch.Tensor, kv_len: int) -> BlockLists:
+def prepare_column_lists(mask_words: torch.Tensor, kv_len: int, *, pin: bool = False) -> BlockLists:
     """The backward's column lists: per (mask group, key block) the query blocks that keep it.
 
     Fields as in :class:`BlockLists`, over columns: ``kv_idx`` holds query-block indices
@@ -118,9 +119,9 @@ def prepare_column_lists(mask_words: torch.Tensor, kv_len: int) -> BlockLists:
     twice their head's mean number of query blocks (global blocks, attention sinks) first,
     heaviest first, across all heads; then head by head (that head's q and do stay in L2),
     heaviest first. Launched head by head, one sink column per head would start last and finish
-    long after the others. Decoded once per mask tensor (``list_cache``).
+    long after the others. Decoded once per mask tensor (``list_cache``; ``pin`` as for the rows).
     """
-    return list_cache.cached("columns", mask_words, lambda: _column_lists(mask_words, kv_len), kv_len)
+    return list_cache.cached("columns", mask_words, lambda: _column_lists(mask_words, kv_len), kv_len, pin=pin)
 
 
 def _column_lists(mask_words: torch.Tensor, kv_len: int) -> BlockLists:
