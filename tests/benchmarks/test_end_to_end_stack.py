@@ -159,3 +159,18 @@ def test_a_variants_peak_memory_leaves_out_the_model_it_does_not_run(monkeypatch
     assert models.for_variant(sparse_f8) is models.float8 is not models.plain
     assert models.float8_gib == 1.5
     assert models.idle_gib(sparse) == 1.5 and models.idle_gib(sparse_f8) == 2.0
+
+
+def test_cuda_graph_variants_are_checked_against_dense_and_dense_under_cuda_graphs():
+    results = [result("dense", 520.0), result("dense+cg", 500.0), result("uniform-0.1+fp8+f8lin+cg", 170.0),
+               result("uniform-0.1+cg", 240.0), result("fast-0.25+cg", None, "skipped: deadline")]
+    end_to_end.add_ratios(results)
+    rows = {c["check"]: c for c in end_to_end.checks(results)}
+    assert set(rows) >= {"uniform-0.1+fp8+f8lin+cg speedup", "uniform-0.1+fp8+f8lin+cg speedup over dense+cg",
+                         "uniform-0.1+cg speedup", "uniform-0.1+cg speedup over dense+cg"}
+    assert not any(check.startswith("fast-0.25+cg") for check in rows)  # has a target, was not measured
+    stack = rows["uniform-0.1+fp8+f8lin+cg speedup"]
+    assert (stack["value"], stack["target"], stack["met"]) == (520.0 / 170.0, ">= 3.0", True)
+    assert (rows["uniform-0.1+fp8+f8lin+cg speedup over dense+cg"]["value"], rows[
+        "uniform-0.1+fp8+f8lin+cg speedup over dense+cg"]["met"]) == (500.0 / 170.0, False)
+    assert rows["uniform-0.1+cg speedup over dense+cg"]["target"] == ">= 2.3"
