@@ -50,8 +50,9 @@ def _sparse_only_of(results: list[VariantResult], r: VariantResult) -> VariantRe
                  and u.latency_ms is not None), None)
 
 
-def _dense_of(results: list[VariantResult], r: VariantResult) -> VariantResult | None:
-    return next((d for d in results if (d.section, d.batch, d.variant) == (r.section, r.batch, "dense")
+def _dense_of(results: list[VariantResult], r: VariantResult, name: str = "dense") -> VariantResult | None:
+    """The measured dense variant `name` of r's section and batch."""
+    return next((d for d in results if (d.section, d.batch, d.variant) == (r.section, r.batch, name)
                  and d.latency_ms is not None), None)
 
 
@@ -134,8 +135,7 @@ def checks(results: list[VariantResult]) -> list[dict[str, Any]]:
         if target is not None and r.speedup is not None:
             rows.append({"section": r.section, "batch": r.batch, "check": f"{r.variant} speedup",
                          "value": r.speedup, "target": f">= {target}", "met": r.speedup >= target})
-        dense_cg = next((d for d in results if (d.section, d.batch, d.variant) == (r.section, r.batch, "dense+cg")
-                         and d.latency_ms is not None), None)
+        dense_cg = _dense_of(results, r, "dense+cg")
         if target is not None and "cg" in r.variant.split("+") and dense_cg is not None and r.latency_ms is not None:
             value = dense_cg.latency_ms / r.latency_ms
             rows.append({"section": r.section, "batch": r.batch, "check": f"{r.variant} speedup over dense+cg",

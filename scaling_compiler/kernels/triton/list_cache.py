@@ -74,13 +74,16 @@ def cached(kind: str, words: torch.Tensor, build: Callable[[], tuple[torch.Tenso
         return build()
     key = (id(words), kind, *key_args)
     entry = _entries.get(key)
+    valid = entry is not None and entry.words() is words and entry.version == words._version
+    if valid and entry.pinned:  # the compiled graphs' masks: no stream query on their hot path
+        _entries.move_to_end(key)
+        return entry.value
     default_stream = _on_default_stream(words)
-    if entry is not None and entry.words() is words and entry.version == words._version:
-        if entry.pinned or default_stream:
-            if pin and not entry.pinned:
-                _entries[key] = entry._replace(pinned=True)
-            _entries.move_to_end(key)
-            return entry.value
+    if valid and default_stream:
+        if pin:
+            _entries[key] = entry._replace(pinned=True)
+        _entries.move_to_end(key)
+        return entry.value
     if not default_stream:
         return build()
     pin = pin or (entry is not None and entry.pinned and entry.words() is words)  # changed in place: still pinned
