@@ -30,11 +30,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import is_fake
 
 from . import ops  # noqa: F401  (registers torch.ops.scaling_compiler)
 from .config import Config, InnerCompiler, options_dict
 from .cost_model import CostModel
 from .passes.detect import detect
+from .passes.flatten_weights import FlatWeights, flatten_weights
 from .passes.inputs import annotate_inputs
 from .per_shape import PerShapeCompiled
 from .per_weights import compile_per_weights
@@ -112,21 +114,29 @@ class ScalingAttnBackend:
         # asked for explicitly: shown at the default log level; else TORCH_LOGS="+scaling_compiler"
         log.log(logging.WARNING if self.config.report else logging.DEBUG, "%s", report)
         extra = graph.extra_inputs
-        compiled = _inner_compile(self.config, graph.gm, example_inputs + _static_examples(extra, example_inputs))
-        return _Compiled(compiled, extra, graph.policy_state), report
+        gm, flat, inner_examples = flatten_weights(graph.gm, example_inputs)
+        inputs = flat.other_inputs(example_inputs) if flat else example_inputs
+        compiled = _inner_compile(self.config, gm,
+                                  inputs + _static_examples(extra + inner_examples, example_inputs))
+        return _Compiled(compiled, extra, graph.policy_state, flat), report
 
 
 @dataclasses.dataclass
 class _Compiled:
-    """A compiled graph, the extra inputs it takes after the original ones, and the policy's run-time
-    state its ops look up (alive as long as the graph)."""
+    """A compiled graph, the extra inputs it takes after the original ones, the policy's run-time
+    state its ops look up (alive as long as the graph), and how its subclass weights were flattened
+    (`passes/flatten_weights.py`; their inner tensors go last)."""
 
     compiled: CompiledFn
     extra_inputs: list[torch.Tensor]
     policy_state: Any
+    flat_weights: FlatWeights | None = None
 
     def __call__(self, *args: Any) -> Any:
-        return self.compiled(*args, *self.extra_inputs)
+        if self.flat_weights is None:
+            return self.compiled(*args, *self.extra_inputs)
+        flat = self.flat_weights
+        return self.compiled(*flat.other_inputs(args), *self.extra_inputs, *flat.leaves(args))
 
 
 def scalingattn_backend(
@@ -167,7 +177,7 @@ def _static_examples(extra_inputs: list[torch.Tensor], example_inputs: list[Any]
     fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None:
         return extra_inputs
-    return [fake_mode.from_tensor(tensor, static_shapes=True) for tensor in extra_inputs]
+    return [tensor if is_fake(tensor) else fake_mode.from_tensor(tensor, static_shapes=True) for tensor in extra_inputs]
 
 
 def _is_symbolic(x: Any) -> bool:

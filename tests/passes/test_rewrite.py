@@ -105,9 +105,11 @@ def test_rewritten_graph_keeps_dynamos_metadata_and_static_extra_inputs():
     assert all(n._dynamo_source is None and n.meta["tensor_dict"]["_dynamo_static_input_type"] for n in extras)
 
 
-def test_inductor_sees_weights_and_masks_as_static_inputs(monkeypatch):
+@pytest.mark.parametrize("weights", ["plain", "int8"])
+def test_inductor_sees_weights_and_masks_as_static_inputs(monkeypatch, weights):
     """Through the whole backend: the indices inductor gets as static (what CUDA graphs leave in place)
-    are every weight of the model and every mask input. Before, the rewritten graph had none."""
+    are every weight of the model and every mask input. Before, the rewritten graph had none. With
+    torchao int8 weights, the inner tensors the flatten pass hands over are static too."""
     import torch._inductor.compile_fx as compile_fx
     from scaling_compiler import ScalingAttnBackend
     from scaling_compiler.demo import zoo
@@ -124,12 +126,23 @@ def test_inductor_sees_weights_and_masks_as_static_inputs(monkeypatch):
     monkeypatch.setattr(compile_fx, "_compile_fx_inner", spy)
     torch.manual_seed(0)
     model = zoo.build("WanTransformer3DModel")
+    if weights == "int8":
+        quantization = pytest.importorskip("torchao.quantization")
+        quantization.quantize_(model.blocks, quantization.Int8WeightOnlyConfig(set_inductor_config=False))
     backend = ScalingAttnBackend(density=0.5, calibration_samples=1, schedule="uniform", cache=False)
     torch._dynamo.reset()
     with torch.no_grad():
         torch.compile(model, backend=backend)(**zoo.example_inputs("WanTransformer3DModel", model, (3, 24, 24)))
     assert backend.report.sparse_sites
     [(n_inputs, static)] = seen
-    masks = len(backend.report.sparse_sites)  # uniform schedule: one mask input per sparse site, last
-    assert set(range(n_inputs - masks, n_inputs)) <= set(static)
-    assert n_inputs - len(static) == 3  # all but the activations: hidden states, timestep, text embeddings
+    from scaling_compiler.passes.flatten_weights import SubclassLayout
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    # the inputs: dynamo's (flattened weights left out), one mask per sparse site (uniform schedule),
+    # then the flattened weights' inner tensors
+    leaves = sum(SubclassLayout.of(p).count() for p in model.parameters() if is_traceable_wrapper_subclass(p))
+    masks = len(backend.report.sparse_sites)
+    assert (leaves > 0) == (weights == "int8")
+    first_mask = n_inputs - leaves - masks
+    assert set(range(first_mask, n_inputs)) <= set(static)
+    assert n_inputs - len(set(static)) == 3  # all but the activations: hidden states, timestep, text embeddings
