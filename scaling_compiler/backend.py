@@ -115,10 +115,17 @@ class ScalingAttnBackend:
         log.log(logging.WARNING if self.config.report else logging.DEBUG, "%s", report)
         extra = graph.extra_inputs
         gm, flat, inner_examples = flatten_weights(graph.gm, example_inputs)
-        inputs = flat.other_inputs(example_inputs) if flat else example_inputs
-        compiled = _inner_compile(self.config, gm,
-                                  inputs + _static_examples(extra + inner_examples, example_inputs))
-        return _Compiled(compiled, extra, graph.policy_state, flat), report
+        if flat is not None:
+            try:
+                compiled = _inner_compile(self.config, gm, flat.other_inputs(example_inputs)
+                                          + _static_examples(extra + inner_examples, example_inputs))
+                return _Compiled(compiled, extra, graph.policy_state, flat), report
+            except Exception as error:  # noqa: BLE001 (a subclass the rebuild cannot trace: slower, not wrong)
+                log.warning("scalingattn: graph %d: compiling its %d tensor-subclass weights as plain inner tensors "
+                            "failed (%s: %s); they stay subclass inputs, which AOTAutograd unwraps on every call",
+                            report.graph_index, len(flat.layouts), type(error).__name__, error)
+        compiled = _inner_compile(self.config, graph.gm, example_inputs + _static_examples(extra, example_inputs))
+        return _Compiled(compiled, extra, graph.policy_state), report
 
 
 @dataclasses.dataclass
