@@ -29,6 +29,7 @@ import torch
 import torch.fx
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from .dynamo_metadata import keep_dynamo_metadata
 from .inputs import InputKind, graph_inputs
 
 
@@ -118,15 +119,13 @@ def flatten_weights(gm: torch.fx.GraphModule, example_inputs: list[Any]
     layouts = {i: SubclassLayout.of(example_inputs[i]) for i in positions}
     anchor = placeholders[-1]
     modules: dict[str, torch.nn.Module] = {}
-    inner_examples: list[Any] = []
+    inner: list[torch.fx.Node] = []
     for position, layout in layouts.items():
         old = placeholders[position]
         leaves = []
         for k in range(layout.count()):
             with copy.inserting_after(anchor):
                 anchor = copy.placeholder(f"{old.name}_inner_{k}")
-            anchor.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}  # the same tensors every call
-            anchor._dynamo_source = None
             leaves.append(anchor)
         name = f"scalingattn_rebuild_{position}"
         modules[name] = RebuildSubclass(layout)
@@ -134,17 +133,13 @@ def flatten_weights(gm: torch.fx.GraphModule, example_inputs: list[Any]
             rebuilt = copy.call_module(name, tuple(leaves))
         old.replace_all_uses_with(rebuilt)
         copy.erase_node(old)
-        inner_examples.extend(layout.leaves(example_inputs[position]))
+        inner.extend(leaves)
     copy.lint()
     for name, module in modules.items():
         gm.add_submodule(name, module)
     flat = torch.fx.GraphModule(gm, copy)
-    flat.meta.update(gm.meta)
-    if hasattr(gm, "_param_name_to_source"):
-        flat._param_name_to_source = gm._param_name_to_source
     original = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for position, node in enumerate(original):
-        if position not in layouts and hasattr(node, "_dynamo_source"):
-            copies[node]._dynamo_source = node._dynamo_source
-    kept = [i for i in range(len(example_inputs)) if i not in layouts]
-    return flat, FlatWeights(kept, layouts), inner_examples
+    removed = {original[position] for position in layouts}
+    keep_dynamo_metadata(gm, flat, {n: c for n, c in copies.items() if n not in removed}, inner)
+    plan = FlatWeights([i for i in range(len(example_inputs)) if i not in layouts], layouts)
+    return flat, plan, plan.leaves(example_inputs)

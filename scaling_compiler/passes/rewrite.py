@@ -20,6 +20,7 @@ import torch.fx
 
 from ..kernels.dispatch import fp8_unsupported_reason
 from ..sites import FP8, GraphRecord, Site
+from .dynamo_metadata import keep_dynamo_metadata
 
 
 class Rewriter:
@@ -75,37 +76,9 @@ def rewrite(graph: GraphRecord) -> None:
     for name, module in rewriter.modules.items():
         graph.gm.add_submodule(name, module)
     rewritten = torch.fx.GraphModule(graph.gm, copy)
-    _keep_dynamo_metadata(graph.gm, rewritten, copies, rewriter.extra_placeholders)
+    keep_dynamo_metadata(graph.gm, rewritten, copies, rewriter.extra_placeholders)
     graph.gm = rewritten
     graph.extra_inputs = rewriter.extra_inputs
-
-
-def _keep_dynamo_metadata(dynamo_gm: torch.fx.GraphModule, rewritten: torch.fx.GraphModule, copies: dict,
-                          extra_placeholders: list[torch.fx.Node]) -> None:
-    """Carry dynamo's metadata over to the rewritten graph module, and mark its extra inputs static.
-
-    AOTAutograd tells inductor which inputs keep their address from call to call (the weights) only
-    for a graph it recognises as dynamo's: a compile id in `meta`, `_param_name_to_source`, and a
-    `_dynamo_source` on every placeholder (torch's note "Assumption on Dynamo Metadata"). A fresh
-    GraphModule has none of them, so CUDA graphs (`mode="reduce-overhead"`) copied every weight into
-    their pool on every replay. The masks and step tables are marked static as dynamo marks
-    `mark_static_address` tensors: the same tensors reach every call. A graph that gained
-    parameters dynamo never saw (SALAD's branches) has no sources for them and keeps the defaults.
-    """
-    if "dynamo_compile_id" not in dynamo_gm.meta or not hasattr(dynamo_gm, "_param_name_to_source"):
-        return
-    sources = dynamo_gm._param_name_to_source
-    tensors = [*rewritten.named_parameters(remove_duplicate=False), *rewritten.named_buffers(remove_duplicate=False)]
-    placeholders = [node for node in dynamo_gm.graph.nodes if node.op == "placeholder"]
-    if any(name not in sources for name, _ in tensors) or not all(hasattr(n, "_dynamo_source") for n in placeholders):
-        return
-    rewritten.meta.update(dynamo_gm.meta)
-    rewritten._param_name_to_source = sources
-    for node in placeholders:
-        copies[node]._dynamo_source = node._dynamo_source
-    for node in extra_placeholders:
-        node._dynamo_source = None
-        node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
 
 
 def _fp8_refusal(site: Site) -> str | None:
