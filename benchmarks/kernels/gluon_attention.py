@@ -43,6 +43,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from scaling_compiler.kernels.bitmask import BLOCK_SIZE, num_blocks
 from scaling_compiler.kernels.reference import FP8_MAX, LOG2E, Fp8Inputs
+from scaling_compiler.kernels.triton.block_sparse_attention import _tma_2d_view
 from scaling_compiler.kernels.triton.mask_decode import BlockLists
 
 HALF = BLOCK_SIZE // 2  # query rows per consumer warpgroup
@@ -279,13 +280,12 @@ def _attn_fwd(q_desc, k_desc, v_desc, QScale, KScale, VScale, Out, Lse,  #
 
 
 def _tma_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """A 2-D ``(rows, ld)`` view of ``(B, H, S, D)`` t that TMA can describe, and (stride_z, stride_h, ld)."""
-    B, H, S, D = t.shape
-    sb, sh, ss, sd = t.stride()
-    if sd != 1 or (ss * t.element_size()) % 16 or t.data_ptr() % 16:
+    """The ``tl`` kernel's 2-D ``(rows, ld)`` TMA view of ``(B, H, S, D)`` t, and (stride_z, stride_h, ld)."""
+    view = _tma_2d_view(t, t.shape[3])
+    if view is None:
         raise ValueError(f"layout {tuple(t.stride())} has no TMA view (last dim contiguous, 16-byte rows)")
-    offs = [b * sb + h * sh for b in range(B) for h in range(H)]
-    return torch.as_strided(t, (max(offs) // ss + S, max(o % ss for o in offs) + D), (ss, 1)), (sb, sh, ss)
+    base, ld = view
+    return base, (t.stride(0), t.stride(1), ld)
 
 
 def _descriptor(base: torch.Tensor, block: list[int]) -> TensorDescriptor:
