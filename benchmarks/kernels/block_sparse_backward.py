@@ -12,9 +12,10 @@ and timing come from ``benchmarks.kernels.block_sparse``; FlexAttention gets the
 Per shape and density it times (ms; ``do_bench`` medians, the 14B shape the median of
 ``FEW_REPS`` calls):
 
-- ours: the forward the op runs (``kernels.dispatch``), the Triton backward called directly with
-  the saved out / lse (mask decoded inside, as the op's backward does; "kernel" with the row and
-  column lists decoded beforehand), and forward + backward through the differentiable op
+- ours: the forward the op runs (``kernels.dispatch``), the op's backward called directly with the
+  saved out / lse (``dispatch.block_sparse_attention_backward``: on Hopper the one-pass Gluon kernel,
+  ``backward_kernel``; the dry run the Triton one), "kernel": the Triton backward with the row and
+  column lists decoded beforehand, and forward + backward through the differentiable op
   (``torch.ops.scaling_compiler.block_sparse_attention`` under ``torch.autograd.grad``);
 - FlexAttention (``torch.compile``'d) forward, and forward + backward;
 - dense SDPA with cuDNN and with flash: forward, backward alone (``retain_graph``), and both.
@@ -134,8 +135,14 @@ def measure(shape: str, density: float, tensors: dict[str, Any], dense: dict[str
     forward = lambda: dispatch.block_sparse_attention(q, k, v, words, scale, implementation=forward_impl)
     ms_fwd = timer(forward)
     out, lse = forward()
-    backward = lambda: block_sparse_attention_backward(q, k, v, out, lse, grad_out, words, scale, configs=configs,
-                                                       use_tma=use_tma)
+    if dry_run:  # the interpreter: the Triton backward at its default configs
+        backward = lambda: block_sparse_attention_backward(q, k, v, out, lse, grad_out, words, scale, configs=configs,
+                                                           use_tma=use_tma)
+    else:  # the op's backward (on Hopper the Gluon kernel where it applies)
+        backward = lambda: dispatch.block_sparse_attention_backward(q, k, v, out, lse, grad_out, words, scale,
+                                                                    implementation=forward_impl)
+    gluon = not dry_run and use_tma and dispatch.gluon_backward_reason(q, k, v, grad_out) is None
+    backward_kernel = "gluon" if gluon else "triton"
     ms_bwd = timer(backward)
     direct = backward()  # checked below against Flex's gradients (the CPU: the op's block-wise torch backward)
     lists = prepare_block_lists(words, S), prepare_column_lists(words, S)
@@ -167,7 +174,7 @@ def measure(shape: str, density: float, tensors: dict[str, Any], dense: dict[str
     per_ms = lambda f, ms: f / ms / 1e9 if ms else None  # TFLOP/s
     return {
         "implementation": forward_impl.value, "direction": cost_model.BACKWARD,
-        "forward_implementation": forward_impl.value,
+        "forward_implementation": forward_impl.value, "backward_kernel": backward_kernel,
         "op_implementation": dispatch.implementation_for(q, k, v).value,  # the op's forward on these tensors
         "shape": shape, "B": B, "H": H, "S": S, "D": D, "dtype": str(q.dtype).removeprefix("torch."), "mask": "random",
         "density": density, "density_actual": flops / dense_flops,

@@ -39,29 +39,20 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from scaling_compiler.kernels.bitmask import BLOCK_SIZE, num_blocks
 from scaling_compiler.kernels.reference import FP8_MAX, LOG2E, Fp8Inputs
-from scaling_compiler.kernels.triton.block_sparse_attention import _tma_2d_view
+from scaling_compiler.kernels.gluon.tma import descriptor, head_origin, tma_view
 from scaling_compiler.kernels.triton.mask_decode import BlockLists
 
 HALF = BLOCK_SIZE // 2  # query rows per consumer warpgroup
 assert FP8_MAX == 448.0  # the kernels' P scaling and epilogue hard-code e4m3's largest value
-_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float8_e4m3fn: gl.float8e4nv}
 
 
 @gluon.constexpr_function
 def _v_ring_shape(num_buf, head_dim, is_fp8):
     """The V ring: v^T tiles ``(D, keys)`` for FP8 (its wgmma needs K-major operands), else ``(keys, D)``."""
     return [num_buf, head_dim, 128] if is_fp8 else [num_buf, 128, head_dim]
-
-
-@gluon.jit
-def _base(off_z, off_h, stride_z, stride_h, ld):
-    """(row, column) of (batch, head)'s first element in a 2-D ``(rows, ld)`` TMA view."""
-    off = off_z.to(gl.int64) * stride_z + off_h.to(gl.int64) * stride_h
-    return (off // ld).to(gl.int32), (off % ld).to(gl.int32)
 
 
 @gluon.jit
@@ -244,9 +235,9 @@ def _attn_fwd(q_desc, k_desc, v_desc, QScale, KScale, VScale, Out, Lse,  #
     start_m = (row - mask_hz * N_Q_BLOCKS) * 128
     kv_list = KvIdx + row.to(gl.int64) * N_K_BLOCKS
     n_kept = gl.load(KvCnt + row)
-    q_row0, q_col0 = _base(off_z, off_h, stride_qz, stride_qh, ld_q)
-    k_row0, k_col0 = _base(off_z, off_h, stride_kz, stride_kh, ld_k)
-    v_row0, v_col0 = _base(off_z, off_h, stride_vz, stride_vh, ld_v)
+    q_row0, q_col0 = head_origin(off_z, off_h, stride_qz, stride_qh, ld_q)
+    k_row0, k_col0 = head_origin(off_z, off_h, stride_kz, stride_kh, ld_k)
+    v_row0, v_col0 = head_origin(off_z, off_h, stride_vz, stride_vh, ld_v)
 
     q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [NUM_BUF, 128, HEAD_DIM], k_desc.layout)
@@ -280,17 +271,10 @@ def _attn_fwd(q_desc, k_desc, v_desc, QScale, KScale, VScale, Out, Lse,  #
 
 
 def _tma_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """The ``tl`` kernel's 2-D ``(rows, ld)`` TMA view of ``(B, H, S, D)`` t, and (stride_z, stride_h, ld)."""
-    view = _tma_2d_view(t, t.shape[3])
+    view = tma_view(t)
     if view is None:
         raise ValueError(f"layout {tuple(t.stride())} has no TMA view (last dim contiguous, 16-byte rows)")
-    base, ld = view
-    return base, (t.stride(0), t.stride(1), ld)
-
-
-def _descriptor(base: torch.Tensor, block: list[int]) -> TensorDescriptor:
-    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[base.dtype])
-    return TensorDescriptor(base, list(base.shape), list(base.stride()), block, layout)
+    return view
 
 
 def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: BlockLists,
@@ -308,14 +292,14 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     out = torch.empty_like(q)
     if fp8 is not None:
         q2, k2, vt2 = fp8.q.flatten(0, 2), fp8.k.flatten(0, 2), fp8.v_t.flatten(0, 2)
-        descs = (_descriptor(q2, [HALF, D]), _descriptor(k2, [BLOCK_SIZE, D]), _descriptor(vt2, [D, BLOCK_SIZE]))
+        descs = (descriptor(q2, [HALF, D]), descriptor(k2, [BLOCK_SIZE, D]), descriptor(vt2, [D, BLOCK_SIZE]))
         q_len, k_len = nq * BLOCK_SIZE, nk * BLOCK_SIZE
         # padded, contiguous buffers; v^T's rows are channels: (batch, head) starts at row (z * H + h) * D
         strides = (H * q_len * D, q_len * D, D, H * k_len * D, k_len * D, D, H * D * k_len, D * k_len, k_len)
         scales = (fp8.q_scale, fp8.k_scale, fp8.v_scale)
     else:
         views = [_tma_view(t) for t in (q, k, v)]
-        descs = tuple(_descriptor(view, [rows, D]) for (view, _), rows in zip(views, (HALF, BLOCK_SIZE, BLOCK_SIZE)))
+        descs = tuple(descriptor(view, [rows, D]) for (view, _), rows in zip(views, (HALF, BLOCK_SIZE, BLOCK_SIZE)))
         strides = tuple(s for _, triple in views for s in triple)
         scales = (out, out, out)  # unused
     _attn_fwd[(B * H * nq, )](

@@ -18,6 +18,7 @@ Results: ``benchmarks/results/gluon_forward_<gpu>_<date>[_dry].json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import os
@@ -151,19 +152,16 @@ def timing_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def compile_rows() -> list[dict[str, Any]]:
-    """Compile both kernels for sm_90 without a GPU (an active driver that only names the target) and
-    record their shared memory and whether the loop keeps P.V in flight while it waits for QK
-    (``wgmma.wait_group 1`` in the PTX)."""
+@contextlib.contextmanager
+def hopper_target(*kernels):
+    """Compile ``kernels`` for sm_90 without a GPU: an active driver that only names the target, and
+    launches that compile without running. Yields a function returning the kernel binaries compiled
+    since a call of it. (Refuses the interpreter, which replaces the library functions Gluon needs.)"""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # the interpreter replaces triton's library functions (gl.max, ...), which Gluon then cannot compile
-        raise SystemExit("gluon_forward --dry-run compiles for sm_90: unset TRITON_INTERPRET")
+        raise SystemExit("--dry-run compiles for sm_90: unset TRITON_INTERPRET")
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
-
-    from benchmarks.kernels import gluon_attention
-    from scaling_compiler.kernels.reference import Fp8Inputs
-    from scaling_compiler.kernels.triton.mask_decode import BlockLists
 
     class _Hopper:
         def get_current_target(self):
@@ -178,13 +176,36 @@ def compile_rows() -> list[dict[str, Any]]:
         def get_active_torch_device(self):
             return torch.device("cpu")
 
-    kernel = gluon_attention._attn_fwd
-    run = kernel.run
-    kernel.run = lambda *args, grid, warmup, **kw: run(*args, grid=grid, warmup=True, **kw)  # compile, no launch
+    def compiled(kernel):
+        return [c for cache in kernel.device_caches.values() for c in cache[0].values()]
+
+    def new_binaries(kernel):
+        before = {id(c) for c in compiled(kernel)}
+        return lambda: [c for c in compiled(kernel) if id(c) not in before]
+
+    runs = {kernel: kernel.run for kernel in kernels}
+    for kernel, run in runs.items():
+        kernel.run = (lambda run: lambda *args, grid, warmup, **kw: run(*args, grid=grid, warmup=True, **kw))(run)
     previous = driver._active  # reset_active() would build the default driver, which needs a GPU
     driver.set_active(_Hopper())
-    rows = []
     try:
+        yield new_binaries
+    finally:
+        driver._active = previous
+        for kernel, run in runs.items():
+            kernel.run = run
+            kernel.device_caches.clear()  # sm_90 binaries under this process's device 0
+
+
+def compile_rows() -> list[dict[str, Any]]:
+    """Compile both kernels for sm_90 and record their shared memory and whether the loop keeps
+    P.V in flight while it waits for QK (``wgmma.wait_group 1`` in the PTX)."""
+    from benchmarks.kernels import gluon_attention
+    from scaling_compiler.kernels.reference import Fp8Inputs
+    from scaling_compiler.kernels.triton.mask_decode import BlockLists
+
+    rows = []
+    with hopper_target(gluon_attention._attn_fwd) as new_binaries:
         B, H, S, D = 1, 2, 1000, 128
         nq = num_blocks(S)
         q, k, v = (torch.randn(B, S, H, D, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
@@ -195,46 +216,47 @@ def compile_rows() -> list[dict[str, Any]]:
                         torch.zeros(B, H, nq * 128, D, dtype=e4m3), torch.ones(B, H, nq),
                         torch.zeros(B, H, D, nq * 128, dtype=e4m3), torch.ones(B, H, D))
         for name, operands in (("bf16", None), ("fp8", fp8)):
-            before = {id(c) for cache in kernel.device_caches.values() for c in cache[0].values()}
+            since = new_binaries(gluon_attention._attn_fwd)
             gluon_attention.block_sparse_attention_gluon(q, k, v, lists, fp8=operands, lse=torch.empty(B, H, S))
-            [compiled] = [c for cache in kernel.device_caches.values() for c in cache[0].values()
-                          if id(c) not in before]
-            ptx = compiled.asm["ptx"]
-            rows.append({"kernel": name, "target": "sm_90", "shared_bytes": compiled.metadata.shared,
+            [binary] = since()
+            ptx = binary.asm["ptx"]
+            rows.append({"kernel": name, "target": "sm_90", "shared_bytes": binary.metadata.shared,
                          "qk_waited_with_pv_in_flight": "wgmma.wait_group.sync.aligned 1;" in ptx,
                          "ptx_local_memory": ".local" in ptx})
-    finally:
-        driver._active = previous
-        kernel.run = run
-        kernel.device_caches.clear()  # sm_90 binaries under this process's device 0
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_gluon_benchmark(name: str, doc: str, argv: list[str] | None, compile_rows, gpu_parts) -> dict[str, Any]:
+    """The command line both Gluon benchmarks share: ``--dry-run`` compiles for sm_90 (``compile_rows``),
+    else on a Hopper GPU each ``(key, rows function, float format)`` of ``gpu_parts`` runs and prints in turn.
+    Writes ``benchmarks/results/<name>_<gpu>_<date>[_dry].json``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="no GPU: compile for sm_90 and read the PTX")
     ap.add_argument("--out-dir", help="where the result JSON goes (default benchmarks/results)")
     args = ap.parse_args(argv)
     if args.dry_run:
         info = {"gpu": "cpu", "torch": torch.__version__, "triton": triton.__version__,
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        payload = {"benchmark": "gluon_forward", **info, "dry_run": True, "compiled": compile_rows()}
+        payload = {"benchmark": name, **info, "dry_run": True, "compiled": compile_rows()}
         print(tabulate(payload["compiled"], headers="keys"))
     else:
         from benchmarks.kernels.block_sparse import env_info
 
         info = env_info()
         if torch.cuda.get_device_capability() != (9, 0):
-            raise SystemExit("gluon_forward needs a Hopper GPU (sm_90: wgmma); use --dry-run elsewhere")
-        checks = check_rows()
-        print(tabulate([{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in r.items()} for r in checks],
-                       headers="keys"), flush=True)
-        rows = timing_rows()
-        print(tabulate([{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
-                       headers="keys"))
-        payload = {"benchmark": "gluon_forward", **info, "dry_run": False, "checks": checks, "rows": rows}
-    write_result(args.out_dir, result_name("gluon_forward", info, args.dry_run), payload)
+            raise SystemExit(f"{name} needs a Hopper GPU (sm_90: wgmma); use --dry-run elsewhere")
+        payload = {"benchmark": name, **info, "dry_run": False}
+        for key, rows_of, fmt in gpu_parts:
+            payload[key] = rows_of()
+            print(tabulate([{k: (fmt.format(v) if isinstance(v, float) else v) for k, v in r.items()}
+                            for r in payload[key]], headers="keys"), flush=True)
+    write_result(args.out_dir, result_name(name, info, args.dry_run), payload)
     return payload
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run_gluon_benchmark("gluon_forward", __doc__, argv, compile_rows,
+                               [("checks", check_rows, "{:.3g}"), ("rows", timing_rows, "{:.3f}")])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ The one place that knows the device rules (detection asks `unsupported_reason`, 
 
 The backward (`block_sparse_attention_backward`) is picked by the same rules: the Triton backward
 (`kernels/triton/block_sparse_attention_bwd.py`, TMA or pointer loads as the forward) or the
-block-wise torch backward; `ops.py` registers it as the op's autograd formula.
+block-wise torch backward; `ops.py` registers it as the op's autograd formula. On Hopper (sm_90) the
+TMA implementation's backward is the one-pass Gluon kernel (`kernels/gluon/`, dq by TMA reductions)
+where `gluon_backward_reason` allows, the Triton one otherwise.
 
 The FP8 forward (`block_sparse_attention_fp8`, inference only) runs the Triton FP8 kernel
 (`kernels/triton/block_sparse_attention_fp8.py`) on CUDA and its torch emulation elsewhere (the
@@ -35,6 +37,11 @@ from .triton import block_sparse_attention as triton_forward
 from .triton import block_sparse_attention_bwd as triton_backward
 from .triton import block_sparse_attention_fp8 as triton_fp8
 from .triton import mask_decode
+
+try:  # Gluon (triton.experimental.gluon) with its Hopper modules: Triton >= 3.5
+    from .gluon import block_sparse_attention_bwd as gluon_backward
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gluon_backward = None
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +163,23 @@ def block_sparse_attention_backward(
     if implementation is Implementation.TORCH_BLOCKWISE:
         return blockwise_attention_backward(q, k, v, out, lse, grad_out, mask_words, scale,
                                             key_padding=key_padding, grad_lse=grad_lse)
+    if implementation is Implementation.TRITON_TMA and gluon_backward_reason(q, k, v, grad_out, key_padding) is None:
+        return gluon_backward.block_sparse_attention_backward(q, k, v, out, lse, grad_out, mask_words, scale,
+                                                              grad_lse)
     return triton_backward.block_sparse_attention_backward(q, k, v, out, lse, grad_out, mask_words, scale,
                                                            key_padding=key_padding, grad_lse=grad_lse,
                                                            use_tma=implementation is Implementation.TRITON_TMA)
+
+
+def gluon_backward_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+                          key_padding: torch.Tensor | None = None) -> str | None:
+    """Why the TMA implementation's backward on these inputs is the Triton one rather than the one-pass
+    Gluon kernel (None: the Gluon kernel runs)."""
+    if gluon_backward is None:
+        return "this Triton has no Gluon Hopper modules"
+    if q.device.type != "cuda":
+        return f"device {q.device.type}"
+    return gluon_backward.unsupported_reason(q, k, v, grad_out, key_padding, device_capability(q.device))
 
 
 def fp8_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -42,8 +42,9 @@ def _sdpa_grads(q, k, v, grad_out, token_mask, scale):
 
 
 def check_backward(q, k, v, block_mask, scale, *, key_padding=None, grad_lse=False, configs=None, autotune=False,
-                   seed=0):
-    """Run our forward + backward; compare dq, dk, dv (and their zeros) with the float64 reference."""
+                   seed=0, backward=None):
+    """Run our forward + backward; compare dq, dk, dv (and their zeros) with the float64 reference.
+    ``backward``: called like the Triton backward without its keywords (default: the Triton backward)."""
     if configs is None and not autotune:
         configs = default_configs(q.dtype)
     B, H, Sq, D = q.shape
@@ -53,8 +54,11 @@ def check_backward(q, k, v, block_mask, scale, *, key_padding=None, grad_lse=Fal
     g = torch.Generator().manual_seed(seed)
     grad_out = torch.randn(q.shape, generator=g).to(q.dtype).to(q.device)
     grad_lse_t = torch.randn(lse.shape, generator=g).to(q.device) if grad_lse else None
-    grads = block_sparse_attention_backward(q, k, v, out, lse, grad_out, words, scale, key_padding,
-                                            grad_lse_t, configs=configs)
+    if backward is None:
+        grads = block_sparse_attention_backward(q, k, v, out, lse, grad_out, words, scale, key_padding,
+                                                grad_lse_t, configs=configs)
+    else:
+        grads = backward(q, k, v, out, lse, grad_out, words, scale, key_padding, grad_lse_t)
 
     qd, kd, vd = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
     ref_out, ref_lse = masked_attention_reference(qd, kd, vd, block_mask.cpu(), scale,

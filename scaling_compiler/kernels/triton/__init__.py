@@ -4,8 +4,9 @@
   `mask_decode.py` turns packed masks into the kept-block lists it walks (rows) and the backward's
   column lists, `configs.py` holds its launch configs.
 - `block_sparse_attention_bwd.py`: the backward (dq, dk, dv from the forward's out and lse), with
-  its own configs; `kernels/dispatch.py` picks it per device and `ops.py` registers it as the
-  autograd formula of `scaling_compiler::block_sparse_attention_lse`.
+  its own configs; `kernels/dispatch.py` picks it per device (on Hopper, `kernels/gluon/`'s one-pass
+  backward where it applies) and `ops.py` registers it as the autograd formula of
+  `scaling_compiler::block_sparse_attention_lse`.
 - `block_sparse_attention_fp8.py`: the FP8 (e4m3) forward, inference only, with its quantisation
   prep; `kernels/dispatch.py` runs it on CUDA (its torch emulation elsewhere) for the op
   `scaling_compiler::block_sparse_attention_fp8`.

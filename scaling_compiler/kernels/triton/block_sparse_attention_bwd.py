@@ -15,8 +15,10 @@ FlashAttention-2's backward over the kept 128x128 blocks only, in three launches
 
 No atomics and no (Sq x Sk) temporary: every output element is written once by one program, so
 autotuning may rerun a launch. (dq accumulated by atomics inside the dk/dv pass saves the
-recomputation of q.k and do.v, 3.5x -> 2.5x the forward's FLOPs, but measured slower on an H200,
-with pointer atomics and with TMA reductions alike: 48 vs 45 ms at density 1.0.)
+recomputation of q.k and do.v, 3.5x -> 2.5x the forward's FLOPs, but measured slower on an H200 in
+``tl``, with pointer atomics and with TMA reductions alike: each warpgroup waits for its own. The
+Gluon backward in ``kernels/gluon/`` does it with asynchronous TMA reductions; it replaces this one on
+Hopper where it applies.)
 With ``p = exp2(qk_scale * q.k - lse2)``,
 ``ds = p * (do.v - delta)``, ``dq = scale * ds k``, ``dk = scale * ds^T q``, ``dv = p^T do``.
 

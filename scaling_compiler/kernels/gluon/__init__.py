@@ -1,0 +1,10 @@
+"""Kernels in Gluon (``triton.experimental.gluon``), Triton's lower-level language, for what ``tl``
+cannot express: warp-specialised partitions, asynchronous wgmma groups and TMA reductions.
+
+- ``block_sparse_attention_bwd.py``: the one-pass backward on Hopper (sm_90), dq by TMA reductions;
+  ``kernels/dispatch.py`` runs it instead of the ``tl`` backward where ``unsupported_reason`` allows.
+- ``tma.py``: TMA views and descriptors of the ``(B, H, S, D)`` operands.
+
+Gluon compiles only for a GPU (no interpreter): CI compiles these kernels for sm_90 on the CPU
+(``tests/kernels/test_gluon_backward.py``); the GPU checks run on the device.
+"""
