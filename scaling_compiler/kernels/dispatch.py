@@ -40,7 +40,7 @@ from .triton import mask_decode
 
 try:  # Gluon (triton.experimental.gluon) with its Hopper modules: Triton >= 3.5
     from .gluon import block_sparse_attention_bwd as gluon_backward
-except ImportError:  # pragma: no cover - depends on the installed Triton
+except (ImportError, AttributeError):  # pragma: no cover - depends on the installed Triton
     gluon_backward = None
 
 log = logging.getLogger(__name__)
