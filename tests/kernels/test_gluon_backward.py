@@ -5,7 +5,7 @@ gradient within 2x the error of PyTorch's SDPA backward against float64, exact z
 attention flows. With an lse gradient (which SDPA's backward has no counterpart of) the Gluon
 gradients are compared with the Triton backward's, itself checked against float64 in
 ``test_block_sparse_backward.py``. Without a GPU: which inputs it takes (``unsupported_reason``);
-that it compiles for sm_90 is ``tests/benchmarks/test_gluon_backward.py``'s dry run.
+that it compiles for sm_90 is ``tests/benchmarks/test_gluon_dry_runs.py``'s business.
 """
 import pytest
 import torch

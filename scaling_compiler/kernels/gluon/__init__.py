@@ -6,5 +6,6 @@ cannot express: warp-specialised partitions, asynchronous wgmma groups and TMA r
 - ``tma.py``: TMA views and descriptors of the ``(B, H, S, D)`` operands.
 
 Gluon compiles only for a GPU (no interpreter): CI compiles these kernels for sm_90 on the CPU
-(``tests/kernels/test_gluon_backward.py``); the GPU checks run on the device.
+(``tests/benchmarks/test_gluon_dry_runs.py``); their GPU tests (``tests/kernels/test_gluon_backward.py``)
+run on a Hopper GPU.
 """

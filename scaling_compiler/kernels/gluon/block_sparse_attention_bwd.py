@@ -53,7 +53,7 @@ HALF = BLOCK_SIZE // 2  # keys per consumer warpgroup, and query rows per stream
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.bfloat16, torch.float16)
 NUM_BUF = 2  # (q, do) slots; with 2 dq staging tiles per warpgroup this fills Hopper's 227 KiB at D = 128
-DQ_BUFS = 2  # (measured: 3 slots and 1 staging tile were 12% slower at the Wan2.1-1.3B shape)
+DQ_BUFS = 2  # (measured: 3 slots and 1 staging tile were 8-13% slower at the Wan2.1-1.3B shape)
 CONSUMER_REGS = 240  # registers per consumer thread (the producer warp's group gets 24)
 
 
