@@ -20,7 +20,7 @@ Where the time goes (H200, Wan2.1-1.3B shape, ``benchmarks/NOTES.md`` session 15
 reductions the kernel would run at ~620 TFLOP/s on the products it executes; with them it is bound by
 L2's reduction throughput (~1.46 TB/s measured for TMA reductions alone, against ~4.3 TB/s for
 stores). Semantics as the ``tl`` backward's: ``delta`` and the exp2-domain lse from its
-``_bwd_preprocess``, empty rows and columns give zero gradients, keys >= Sk drop out of the partial
+``preprocess``, empty rows and columns give zero gradients, keys >= Sk drop out of the partial
 last block, gradients in the layouts of q, k, v. ``unsupported_reason`` names what it does not take
 (the ``tl`` backward runs those).
 """
@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -45,7 +44,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..bitmask import BLOCK_SIZE, num_blocks
 from ..triton.block_sparse_attention import LOG2E
-from ..triton.block_sparse_attention_bwd import _bwd_preprocess
+from ..triton.block_sparse_attention_bwd import preprocess
 from ..triton.mask_decode import BlockLists, prepare_column_lists
 from .tma import descriptor, head_origin, tma_view
 
@@ -285,12 +284,7 @@ def block_sparse_attention_backward(
     Sk = k.shape[2]
     nq, nk = num_blocks(Sq), num_blocks(Sk)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
-    lse2 = torch.empty_like(delta)
-    dlse = grad_lse.float().contiguous() if grad_lse is not None else delta
-    _bwd_preprocess[(triton.cdiv(Sq, 64), B * H)](out, grad_out, lse.float().contiguous(), dlse, delta, lse2,
-                                                  *out.stride(), *grad_out.stride(), H, Sq, HEAD_DIM=D,
-                                                  HEAD_DIM_PAD=D, HAS_DLSE=grad_lse is not None, BLOCK_M=64)
+    delta, lse2 = preprocess(out, grad_out, lse, grad_lse)
     if column_lists is None:
         column_lists = prepare_column_lists(mask_words, Sk)
     views = [tma_view(t) for t in (q, k, v, grad_out)]

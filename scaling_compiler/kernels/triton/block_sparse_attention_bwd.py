@@ -365,6 +365,21 @@ def default_configs(dtype: torch.dtype) -> tuple[dict, dict]:
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
+def preprocess(out: torch.Tensor, grad_out: torch.Tensor, lse: torch.Tensor,
+               grad_lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch 1 of every backward (this one and ``kernels/gluon``'s): per query row ``delta = do . o -
+    dlse`` and the lse in the exp2 domain, both float32 ``(B, H, Sq)``."""
+    B, H, Sq, D = out.shape
+    delta = torch.empty((B, H, Sq), dtype=torch.float32, device=out.device)
+    lse2 = torch.empty_like(delta)
+    dlse = grad_lse.float().contiguous() if grad_lse is not None else delta
+    _bwd_preprocess[(triton.cdiv(Sq, 64), B * H)](out, grad_out, lse.float().contiguous(), dlse, delta, lse2,  #
+                                                  *out.stride(), *grad_out.stride(), H, Sq,  #
+                                                  HEAD_DIM=D, HEAD_DIM_PAD=max(MIN_HEAD_DIM, triton.next_power_of_2(D)),
+                                                  HAS_DLSE=grad_lse is not None, BLOCK_M=64)
+    return delta, lse2
+
+
 def _smallest(tile: str) -> int:
     """The smallest ``tile`` ("BLOCK_M" or "BLOCK_N") any autotuned or fp32 config launches with."""
     return min([c.kwargs[tile] for c in DKDV_CONFIGS + DQ_CONFIGS] + [FP32_CONFIG[tile]])
@@ -413,14 +428,7 @@ def block_sparse_attention_backward(
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
     # 1. delta and the exp2-domain lse
-    lse = lse.float().contiguous()
-    delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
-    lse2 = torch.empty_like(delta)
-    dlse = grad_lse.float().contiguous() if grad_lse is not None else delta
-    _bwd_preprocess[(triton.cdiv(Sq, 64), B * H)](out, grad_out, lse, dlse, delta, lse2,  #
-                                                  *out.stride(), *grad_out.stride(), H, Sq,  #
-                                                  HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad,
-                                                  HAS_DLSE=grad_lse is not None, BLOCK_M=64)
+    delta, lse2 = preprocess(out, grad_out, lse, grad_lse)
 
     if row_lists is None:
         row_lists = prepare_block_lists(mask_words, Sk)
