@@ -8,8 +8,9 @@ beside the ``tl`` backward's errors on the same forward output (bf16 and fp16, D
 lengths, contiguous and transposed ``(B, S, H, D)`` layouts, shared and per-batch masks, full and
 random masks with an empty row and an empty column, with and without an lse gradient).
 
-The reduction ceiling: TB/s of (64, 64) float32 TMA reductions alone (and of TMA stores), by
-staging tiles in flight, into a Wan2.1-1.3B-sized dq buffer: what bounds the kernel's dq.
+The reduction ceiling: TB/s of float32 TMA reductions alone (and of TMA stores) in the kernel's boxes,
+by staging tiles in flight and by footprint: one head's dq (what the head-by-head launch order keeps
+in L2) up to the whole Wan2.1-1.3B-sized buffer (reductions that miss L2 and go to HBM).
 
 Timing (``do_bench`` medians, random per-head masks, bf16, Wan2.1-1.3B shape): the ``tl`` backward and
 the Gluon one called directly (lists decoded beforehand), then forward + backward under autograd:
@@ -164,10 +165,11 @@ def timing_rows() -> list[dict[str, Any]]:
 
 
 @gluon.jit
-def _reductions_only(dq_desc, N_ROWS, ITERS, NB: gl.constexpr, REDUCE: gl.constexpr):
-    """Each program streams ITERS (64, D/2) float32 tiles from NB shared staging buffers into the dq
-    buffer by TMA reductions (or plain TMA stores), keeping NB - 1 of them in flight."""
+def _reductions_only(dq_desc, N_ROWS, ITERS, HEAD_DIM: gl.constexpr, NB: gl.constexpr, REDUCE: gl.constexpr):
+    """Each program streams ITERS float32 boxes (the kernel's) from NB shared staging buffers into the
+    first N_ROWS rows of the dq buffer by TMA reductions (or plain TMA stores), keeping NB - 1 in flight."""
     COLS: gl.constexpr = dq_desc.block_type.shape[1]
+    N_COL_BOXES: gl.constexpr = HEAD_DIM // COLS
     ones = gl.full([64, COLS], 1.0, gl.float32, gl.BlockedLayout([1, 4], [8, 4], [4, 1], [1, 0]))
     bufs = gl.allocate_shared_memory(gl.float32, [NB, 64, COLS], dq_desc.layout)
     for b in gl.static_range(NB):
@@ -179,30 +181,33 @@ def _reductions_only(dq_desc, N_ROWS, ITERS, NB: gl.constexpr, REDUCE: gl.conste
         tma.store_wait(NB - 1)
         row = ((pid + i * n_prog) * 64) % N_ROWS
         if REDUCE:
-            _tma_reduce_add(dq_desc, [row, (i % 2) * COLS], bufs.index(i % NB))
+            _tma_reduce_add(dq_desc, [row, (i % N_COL_BOXES) * COLS], bufs.index(i % NB))
         else:
-            tma.async_copy_shared_to_global(dq_desc, [row, (i % 2) * COLS], bufs.index(i % NB))
+            tma.async_copy_shared_to_global(dq_desc, [row, (i % N_COL_BOXES) * COLS], bufs.index(i % NB))
     tma.store_wait(0)
 
 
 def reduction_rows() -> list[dict[str, Any]]:
-    """The dq reductions' ceiling on this GPU: TB/s of (64, 64) float32 TMA reductions (and stores) into
-    a Wan2.1-1.3B-sized float32 dq buffer, by staging buffers in flight and programs per SM."""
+    """The dq reductions' ceiling on this GPU: TB/s of the kernel's float32 TMA reductions (and of stores)
+    into the first 1, 2, 4 and all 12 heads' rows of a Wan2.1-1.3B-sized dq buffer, by boxes in flight
+    (one program per SM). The kernel runs the heads one after another, so one head's dq is its footprint."""
     from benchmarks.kernels.block_sparse import bench
 
     B, H, S, D = WAN
     dq = torch.zeros(B, H, S, D, device="cuda")
     desc = _dq_descriptor(dq)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    rows, iters = B * H * S, 256
+    box_bytes = 64 * desc.block_shape[1] * 4
+    grid = torch.cuda.get_device_properties(0).multi_processor_count
+    iters = 256
     out = []
     for reduce in (True, False):
-        for nb, per_sm in ((1, 1), (2, 1), (4, 1), (8, 1), (2, 2), (4, 2)):
-            grid = sms * per_sm
-            ms = bench(lambda: _reductions_only[(grid, )](desc, rows, iters, NB=nb, REDUCE=reduce, num_warps=4))
-            nbytes = grid * iters * 64 * (D // 2) * 4
-            out.append({"op": "reduce-add" if reduce else "store", "in_flight": nb, "programs_per_sm": per_sm,
-                        "ms": ms, "tb_per_s": nbytes / ms / 1e9})
+        for heads in (1, 2, 4, B * H):
+            rows = heads * S // 64 * 64
+            for nb in (2, 4):
+                ms = bench(lambda: _reductions_only[(grid, )](desc, rows, iters, HEAD_DIM=D, NB=nb, REDUCE=reduce,
+                                                              num_warps=4))
+                out.append({"op": "reduce-add" if reduce else "store", "footprint_mb": rows * D * 4 / 1e6,
+                            "in_flight": nb, "ms": ms, "tb_per_s": grid * iters * box_bytes / ms / 1e9})
     return out
 
 

@@ -7,7 +7,8 @@ because each warpgroup waited for its own. Here, as in FlashAttention-3, one pro
 head, 128-key block):
 
 - a 1-warp **producer** partition loads the key block's k and v once, then streams 64-row (q, do)
-  tiles of the query blocks that keep it (the mask's column list) into a two-slot ring;
+  tiles of the query blocks that keep it (the mask's column list) into a two-slot ring, with the
+  tile's lse and delta rows beside them in shared memory;
 - two **consumer** warpgroups own 64 keys each and, per query tile, compute ``s^T = k q^T`` and
   ``dp^T = v do^T`` (asynchronous wgmma), ``p^T``, ``ds^T``, then ``dv += p^T do`` and ``dk += ds^T q``
   with the 16-bit operands from registers;
@@ -16,10 +17,12 @@ head, 128-key block):
   asynchronous **TMA reduction** (``cp.reduce.async.bulk.tensor ... add``) into a zeroed float32
   buffer, waited for only when its staging tile comes round again.
 
-Where the time goes (H200, Wan2.1-1.3B shape, ``benchmarks/NOTES.md`` session 15): without the
-reductions the kernel would run at ~620 TFLOP/s on the products it executes; with them it is bound by
-L2's reduction throughput (~1.46 TB/s measured for TMA reductions alone, against ~4.3 TB/s for
-stores). Semantics as the ``tl`` backward's: ``delta`` and the exp2-domain lse from its
+Where the time goes (H200, Wan2.1-1.3B shape, ``benchmarks/NOTES.md`` sessions 15 and 16): the
+reductions (5.1 GB at density 0.1) stay in L2, whose float32 reductions reach ~3.6 TB/s on a footprint
+of one head's dq (~1.5 TB/s only once they miss and go to HBM). What held the kernel back was the
+consumers' registers: the lse and delta of a tile, read into registers at the top of each step and
+held across the products, made ptxas spill; reading them from shared memory when they are used
+removed the spills (12% at density 0.1, Nsight Compute: no local memory in the loop). Semantics as the ``tl`` backward's: ``delta`` and the exp2-domain lse from its
 ``preprocess``, empty rows and columns give zero gradients, keys >= Sk drop out of the partial
 last block, gradients in the layouts of q, k, v. ``unsupported_reason`` names what it does not take
 (the ``tl`` backward runs those).
@@ -54,6 +57,7 @@ DTYPES = (torch.bfloat16, torch.float16)
 NUM_BUF = 2  # (q, do) slots; with 2 dq staging tiles per warpgroup this fills Hopper's 227 KiB at D = 128
 DQ_BUFS = 2  # (measured: 3 slots and 1 staging tile were 8-13% slower at the Wan2.1-1.3B shape)
 CONSUMER_REGS = 240  # registers per consumer thread (the producer warp's group gets 24)
+ROW_SMEM = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [0]))  # a query tile's lse or delta in shared memory
 
 
 @builtin
@@ -66,13 +70,16 @@ def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
 
 @gluon.jit
 def _producer(smem, bars, descs, ptrs, tile, qk_scale, sm_scale, KEY_OFF: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """The TMA partition: the key block's k and v, then (q, do) tiles as slots free up.
-    (Every partition takes the same arguments: Gluon's worker partitions must.)"""
-    k_smem, v_smem, q_ring, do_ring = smem[0], smem[1], smem[2], smem[3]
+    """The loading partition: the key block's k and v, then per query tile q and do by TMA and its rows'
+    lse and delta by plain loads into shared memory, as slots free up. (Every partition takes the same
+    arguments: Gluon's worker partitions must.)"""
+    k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring = smem[0], smem[1], smem[2], smem[3], smem[6], smem[7]
     kv_bar, ready, empty = bars[0], bars[1], bars[2]
     q_desc, k_desc, v_desc, do_desc = descs[0], descs[1], descs[2], descs[3]
-    q_list = ptrs[0]
+    q_list, lse2_ptr, delta_ptr = ptrs[0], ptrs[1], ptrs[2]
     n_kept, start_n, q_row0, q_col0, k_row0, k_col0, v_row0, v_col0, do_row0, do_col0 = tile[:10]
+    N_Q = tile[11]
+    offs_q = gl.arange(0, 64, gl.BlockedLayout([2], [32], [1], [0]))
     NUM_SLOTS: gl.constexpr = q_ring.type.shape[0]
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [k_row0 + start_n, k_col0], kv_bar, k_smem)
@@ -85,16 +92,20 @@ def _producer(smem, bars, descs, ptrs, tile, qk_scale, sm_scale, KEY_OFF: gl.con
         mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [q_row0 + start_m, q_col0], bar, q_ring.index(slot))
         tma.async_copy_global_to_shared(do_desc, [do_row0 + start_m, do_col0], bar, do_ring.index(slot))
+        rows = start_m + offs_q
+        lse_ring.index(slot).store(gl.load(lse2_ptr + rows, mask=rows < N_Q, other=float("inf")))  # rows past Sq: p = 0
+        delta_ring.index(slot).store(gl.load(delta_ptr + rows, mask=rows < N_Q, other=0.0))
+        mbarrier.arrive(bar, count=1)  # the slot's second arrival: its lse and delta are in place
 
 
 @gluon.jit
 def _consumer(smem, bars, descs, ptrs, tile, qk_scale, sm_scale, KEY_OFF: gl.constexpr, HEAD_DIM: gl.constexpr):
     """One warpgroup: keys ``start_n + KEY_OFF ..+64`` against every streamed query tile; its half of
     each tile's dq columns by TMA reduction; then its dk, dv rows."""
-    k_smem, v_smem, q_ring, do_ring, ds_smem, dq_smem = smem
+    k_smem, v_smem, q_ring, do_ring, ds_smem, dq_smem, lse_ring, delta_ring = smem
     kv_bar, ready, empty, ds_ready, ds_free = bars
     dq_desc = descs[4]
-    q_list, lse2_ptr, delta_ptr, DK, DV = ptrs
+    q_list, DK, DV = ptrs[0], ptrs[3], ptrs[4]
     n_kept, start_n = tile[0], tile[1]
     dq_row0, N_Q, N_K, dk_base, dv_base, stride_dkn, stride_dkd, stride_dvn, stride_dvd = tile[10:]
     NUM_SLOTS: gl.constexpr = q_ring.type.shape[0]
@@ -119,7 +130,6 @@ def _consumer(smem, bars, descs, ptrs, tile, qk_scale, sm_scale, KEY_OFF: gl.con
     dq_zero = gl.zeros([64, DQ_COLS], gl.float32, dq_layout)
     dk = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
-    offs_q = gl.arange(0, 64, col_s)
     keys = start_n + KEY_OFF + gl.arange(0, 64, row_s)
     partial_block = start_n + 128 > N_K  # keys >= N_K must give p = 0 (their k rows are another head's)
 
@@ -128,18 +138,16 @@ def _consumer(smem, bars, descs, ptrs, tile, qk_scale, sm_scale, KEY_OFF: gl.con
         slot = j % NUM_SLOTS
         par = j % 2
         start_m = gl.load(q_list + j // 2) * 128 + par * 64
-        rows = start_m + offs_q
-        lse2 = gl.load(lse2_ptr + rows, mask=rows < N_Q, other=float("inf"))  # rows past Sq: p = 0
-        delta = gl.load(delta_ptr + rows, mask=rows < N_Q, other=0.0)
         mbarrier.wait(ready.index(slot), (j // NUM_SLOTS) & 1)
         s_tok = warpgroup_mma(k_mine, q_ring.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(v_mine, do_ring.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s_t = warpgroup_mma_wait(1, deps=(s_tok, ))
-        p_t = gl.exp2(s_t * qk_scale - lse2[None, :])
+        # the tile's lse and delta from shared memory where they are used (held across the products, they spilled)
+        p_t = gl.exp2(s_t * qk_scale - lse_ring.index(slot).load(col_s)[None, :])
         if partial_block:
             p_t = gl.where((keys < N_K)[:, None], p_t, 0.0)
         dp_t = warpgroup_mma_wait(0, deps=(dp_tok, ))
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = p_t * (dp_t - delta_ring.index(slot).load(col_s)[None, :])
         p_op = gl.convert_layout(p_t.to(dtype), op_layout)
         ds_op = gl.convert_layout(ds_t.to(dtype), op_layout)
         dv_tok = warpgroup_mma(p_op, do_ring.index(slot), dv, is_async=True)
@@ -153,14 +161,16 @@ def _consumer(smem, bars, descs, ptrs, tile, qk_scale, sm_scale, KEY_OFF: gl.con
         mbarrier.arrive(ds_ready.index(par), count=1)
         mbarrier.wait(ds_ready.index(par), (j // 2) & 1)
         dq_tok = warpgroup_mma(ds_buf.permute((1, 0)), k_cols, dq_zero, use_acc=False, is_async=True)
-        tma.store_wait(STAGING - 1)  # the reduction issued from this step's staging tile has read it
+        tma.store_wait(2 * STAGING - 2)  # the reductions issued from this step's staging tile have read it
         dv, dk, dq = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok))
         mbarrier.arrive(ds_free.index(par), count=1)
         mbarrier.arrive(empty.index(slot), count=1)
         dq_buf = dq_smem.index(ME * STAGING + j % STAGING)
         dq_buf.store(dq)
         fence_async_shared()
-        _tma_reduce_add(dq_desc, [dq_row0 + start_m, ME * DQ_COLS], dq_buf)
+        for half in gl.static_range(2):  # a swizzled TMA box is at most 128 bytes wide
+            _tma_reduce_add(dq_desc, [dq_row0 + start_m, ME * DQ_COLS + half * DQ_COLS // 2],
+                            dq_buf.slice(half * DQ_COLS // 2, DQ_COLS // 2, dim=1))
     tma.store_wait(0)
 
     acc_rows: gl.constexpr = gl.SliceLayout(1, acc_layout)
@@ -207,6 +217,8 @@ def _attn_bwd(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, LSE2, Delta,  #
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, 64], dtype)
     ds_smem = gl.allocate_shared_memory(dtype, [2, 128, 64], ds_layout)
     dq_smem = gl.allocate_shared_memory(gl.float32, [2 * STAGING, 64, HEAD_DIM // 2], dq_desc.layout)
+    lse_ring = gl.allocate_shared_memory(gl.float32, [NUM_SLOTS, 64], ROW_SMEM)
+    delta_ring = gl.allocate_shared_memory(gl.float32, [NUM_SLOTS, 64], ROW_SMEM)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [NUM_SLOTS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NUM_SLOTS, 1], mbarrier.MBarrierLayout())
@@ -214,7 +226,7 @@ def _attn_bwd(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, LSE2, Delta,  #
     ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
     for j in gl.static_range(NUM_SLOTS):
-        mbarrier.init(ready.index(j), count=1)
+        mbarrier.init(ready.index(j), count=2)  # the producer's expect (TMA bytes) and its arrive (lse, delta)
         mbarrier.init(empty.index(j), count=2)  # both consumers release a slot
     for j in gl.static_range(2):
         mbarrier.init(ds_ready.index(j), count=2)
@@ -226,7 +238,7 @@ def _attn_bwd(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, LSE2, Delta,  #
     dv_base = off_z.to(gl.int64) * stride_dvz + off_h.to(gl.int64) * stride_dvh
     tile = (n_kept, start_n, q_row0, q_col0, k_row0, k_col0, v_row0, v_col0, do_row0, do_col0,
             off_hz * N_Q, N_Q, N_K, dk_base, dv_base, stride_dkn, stride_dkd, stride_dvn, stride_dvd)
-    smem = (k_smem, v_smem, q_ring, do_ring, ds_smem, dq_smem)
+    smem = (k_smem, v_smem, q_ring, do_ring, ds_smem, dq_smem, lse_ring, delta_ring)
     bars = (kv_bar, ready, empty, ds_ready, ds_free)
     descs = (q_desc, k_desc, v_desc, do_desc, dq_desc)
     ptrs = (q_list, lse2_ptr, delta_ptr, DK, DV)
@@ -255,13 +267,14 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_o
 
 
 def _dq_descriptor(dq_acc: torch.Tensor) -> TensorDescriptor:
-    """The float32 dq buffer as a 2-D ``(B * H * Sq, D)`` view, reduced into in ``(64, D / 2)`` boxes from
-    unswizzled staging tiles (a swizzled box may be at most 128 bytes wide; two swizzled boxes per
-    tile measured 2-4% slower)."""
+    """The float32 dq buffer as a 2-D ``(B * H * Sq, D)`` view, reduced into in ``(64, D / 4)`` boxes: a
+    warpgroup's ``(64, D / 2)`` staging tile is two of them, swizzled (D bytes wide), so that storing the
+    accumulator is free of the 8-way bank conflicts an unswizzled tile has (measured: 3% faster than
+    one unswizzled box per tile at the Wan2.1-1.3B shape; NOTES session 16)."""
     head_dim = dq_acc.shape[-1]
     flat = dq_acc.view(-1, head_dim)
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [64, head_dim // 2], layout)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=head_dim, element_bitwidth=32, rank=2)
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [64, head_dim // 4], layout)
 
 
 def block_sparse_attention_backward(
