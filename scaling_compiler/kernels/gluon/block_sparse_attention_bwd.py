@@ -21,10 +21,12 @@ Where the time goes (H200, Wan2.1-1.3B shape, ``benchmarks/NOTES.md`` sessions 1
 reductions (5.1 GB at density 0.1) stay in L2, whose float32 reductions reach ~3.6 TB/s on a footprint
 of one head's dq (~1.5 TB/s only once they miss and go to HBM). What held the kernel back was the
 consumers' registers: the lse and delta of a tile, read into registers at the top of each step and
-held across the products, made ptxas spill; reading them from shared memory when they are used
-removed the spills (12% at density 0.1, Nsight Compute: no local memory in the loop). Semantics as the ``tl`` backward's: ``delta`` and the exp2-domain lse from its
-``preprocess``, empty rows and columns give zero gradients, keys >= Sk drop out of the partial
-last block, gradients in the layouts of q, k, v. ``unsupported_reason`` names what it does not take
+held across the products, made ptxas spill; reading them from shared memory where they are used
+removed the spills (11% at density 0.1; Nsight Compute: no local memory in the loop).
+
+Semantics as the ``tl`` backward's: ``delta`` and the exp2-domain lse from its ``preprocess``, empty
+rows and columns give zero gradients, keys >= Sk drop out of the partial last block, gradients in
+the layouts of q, k, v. ``unsupported_reason`` names what it does not take
 (the ``tl`` backward runs those).
 """
 from __future__ import annotations
