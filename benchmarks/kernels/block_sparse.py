@@ -12,8 +12,9 @@ Run from the repository root.
 Masks are per-head 128x128 block masks: "random" (each block kept with probability = density)
 and "structured" (a 3-D local window over the frame x height x width grid of block centres,
 per-head window aspect, plus a few global key blocks; exact density per row). Our kernel and
-FlexAttention get the identical mask (``to_flex_block_mask``). The FP8 kernel
-(``block_sparse_attention_fp8``, autotuned) is timed beside ours on the same bf16 inputs, its
+FlexAttention get the identical mask (``to_flex_block_mask``). The package's FP8 op
+(``dispatch.block_sparse_attention_fp8``: the Gluon kernel on Hopper, the autotuned Triton FP8 kernel
+on other GPUs and in ``--dry-run``) is timed beside ours on the same bf16 inputs, its
 quantisation prep included (``ms_fp8``) and alone (``ms_fp8_quantize``), with its speedup over
 ours and its output's relative difference from ours (``fp8_rel_diff``). Times are
 ``triton.testing.do_bench`` medians in ms; TFLOP/s count 4 * D FLOPs per kept (query, key)
@@ -189,6 +190,7 @@ def sdpa_times(q, k, v, scale):
 def run_benchmark(args):
     from scaling_compiler.kernels.triton.block_sparse_attention import (block_sparse_attention, decode_mask,
                                                                         prepare_block_lists)
+    from scaling_compiler.kernels import dispatch
     from scaling_compiler.kernels.triton.block_sparse_attention_fp8 import block_sparse_attention_fp8, quantize
 
     dry = args.dry_run
@@ -225,7 +227,10 @@ def run_benchmark(args):
         nb = num_blocks(S)
         implementation = _implementation(q, k, v, flags["use_tma"])
         fp8_inputs = [t.half() for t in (q, k, v)] if dry else (q, k, v)  # the FP8 path takes fp16/bf16
-        t_quantize = bench(lambda: quantize(*fp8_inputs), dry)
+        # the package's FP8 op on a GPU (Gluon on Hopper, its prep with v^T's keys permuted); the Triton kernel dry
+        fp8_op = block_sparse_attention_fp8 if dry else dispatch.block_sparse_attention_fp8
+        gluon_fp8 = not dry and dispatch.gluon_fp8_reason(*fp8_inputs) is None
+        t_quantize = bench(lambda: quantize(*fp8_inputs, permute_value_keys=gluon_fp8), dry)
         for kind in kinds:
             for density in densities:
                 mask = (random_mask(H, nb, nb, density, seed=1) if kind == "random" else structured_mask(
@@ -237,8 +242,8 @@ def run_benchmark(args):
                 t_kernel = bench(lambda: block_sparse_attention(q, k, v, words, scale, config, block_lists=lists,
                                                                 **flags), dry)
                 t_decode = bench(lambda: decode_mask(words, nb), dry)
-                t_fp8 = bench(lambda: block_sparse_attention_fp8(*fp8_inputs, words, scale), dry)
-                fp8_diff = _relative_difference(block_sparse_attention_fp8(*fp8_inputs, words, scale),
+                t_fp8 = bench(lambda: fp8_op(*fp8_inputs, words, scale), dry)
+                fp8_diff = _relative_difference(fp8_op(*fp8_inputs, words, scale),
                                                 block_sparse_attention(q, k, v, words, scale, config, **flags)[0])
                 t_flex = None
                 if flex is not None:

@@ -15,10 +15,11 @@ block-wise torch backward; `ops.py` registers it as the op's autograd formula. O
 TMA implementation's backward is the one-pass Gluon kernel (`kernels/gluon/`, dq by TMA reductions)
 where `gluon_backward_reason` allows, the Triton one otherwise.
 
-The FP8 forward (`block_sparse_attention_fp8`, inference only) runs the Triton FP8 kernel
-(`kernels/triton/block_sparse_attention_fp8.py`) on CUDA and its torch emulation elsewhere (the
-same quantisation, block by block), so a CPU run measures FP8's error rather than another
-arithmetic; `fp8_unsupported_reason` there says which inputs it refuses.
+The FP8 forward (`block_sparse_attention_fp8`, inference only) runs on Hopper the Gluon kernel
+(`kernels/gluon/block_sparse_attention.py`) where `gluon_fp8_reason` allows, on other CUDA GPUs
+(and with key padding) the Triton FP8 kernel (`kernels/triton/block_sparse_attention_fp8.py`), and
+elsewhere its torch emulation (the same quantisation, block by block), so a CPU run measures FP8's
+error rather than another arithmetic; `fp8_unsupported_reason` says which inputs it refuses.
 
 Where a new implementation goes: a member of `Implementation`, a branch in `implementation_for`
 and in both functions here, and its own rows in the cost tables.
@@ -39,9 +40,10 @@ from .triton import block_sparse_attention_fp8 as triton_fp8
 from .triton import mask_decode
 
 try:  # Gluon (triton.experimental.gluon) with its Hopper modules: Triton >= 3.5
+    from .gluon import block_sparse_attention as gluon_forward
     from .gluon import block_sparse_attention_bwd as gluon_backward
 except (ImportError, AttributeError):  # pragma: no cover - depends on the installed Triton
-    gluon_backward = None
+    gluon_forward = gluon_backward = None
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +191,17 @@ def fp8_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return triton_fp8.fp8_unsupported_reason(q, k, v, key_padding)
 
 
+def gluon_fp8_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     key_padding: torch.Tensor | None = None) -> str | None:
+    """Why the FP8 forward of these inputs runs the Triton FP8 kernel (or the emulation) rather than
+    the Gluon one (None: the Gluon kernel runs)."""
+    if gluon_forward is None:
+        return "this Triton has no Gluon Hopper modules"
+    if q.device.type != "cuda":
+        return f"device {q.device.type}"
+    return gluon_forward.fp8_unsupported_reason(q, k, v, key_padding, device_capability(q.device))
+
+
 def block_sparse_attention_fp8(
     q: torch.Tensor,  # (B, H, Sq, D), fp16 or bf16, D 64 or 128, any strides
     k: torch.Tensor,  # (B, H, Sk, D)
@@ -197,12 +210,15 @@ def block_sparse_attention_fp8(
     scale: float,
     key_padding: torch.Tensor | None = None,  # bool (B or 1, Sk): False marks keys to ignore
 ) -> torch.Tensor:  # out (B, H, Sq, D) in q's dtype and layout; empty rows 0
-    """FP8 block-sparse attention forward (inference only): the Triton FP8 kernel on CUDA, the torch
-    emulation of its quantisation and softmax (`reference.blockwise_attention_fp8`) elsewhere.
-    Inputs that `fp8_unsupported_reason` refuses raise ValueError."""
+    """FP8 block-sparse attention forward (inference only): the Gluon kernel on Hopper, the Triton FP8
+    kernel on other CUDA GPUs, the torch emulation of its quantisation and softmax
+    (`reference.blockwise_attention_fp8`) elsewhere. Inputs that `fp8_unsupported_reason` refuses raise
+    ValueError."""
     reason = fp8_unsupported_reason(q, k, v, key_padding)
     if reason is not None:
         raise ValueError(f"FP8 block-sparse attention cannot take these inputs: {reason}")
+    if q.device.type == "cuda" and gluon_fp8_reason(q, k, v, key_padding) is None:
+        return gluon_forward.block_sparse_attention_fp8(q, k, v, mask_words, scale)
     if q.device.type == "cuda":
         return triton_fp8.block_sparse_attention_fp8(q, k, v, mask_words, scale, key_padding)
     return in_layout_of(q, blockwise_attention_fp8(q, k, v, mask_words, scale, key_padding))

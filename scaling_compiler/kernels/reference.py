@@ -237,6 +237,16 @@ class Fp8Inputs(NamedTuple):
     k_scale: torch.Tensor  # float32 (B, H, Nk)
     v_t: torch.Tensor  # float8 (B, H, D, Nk * 128): v transposed (K-major for the P.V dot)
     v_scale: torch.Tensor  # float32 (B, H, D): per channel
+    keys_permuted: bool = False  # v_t's keys in the Gluon FP8 forward's order (`permute_value_keys`)
+
+
+def permute_value_keys(x: Fp8Inputs) -> Fp8Inputs:
+    """``x`` with v^T's keys reordered as the Gluon FP8 forward reads them: within each group of 16
+    keys, key bits (b3, b2, b1, b0) move to (b2, b1, b3, b0) (as the Triton prep's ``permute_value_keys``)."""
+    assert not x.keys_permuted
+    B, H, D, n = x.v_t.shape
+    v_t = x.v_t.view(B, H, D, n // 16, 2, 2, 2, 2).permute(0, 1, 2, 3, 5, 6, 4, 7).reshape(B, H, D, n)
+    return x._replace(v_t=v_t, keys_permuted=True)
 
 
 def key_means(k: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,8 @@ from scaling_compiler import ops  # noqa: F401  (registers the ops)
 from scaling_compiler.kernels import dispatch
 from scaling_compiler.kernels.bitmask import num_blocks, pack_block_mask
 from scaling_compiler.kernels.reference import (FP8_DTYPE, blockwise_attention_fp8, key_means,
-                                                masked_attention_reference, quantize_fp8, value_scales)
+                                                masked_attention_reference, permute_value_keys, quantize_fp8,
+                                                value_scales)
 from scaling_compiler.kernels.triton.block_sparse_attention import block_sparse_attention
 from scaling_compiler.kernels.triton.block_sparse_attention_fp8 import (_key_value_statistics,
                                                                          block_sparse_attention_fp8,
@@ -159,16 +160,22 @@ def test_check_is_sensitive():
         _check(q, k, v, mask, 0.125, kernel_mask=wrong)
 
 
+@pytest.mark.parametrize("permute", [False, True], ids=["plain", "permuted"])
 @pytest.mark.parametrize("layout", ["bhsd", "bshd", "strided"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("sq, sk", [(200, 130), (300, 130), (100, 300)], ids=str)  # blocks: 2/2, 3/2, 1/3
-def test_quantize_matches_reference(layout, dtype, sq, sk):
+def test_quantize_matches_reference(layout, dtype, sq, sk, permute):
     """The Triton prep writes the bytes and scales of ``reference.quantize_fp8`` (one launch quantises
-    q, k and v: more query than key blocks, and fewer)."""
+    q, k and v: more query than key blocks, and fewer); ``permute_value_keys`` reorders v^T's keys in
+    registers exactly as ``reference.permute_value_keys`` does in torch."""
     q, k, v = _qkv(2, 3, sq, sk, 64, dtype, seed=3, layout=layout)
     k = k + 4
-    ours, spec = quantize(q, k, v), quantize_fp8(q, k, v)
-    for name, a, b in zip(ours._fields, ours, spec):
+    ours, spec = quantize(q, k, v, permute_value_keys=permute), quantize_fp8(q, k, v)
+    if permute:
+        spec = permute_value_keys(spec)
+        assert not torch.equal(ours.v_t.view(torch.uint8), quantize_fp8(q, k, v).v_t.view(torch.uint8))
+    assert ours.keys_permuted == spec.keys_permuted == permute
+    for name, a, b in list(zip(ours._fields, ours, spec))[:-1]:
         assert a.shape == b.shape and a.dtype == b.dtype, name
         if a.dtype == FP8_DTYPE:
             a, b = a.view(torch.uint8), b.view(torch.uint8)
@@ -217,7 +224,8 @@ def test_emulation_matches_kernel(per_batch, padded):
 @pytest.mark.parametrize("padded", [False, True])
 def test_op(padded):
     """The custom op: schema, fake tensor and AOT dispatch checks (no autograd: it has none);
-    it runs the kernel on CUDA and the emulation elsewhere, and refuses a backward."""
+    it runs the dispatched kernel on CUDA (Gluon on Hopper, unpadded) and the emulation elsewhere, and
+    refuses a backward."""
     q, k, v = _qkv(2, 2, 200, 200, 64, torch.float16, seed=1)
     mask = _random_mask((2, ), 2, 2, 0.7, seed=1)
     padding = (torch.rand(2, 200, generator=torch.Generator().manual_seed(0)) < 0.8).to(DEVICE) if padded else None
@@ -225,7 +233,7 @@ def test_op(padded):
     torch.library.opcheck(OPS.block_sparse_attention_fp8.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     out = OPS.block_sparse_attention_fp8(*args)
-    expected = (block_sparse_attention_fp8(*args) if DEVICE == "cuda" else blockwise_attention_fp8(*args))
+    expected = (dispatch.block_sparse_attention_fp8(*args) if DEVICE == "cuda" else blockwise_attention_fp8(*args))
     assert torch.equal(out, expected)
     out = OPS.block_sparse_attention_fp8(q.clone().requires_grad_(), *args[1:])
     with pytest.raises(RuntimeError, match="no autograd formula"):

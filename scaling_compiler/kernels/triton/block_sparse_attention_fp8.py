@@ -23,9 +23,10 @@ calls. Two steps per call, no host sync:
 
 K/V tiles come through host-side TMA descriptors on GPUs that have TMA (capability >= 9; the
 quantised buffers are contiguous and padded, so they always qualify), through pointer loads on
-Ada (sm_89). Timed by ``benchmarks/kernels/block_sparse.py`` (its FP8 column): on an H200 at the
-Wan2.1-1.3B shape 1.14x our 16-bit kernel at density 1.0, 1.09x at 0.25, 0.96x at 0.1, the prep
-0.23 ms of it (``benchmarks/NOTES.md``, session 12).
+Ada (sm_89). On an H200 at the Wan2.1-1.3B shape it ran 1.14x our 16-bit kernel at density 1.0,
+1.09x at 0.25, 0.96x at 0.1, the prep 0.23 ms of it (``benchmarks/NOTES.md``, session 12). On Hopper
+the FP8 op now runs the Gluon kernel (``kernels/gluon/block_sparse_attention.py``) on this module's
+prep, with ``permute_value_keys``; this kernel serves other GPUs, key padding and the interpreter.
 
 Supported: q, k, v fp16 or bf16 ``(B, H, S, D)`` with any strides, D 64 or 128, Sq != Sk, any
 lengths, per-head ``(H, Nq, W)`` or per-batch ``(B, H, Nq, W)`` masks, key padding (bool
@@ -81,7 +82,8 @@ def _quantize_tile(X, Mean, Scale, Out,  #
                    stride_xz, stride_xh, stride_xs, stride_xd,  #
                    stride_oz, stride_oh, stride_os, stride_od,  #
                    blk, off_hz, off_z, off_h, offs_s, offs_d, N, N_BLOCKS,  #
-                   HEAD_DIM: tl.constexpr, SMOOTH: tl.constexpr, PER_CHANNEL: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, SMOOTH: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                   PERMUTE: tl.constexpr = False):
     """Block ``blk`` (128 tokens) of x ``(B, H, N, D)`` (any strides) -> e4m3 in Out (any strides,
     whole blocks: zeros past N). ``SMOOTH``: subtract Mean's ``(batch, head)`` row (float32 ``(B*H, D)``)
     first. ``PER_CHANNEL``: scale by Scale's per-channel row (``(B*H, D)``); else by the block's
@@ -98,6 +100,9 @@ def _quantize_tile(X, Mean, Scale, Out,  #
         scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), _SCALE_FLOOR) * (1.0 / _FP8_MAX)
         tl.store(Scale + off_hz * N_BLOCKS + blk, scale)
     x8 = tl.clamp(x * tl.math.div_rn(1.0, scale), -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+    if PERMUTE:  # token bits (b3, b2, b1, b0) to (b2, b1, b3, b0) in each 16, in registers: contiguous stores
+        x8 = tl.reshape(tl.permute(tl.reshape(x8, (MASK_BLOCK // 16, 2, 2, 2, 2, HEAD_DIM)), (0, 2, 3, 1, 4, 5)),
+                        (MASK_BLOCK, HEAD_DIM))
     o_ptrs = Out + _head_offset(off_z, off_h, stride_oz, stride_oh) + offs_s[:, None].to(tl.int64) * stride_os \
         + offs_d[None, :] * stride_od
     tl.store(o_ptrs, x8)
@@ -111,8 +116,9 @@ def _quantize_qkv(Q, K, V, KMean, VScale, QScale, KScale, Q8, K8, Vt8,  #
                   stride_q8z, stride_q8h, stride_q8s, stride_q8d,  #
                   stride_k8z, stride_k8h, stride_k8s, stride_k8d,  #
                   stride_v8z, stride_v8h, stride_v8s, stride_v8d,  # v8^T seen as (B, H, Sk_padded, D)
-                  H, N_Q, N_K, N_Q_BLOCKS, N_K_BLOCKS, HEAD_DIM: tl.constexpr):
-    """q, k and v in one launch: grid axis 2 picks the tensor (0 q, 1 k smoothed, 2 v per channel)."""
+                  H, N_Q, N_K, N_Q_BLOCKS, N_K_BLOCKS, HEAD_DIM: tl.constexpr, PERMUTE_V: tl.constexpr):
+    """q, k and v in one launch: grid axis 2 picks the tensor (0 q, 1 k smoothed, 2 v per channel;
+    ``PERMUTE_V``: v's keys in the Gluon FP8 forward's order)."""
     blk, off_hz, off_z, off_h, offs_s, offs_d = _block_program(H, HEAD_DIM)
     which = tl.program_id(2)
     if which == 0:
@@ -128,7 +134,8 @@ def _quantize_qkv(Q, K, V, KMean, VScale, QScale, KScale, Q8, K8, Vt8,  #
         else:
             _quantize_tile(V, VScale, VScale, Vt8, stride_vz, stride_vh, stride_vs, stride_vd,  #
                            stride_v8z, stride_v8h, stride_v8s, stride_v8d,  #
-                           blk, off_hz, off_z, off_h, offs_s, offs_d, N_K, N_K_BLOCKS, HEAD_DIM, False, True)
+                           blk, off_hz, off_z, off_h, offs_s, offs_d, N_K, N_K_BLOCKS, HEAD_DIM, False, True,
+                           PERMUTE_V)
 
 
 @triton.jit
@@ -182,9 +189,10 @@ def _key_value_statistics(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tenso
     return mean, v_scale
 
 
-def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Fp8Inputs:
+def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, permute_value_keys: bool = False) -> Fp8Inputs:
     """The kernel's operands (:class:`reference.Fp8Inputs`), the same bytes as ``reference.quantize_fp8``:
-    three launches (k's and v's statistics in two, then q, k, v quantised in one)."""
+    three launches (k's and v's statistics in two, then q, k, v quantised in one). ``permute_value_keys``:
+    v^T's keys in the Gluon FP8 forward's order (``reference.permute_value_keys``)."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     nq, nk = num_blocks(Sq), num_blocks(Sk)
@@ -196,8 +204,8 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Fp8Inputs:
     _quantize_qkv[(max(nq, nk), B * H, 3)](q, k, v, k_mean, v_scale, q_scale, k_scale, q8, k8, v_t,  #
                                            *q.stride(), *k.stride(), *v.stride(), *q8.stride(), *k8.stride(),
                                            *v_t.transpose(2, 3).stride(), H, Sq, Sk, nq, nk, HEAD_DIM=D,
-                                           num_warps=4)
-    return Fp8Inputs(q8, q_scale, k8, k_scale, v_t, v_scale)
+                                           PERMUTE_V=permute_value_keys, num_warps=4)
+    return Fp8Inputs(q8, q_scale, k8, k_scale, v_t, v_scale, permute_value_keys)
 
 
 # ----------------------------------------------------------------------------------------------

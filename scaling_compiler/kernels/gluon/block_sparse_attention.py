@@ -1,30 +1,43 @@
-"""Experiment (not used by the package): the block-sparse forward in Gluon, FA3-style, on Hopper.
+"""Block-sparse attention forward in Gluon on Hopper, FA3-style: the package's FP8 kernel on sm_90.
 
-Issues #16 and #18 need kernels faster than Triton's ``tl`` language allows: in the ``tl``
-forward every tensor-core group is waited for right after it is issued, so a warpgroup's
-exponentials and its matrix products run in series (``benchmarks/NOTES.md``, session 11). This
-file is the Gluon (``triton.experimental.gluon``, Triton 3.6 on the device) version of the same
-forward with the three FA3 levers, so the next step starts from measured code:
+Triton's ``tl`` language waits for every tensor-core group right after issuing it, so in the ``tl``
+forwards a warpgroup's exponentials and its matrix products run in series (``benchmarks/NOTES.md``,
+session 11). This kernel has FlashAttention-3's levers:
 
-- **intra-warpgroup overlap**: each loop step issues QK of tile i+1 and P.V of tile i as
-  asynchronous wgmma groups, waits for QK only, and runs tile i+1's softmax while P.V is in flight;
+- **asynchronous products**: each loop step issues QK of tile i+1 and P.V of tile i as asynchronous
+  wgmma groups and waits for QK first. (The softmax of tile i+1 is written before the wait for P.V,
+  but ptxas puts that wait at the join of the partial-block mask's branch, above the softmax. A
+  version with the branch out of the loop kept the overlap in the SASS and was slower, 0.96 against
+  0.92 ms at density 0.1: NOTES, session 17. One warpgroup's exponentials run under the other's
+  products.)
 - **warp specialisation**: a 1-warp partition issues the TMA loads of K and V (one whole 128-key
-  mask block per tile) into a ``NUM_BUF``-deep shared-memory ring; two consumer partitions of one
+  mask block per tile) into a ``num_buf``-deep shared-memory ring; two consumer partitions of one
   warpgroup each (64 query rows) release a slot with an mbarrier arrive, so no CTA-wide barrier
-  sits in the loop (without this split the TMA issue's barriers kept both warpgroups in lockstep);
-- **ping-pong** (optional): the consumers take turns issuing their products (mbarriers).
+  sits in the loop;
+- **ping-pong** (optional; for FP8 no gain in session 17's sweep): the consumers take turns issuing their products.
 
-Same semantics as ``scaling_compiler/kernels/triton/block_sparse_attention.py`` (lists from
-``prepare_block_lists``, heaviest rows first, ``out`` in q's layout, natural-log ``lse``, empty rows
-give 0 and -inf, keys >= Sk masked in the partial last block) for 16-bit inputs whose layout has
-TMA-describable 2-D views (contiguous or transposed ``(B, S, H, D)``), D 64 or 128, no key padding.
-With ``fp8`` (the ``tl`` FP8 kernel's quantised, padded operands from its ``quantize``) it is that
-kernel's FP8 forward (e4m3 q, k, v^T; P scaled by 448; two-level accumulation by default).
+For FP8 (e4m3 q, k and v^T from the ``tl`` FP8 kernel's ``quantize``, padded to whole blocks) three more
+things matter, each read in the SASS (NOTES, session 17):
 
-Measured by ``benchmarks/kernels/gluon_forward.py`` (NOTES, session 14; Wan2.1-1.3B shape, H200): outputs
-equal the ``tl`` kernel's; even with it at density 0.1 (0.94-1.05x over two runs), 1.07-1.10x at 0.25 and
-1.0; the FP8 version no faster than the ``tl`` FP8 kernel at 0.1. Not enough for either issue's target,
-so the package does not use it.
+- P feeds P.V from registers, and e4m3's operand layout wants 4 consecutive keys per register where
+  the QK accumulator holds pairs 8 keys apart. Instead of shuffling P across threads (~300
+  instructions per tile and thread), the keys of each group of 16 are renumbered: P is reshaped so that
+  its layout *is* the operand's (``assert_trivial``) and ``quantize(..., permute_value_keys=True)``
+  stores v^T's keys in the same order, so the product is unchanged (FA3's V permutation).
+- P is converted 4 keys per instruction pair by inline PTX (the plain cast unpacks and repacks bytes)
+  and crosses loop iterations in float32 (an e4m3 tensor carried by the loop lives in 64 byte registers).
+- P's scaling into e4m3's range (x 448) is folded into the exponent, and P.V accumulates into the
+  running accumulator (the ``tl`` FP8 kernel's two-level accumulation would spill here).
+
+Semantics as the ``tl`` forwards (lists from ``prepare_block_lists``, heaviest rows first, per-head or
+per-batch masks, ``out`` in q's layout, natural-log ``lse`` for 16-bit inputs, empty rows give 0 and
+-inf, keys >= Sk masked in the partial last block); no key padding. The 16-bit path needs q, k, v with
+TMA-describable 2-D views (contiguous or transposed ``(B, S, H, D)``); the package runs the ``tl`` 16-bit
+forward (as fast at density 0.1, and it takes every layout), and this kernel for FP8
+(``block_sparse_attention_fp8``; ``kernels/dispatch.py``). Timed by ``benchmarks/kernels/gluon_forward.py``
+(H200, Wan2.1-1.3B shape, random masks; NOTES, session 17): the FP8 kernel 0.90-0.92 ms at density 0.1
+(727 TFLOP/s on the kept blocks; 833 at density 1.0), the FP8 op with its prep 1.14 ms against the ``tl``
+16-bit kernel's 1.19 (1.04x; 1.29-1.34x at 0.25, 1.42-1.46x at 1.0).
 """
 from __future__ import annotations
 
@@ -40,12 +53,16 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from scaling_compiler.kernels.bitmask import BLOCK_SIZE, num_blocks
-from scaling_compiler.kernels.reference import FP8_MAX, LOG2E, Fp8Inputs
-from scaling_compiler.kernels.gluon.tma import descriptor, head_origin, tma_view
-from scaling_compiler.kernels.triton.mask_decode import BlockLists
+from ..bitmask import BLOCK_SIZE, num_blocks
+from ..reference import FP8_MAX, LOG2E, Fp8Inputs
+from ..triton.block_sparse_attention import mask_batch_stride
+from ..triton.block_sparse_attention_fp8 import quantize
+from ..triton.mask_decode import BlockLists, prepare_block_lists
+from .tma import descriptor, head_origin, tma_view
 
 HALF = BLOCK_SIZE // 2  # query rows per consumer warpgroup
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.bfloat16, torch.float16)
 assert FP8_MAX == 448.0  # the kernels' P scaling and epilogue hard-code e4m3's largest value
 
 
@@ -56,21 +73,30 @@ def _v_ring_shape(num_buf, head_dim, is_fp8):
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, scale, kb, N_K, cols):
-    """Online softmax step in the exp2 domain (``scale`` folds sm_scale * log2(e) and FP8's scales)."""
+def _softmax(s, m_i, l_i, scale, kb, N_K, cols, P_LOG2: gl.constexpr):
+    """Online softmax step in the exp2 domain (``scale`` folds sm_scale * log2(e) and FP8's scales);
+    P comes out times ``2 ** P_LOG2`` (FP8: 448, e4m3's range, folded into the exponent)."""
     if (kb + 1) * 128 > N_K:  # the partial last key block: keys >= N_K drop out
         s = gl.where((kb * 128 + cols)[None, :] < N_K, s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * scale)
-    p = gl.exp2(s * scale - m_new[:, None])
+    p = gl.exp2(s * scale - (m_new - P_LOG2)[:, None])
     alpha = gl.exp2(m_i - m_new)
     return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
 
 @gluon.jit
 def _p_operand(p, p_layout: gl.constexpr, dtype: gl.constexpr, IS_FP8: gl.constexpr):
-    """P as the register A operand of P.V (FP8: scaled by 448 into e4m3's range)."""
+    """P as the register A operand of P.V. FP8: the keys of each group of 16 reordered so that every
+    thread already holds its operand's bytes (v^T's keys are reordered the same way: ``permute_value_keys``):
+    the accumulator holds key bits (b3, b2, b1, b0) where the e4m3 operand wants (b2, b1, b3, b0)."""
     if IS_FP8:
-        p = p * 448.0
+        p = gl.reshape(gl.permute(gl.reshape(p, [64, 8, 2, 2, 2, 2]), (0, 1, 3, 4, 2, 5)), [64, 128])
+        p = gl.convert_layout(p, p_layout, assert_trivial=True)
+        # each 4 consecutive registers are one operand register's 4 keys: two paired conversions and a
+        # move (the plain cast unpacks and repacks the bytes: ~8 instructions per pair)
+        return gl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; "
+            "mov.b32 $0, {lo, hi}; }", "=r,r,r,r,r", [p], dtype=gl.float8e4nv, is_pure=True, pack=4)
     return gl.convert_layout(p.to(dtype), p_layout)
 
 
@@ -92,7 +118,7 @@ def _tile_scale(k_scales, kb, q_scale, IS_FP8: gl.constexpr):
 
 @gluon.jit
 def _producer(rings, bars, descs, ptrs, tile, epilogue, qk_scale, ROW_OFF: gl.constexpr, HEAD_DIM: gl.constexpr,
-              IS_FP8: gl.constexpr, WRITE_LSE: gl.constexpr, TWO_LEVEL: gl.constexpr, PINGPONG: gl.constexpr):
+              IS_FP8: gl.constexpr, WRITE_LSE: gl.constexpr, PINGPONG: gl.constexpr):
     """The TMA partition: both halves of the q tile, then the list's K/V tiles as slots free up.
     (Every partition takes the same arguments: Gluon's worker partitions must.)"""
     q_smem, k_ring, v_ring = rings
@@ -119,7 +145,7 @@ def _producer(rings, bars, descs, ptrs, tile, epilogue, qk_scale, ROW_OFF: gl.co
 
 @gluon.jit
 def _consumer(rings, bars, descs, ptrs, tile, epilogue, qk_scale, ROW_OFF: gl.constexpr, HEAD_DIM: gl.constexpr,
-              IS_FP8: gl.constexpr, WRITE_LSE: gl.constexpr, TWO_LEVEL: gl.constexpr, PINGPONG: gl.constexpr):
+              IS_FP8: gl.constexpr, WRITE_LSE: gl.constexpr, PINGPONG: gl.constexpr):
     """One warpgroup: query rows ``start_m + ROW_OFF ..+64`` against the list's tiles, then its epilogue."""
     q_smem, k_ring, v_ring = rings
     ready, empty, q_bar, turn = bars
@@ -128,6 +154,7 @@ def _consumer(rings, bars, descs, ptrs, tile, epilogue, qk_scale, ROW_OFF: gl.co
     n_kept, start_m = tile[0], tile[1]
     N_Q, N_K, o_base, lse_base, stride_om, stride_ok, q_scale_idx, k_scale_base, v_scale_base = epilogue
     NUM_BUF: gl.constexpr = k_ring.type.shape[0]
+    P_LOG2: gl.constexpr = 8.807354922057604 if IS_FP8 else 0.0  # log2(448)
     ME: gl.constexpr = ROW_OFF // 64
     OTHER: gl.constexpr = 1 - ROW_OFF // 64
     dtype: gl.constexpr = q_desc.dtype
@@ -160,41 +187,34 @@ def _consumer(rings, bars, descs, ptrs, tile, epilogue, qk_scale, ROW_OFF: gl.co
         mbarrier.wait(ready.index(0), 0)
         s = warpgroup_mma(q_half, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False)
         kb = gl.load(kv_list)
-        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, _tile_scale(k_scales, kb, q_scale, IS_FP8), kb, N_K, cols)
-        p_op = _p_operand(p, p_layout, dtype, IS_FP8)
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, _tile_scale(k_scales, kb, q_scale, IS_FP8), kb, N_K, cols, P_LOG2)
+        if not IS_FP8:  # 16-bit: the operand (packed pairs) crosses iterations
+            p_op = _p_operand(p, p_layout, dtype, IS_FP8)
         for i in range(n_kept - 1):
             slot = i % NUM_BUF
             nxt = (i + 1) % NUM_BUF
             mbarrier.wait(ready.index(nxt), ((i + 1) // NUM_BUF) & 1)
-            alpha_o = gl.convert_layout(alpha, row_o)
-            if not TWO_LEVEL:
-                acc = acc * alpha_o[:, None]
             if PINGPONG:
                 mbarrier.wait(turn.index(ME), i & 1)
             s_tok = warpgroup_mma(q_half, k_ring.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            # two-level accumulation (FP8's default): the tile's P.V into a fresh accumulator, then added
-            pv_tok = warpgroup_mma(p_op, _v_operand(v_ring, slot, IS_FP8), acc, use_acc=not TWO_LEVEL,
-                                   is_async=True)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]  # under QK(i+1)
+            if IS_FP8:  # P crosses in float32: a loop-carried e4m3 operand is 64 byte registers, unpacked
+                p_op = _p_operand(p, p_layout, dtype, IS_FP8)  # and repacked at every step
+            pv_tok = warpgroup_mma(p_op, _v_operand(v_ring, slot, IS_FP8), acc, is_async=True)
             if PINGPONG:
                 mbarrier.arrive(turn.index(OTHER), count=1)
             s = warpgroup_mma_wait(1, deps=(s_tok, ))  # QK(i+1) done, P.V(i) still in flight
             kb = gl.load(kv_list + i + 1)
-            p, alpha_next, m_i, l_i = _softmax(s, m_i, l_i, _tile_scale(k_scales, kb, q_scale, IS_FP8), kb, N_K,
-                                               cols)
-            pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
+            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, _tile_scale(k_scales, kb, q_scale, IS_FP8), kb, N_K, cols,
+                                          P_LOG2)
+            acc = warpgroup_mma_wait(0, deps=(pv_tok, ))
             mbarrier.arrive(empty.index(slot), count=1)
-            if TWO_LEVEL:
-                acc = acc * alpha_o[:, None] + pv
-            else:
-                acc = pv
-            p_op = _p_operand(p, p_layout, dtype, IS_FP8)
-            alpha = alpha_next
+            if not IS_FP8:
+                p_op = _p_operand(p, p_layout, dtype, IS_FP8)
         last = (n_kept - 1) % NUM_BUF
-        alpha_o = gl.convert_layout(alpha, row_o)
-        if TWO_LEVEL:
-            acc = acc * alpha_o[:, None] + warpgroup_mma(p_op, _v_operand(v_ring, last, IS_FP8), acc, use_acc=False)
-        else:
-            acc = warpgroup_mma(p_op, _v_operand(v_ring, last, IS_FP8), acc * alpha_o[:, None])
+        if IS_FP8:
+            p_op = _p_operand(p, p_layout, dtype, IS_FP8)
+        acc = warpgroup_mma(p_op, _v_operand(v_ring, last, IS_FP8), acc * gl.convert_layout(alpha, row_o)[:, None])
         mbarrier.arrive(empty.index(last), count=1)
 
     empty_row = l_i == 0.0
@@ -203,13 +223,13 @@ def _consumer(rings, bars, descs, ptrs, tile, epilogue, qk_scale, ROW_OFF: gl.co
     offs_m = start_m + ROW_OFF + gl.arange(0, 64, row_o)
     if IS_FP8:
         v_scale = gl.load(VScale + v_scale_base + offs_d)
-        out = acc / gl.convert_layout(l_safe * 448.0, row_o)[:, None] * v_scale[None, :]
+        out = acc / gl.convert_layout(l_safe, row_o)[:, None] * v_scale[None, :]
     else:
         out = acc / gl.convert_layout(l_safe, row_o)[:, None]
     o_ptrs = Out + o_base + offs_m[:, None].to(gl.int64) * stride_om + offs_d[None, :] * stride_ok
     gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < N_Q)
     if WRITE_LSE:
-        lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+        lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe) - P_LOG2) * 0.6931471805599453)
         offs_ms = start_m + ROW_OFF + gl.arange(0, 64, row_s)
         gl.store(Lse + lse_base + offs_ms, lse, mask=offs_ms < N_Q)
 
@@ -222,7 +242,7 @@ def _attn_fwd(q_desc, k_desc, v_desc, QScale, KScale, VScale, Out, Lse,  #
               stride_rz, stride_rh,  #
               H, N_Q, N_K, N_Q_BLOCKS, N_K_BLOCKS,  #
               HEAD_DIM: gl.constexpr, IS_FP8: gl.constexpr, WRITE_LSE: gl.constexpr,  #
-              NUM_BUF: gl.constexpr, TWO_LEVEL: gl.constexpr, CONSUMER_REGS: gl.constexpr,  #
+              NUM_BUF: gl.constexpr, CONSUMER_REGS: gl.constexpr,  #
               PINGPONG: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(num_warps == 4)  # the default partition is consumer 0; the workers add 4 + 1 warps
     dtype: gl.constexpr = q_desc.dtype
@@ -262,11 +282,11 @@ def _attn_fwd(q_desc, k_desc, v_desc, QScale, KScale, VScale, Out, Lse,  #
     ptrs = (QScale, KScale, VScale, Out, Lse, kv_list)
     gl.warp_specialize([
         (_consumer, (rings, bars, descs, ptrs, tile, epilogue, qk_scale, 0,
-                     HEAD_DIM, IS_FP8, WRITE_LSE, TWO_LEVEL, PINGPONG)),
+                     HEAD_DIM, IS_FP8, WRITE_LSE, PINGPONG)),
         (_consumer, (rings, bars, descs, ptrs, tile, epilogue, qk_scale, 64,
-                     HEAD_DIM, IS_FP8, WRITE_LSE, TWO_LEVEL, PINGPONG)),
+                     HEAD_DIM, IS_FP8, WRITE_LSE, PINGPONG)),
         (_producer, (rings, bars, descs, ptrs, tile, epilogue, qk_scale, 64,
-                     HEAD_DIM, IS_FP8, WRITE_LSE, TWO_LEVEL, PINGPONG)),
+                     HEAD_DIM, IS_FP8, WRITE_LSE, PINGPONG)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -277,20 +297,23 @@ def _tma_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     return view
 
 
-def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: BlockLists,
-                                 scale: float | None = None, *, fp8: Fp8Inputs | None = None,
-                                 lse: torch.Tensor | None = None, num_buf: int = 3, consumer_regs: int = 232,
-                                 two_level: bool | None = None, pingpong: bool = False) -> torch.Tensor:
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: BlockLists, scale: float | None = None, *,
+            mask_batch_stride: int = 0, fp8: Fp8Inputs | None = None, lse: torch.Tensor | None = None,
+            num_buf: int = 3, consumer_regs: int = 232, pingpong: bool = False) -> torch.Tensor:
     """``out`` like q; ``lse`` (float32 ``(B, H, Sq)``, optional) filled in place. ``lists``:
-    ``prepare_block_lists(mask_words, Sk)`` of a per-head mask. ``fp8``: ``quantize(q, k, v)`` of the
-    ``tl`` FP8 kernel, to run the FP8 forward. ``consumer_regs``: registers per thread of the two
-    consumer warpgroups (the producer gets 24; 168 per thread are launched: 12 warps, 64 K registers)."""
+    ``prepare_block_lists(mask_words, Sk)``; ``mask_batch_stride``: mask rows per batch entry (0 for a
+    per-head ``(H, Nq, W)`` mask, H for ``(B, H, Nq, W)``). ``fp8``: ``quantize(q, k, v,
+    permute_value_keys=True)``, to run the FP8 forward (q, k, v then only give shapes and out's layout).
+    ``consumer_regs``: registers per thread of the two consumer warpgroups (the producer gets 24; 168 per
+    thread are launched: 12 warps, 64 K registers)."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     nq, nk = num_blocks(Sq), num_blocks(Sk)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     out = torch.empty_like(q)
     if fp8 is not None:
+        if not fp8.keys_permuted:
+            raise ValueError("fp8: v^T's keys must be in this kernel's order: quantize(..., permute_value_keys=True)")
         q2, k2, vt2 = fp8.q.flatten(0, 2), fp8.k.flatten(0, 2), fp8.v_t.flatten(0, 2)
         descs = (descriptor(q2, [HALF, D]), descriptor(k2, [BLOCK_SIZE, D]), descriptor(vt2, [D, BLOCK_SIZE]))
         q_len, k_len = nq * BLOCK_SIZE, nk * BLOCK_SIZE
@@ -304,9 +327,31 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         scales = (out, out, out)  # unused
     _attn_fwd[(B * H * nq, )](
         *descs, *scales, out, out if lse is None else lse, lists.kv_idx, lists.kv_cnt, lists.order, scale * LOG2E,
-        *strides, *out.stride(), 0, 1, H, Sq, Sk, nq, nk,
+        *strides, *out.stride(), mask_batch_stride, 1, H, Sq, Sk, nq, nk,
         HEAD_DIM=D, IS_FP8=fp8 is not None, WRITE_LSE=lse is not None, NUM_BUF=num_buf,
-        TWO_LEVEL=(fp8 is not None) if two_level is None else two_level, CONSUMER_REGS=consumer_regs,
-        PINGPONG=pingpong, num_warps=4, maxnreg=168)
+        CONSUMER_REGS=consumer_regs, PINGPONG=pingpong, num_warps=4, maxnreg=168)
     return out
 
+
+def fp8_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None,
+                           capability: tuple[int, int]) -> str | None:
+    """Why this kernel cannot run the FP8 forward of these inputs on a GPU of ``capability`` (None if
+    it can; the ``tl`` FP8 kernel's own rules are checked before). Any input layout: the prep copies."""
+    if capability != (9, 0):
+        return f"needs Hopper's wgmma (capability 9.0), the GPU has {capability[0]}.{capability[1]}"
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype}: needs bfloat16 or float16"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head dim {q.shape[-1]}: needs {' or '.join(map(str, HEAD_DIMS))}"
+    if key_padding is not None:
+        return "key padding"
+    return None
+
+
+def block_sparse_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_words: torch.Tensor,
+                               scale: float | None = None) -> torch.Tensor:
+    """The FP8 op on Hopper: ``quantize(q, k, v, permute_value_keys=True)`` (three Triton launches), then
+    this kernel. ``out (B, H, Sq, D)`` in q's dtype and layout; rows with no kept key are 0."""
+    stride_rz = mask_batch_stride(mask_words, q, k.shape[2])
+    lists = prepare_block_lists(mask_words, k.shape[2])
+    return forward(q, k, v, lists, scale, mask_batch_stride=stride_rz, fp8=quantize(q, k, v, permute_value_keys=True))
