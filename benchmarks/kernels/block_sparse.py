@@ -188,9 +188,9 @@ def sdpa_times(q, k, v, scale):
 # Main benchmark
 # ----------------------------------------------------------------------------------------------
 def run_benchmark(args):
+    from scaling_compiler.kernels import dispatch
     from scaling_compiler.kernels.triton.block_sparse_attention import (block_sparse_attention, decode_mask,
                                                                         prepare_block_lists)
-    from scaling_compiler.kernels import dispatch
     from scaling_compiler.kernels.triton.block_sparse_attention_fp8 import block_sparse_attention_fp8, quantize
 
     dry = args.dry_run

@@ -23,7 +23,8 @@ from scaling_compiler.kernels.reference import (blockwise_attention_fp8, masked_
 from scaling_compiler.kernels.triton.mask_decode import prepare_block_lists
 
 from .test_block_sparse_fp8 import EMULATION_TOL, FP8_REL_TOL, FP8_ROW_TOL, _fake
-from .test_block_sparse_kernel import DEVICE, _naive_lowp, _qkv, _random_mask, _rel_err, _structured_mask, per_batch_case
+from .test_block_sparse_kernel import (DEVICE, _naive_lowp, _qkv, _random_mask, _rel_err, _structured_mask,
+                                       per_batch_case)
 
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0)
 hopper_only = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
