@@ -58,11 +58,9 @@ from ..reference import FP8_MAX, LOG2E, Fp8Inputs
 from ..triton.block_sparse_attention import mask_batch_stride
 from ..triton.block_sparse_attention_fp8 import quantize
 from ..triton.mask_decode import BlockLists, prepare_block_lists
-from .tma import descriptor, head_origin, tma_view
+from .tma import DTYPES, HEAD_DIMS, descriptor, head_origin, hopper_reason, tma_view
 
 HALF = BLOCK_SIZE // 2  # query rows per consumer warpgroup
-HEAD_DIMS = (64, 128)
-DTYPES = (torch.bfloat16, torch.float16)
 assert FP8_MAX == 448.0  # the kernels' P scaling and epilogue hard-code e4m3's largest value
 
 
@@ -337,8 +335,9 @@ def fp8_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
                            capability: tuple[int, int]) -> str | None:
     """Why this kernel cannot run the FP8 forward of these inputs on a GPU of ``capability`` (None if
     it can; the ``tl`` FP8 kernel's own rules are checked before). Any input layout: the prep copies."""
-    if capability != (9, 0):
-        return f"needs Hopper's wgmma (capability 9.0), the GPU has {capability[0]}.{capability[1]}"
+    reason = hopper_reason(capability)
+    if reason is not None:
+        return reason
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype}: needs bfloat16 or float16"
     if q.shape[-1] not in HEAD_DIMS:

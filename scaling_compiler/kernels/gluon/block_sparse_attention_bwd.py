@@ -51,11 +51,9 @@ from ..bitmask import BLOCK_SIZE, num_blocks
 from ..triton.block_sparse_attention import LOG2E
 from ..triton.block_sparse_attention_bwd import preprocess
 from ..triton.mask_decode import BlockLists, prepare_column_lists
-from .tma import descriptor, head_origin, tma_view
+from .tma import DTYPES, HEAD_DIMS, descriptor, head_origin, hopper_reason, tma_view
 
 HALF = BLOCK_SIZE // 2  # keys per consumer warpgroup, and query rows per streamed tile
-HEAD_DIMS = (64, 128)
-DTYPES = (torch.bfloat16, torch.float16)
 NUM_BUF = 2  # (q, do) slots; with 2 dq staging tiles per warpgroup this fills Hopper's 227 KiB at D = 128
 DQ_BUFS = 2  # (measured: 3 slots and 1 staging tile were 8-13% slower at the Wan2.1-1.3B shape)
 CONSUMER_REGS = 240  # registers per consumer thread (the producer warp's group gets 24)
@@ -254,8 +252,9 @@ def _attn_bwd(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, LSE2, Delta,  #
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
                        key_padding: torch.Tensor | None, capability: tuple[int, int]) -> str | None:
     """Why this backward cannot take these inputs on a GPU of ``capability`` (None if it can)."""
-    if capability != (9, 0):
-        return f"needs Hopper's wgmma (capability 9.0), the GPU has {capability[0]}.{capability[1]}"
+    reason = hopper_reason(capability)
+    if reason is not None:
+        return reason
     if q.dtype not in DTYPES or any(t.dtype != q.dtype for t in (k, v, grad_out)):
         return f"dtype {q.dtype}: needs q, k, v, grad_out all bfloat16 or all float16"
     if q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:

@@ -1,4 +1,5 @@
-"""TMA views and descriptors of ``(B, H, S, D)`` attention operands for Gluon kernels."""
+"""TMA views and descriptors of ``(B, H, S, D)`` attention operands for Gluon kernels, and the inputs and
+GPU those kernels take."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +10,15 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from ..triton.block_sparse_attention import _tma_2d_view
 
 GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float8_e4m3fn: gl.float8e4nv}
+HEAD_DIMS = (64, 128)  # of the Gluon kernels' q, k, v
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+def hopper_reason(capability: tuple[int, int]) -> str | None:
+    """Why a GPU of ``capability`` cannot run the Gluon kernels (None on Hopper: they use its wgmma)."""
+    if capability != (9, 0):
+        return f"needs Hopper's wgmma (capability 9.0), the GPU has {capability[0]}.{capability[1]}"
+    return None
 
 
 @gluon.jit
