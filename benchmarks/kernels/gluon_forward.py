@@ -9,7 +9,7 @@ the ``tl`` kernel's errors (bf16 and fp16, D 64 and 128, odd lengths, contiguous
 emulation of the FP8 forward (``reference.blockwise_attention_fp8``) beside the ``tl`` FP8 kernel's.
 
 Timing (``do_bench`` medians, random per-head masks, lists decoded beforehand, bf16): the ``tl``
-16-bit kernel at the package's benchmark config, ours (with lse, with ping-pong), FlexAttention with
+16-bit kernel at the package's benchmark config, ours (with and without lse), FlexAttention with
 the same BlockMask; for FP8 the prep with and without the permuted v^T keys, the ``tl`` FP8 op (prep,
 list decoding and kernel), ours on the quantised operands, and the package's FP8 op on Hopper
 (``dispatch.block_sparse_attention_fp8``: prep, decoding and our kernel) beside the ``tl`` 16-bit
@@ -91,19 +91,18 @@ def check_rows() -> list[dict[str, Any]]:
             x = quantize(q, k, v, permute_value_keys=True)
             emulated = blockwise_attention_fp8(q, k, v, words, scale)
             tl_fp8 = block_sparse_attention_fp8(q, k, v, words, scale)
-            for pingpong in (False, True):
-                lse = torch.full((B, H, S), float("nan"), device="cuda")
-                out = block_sparse_attention_gluon(q, k, v, lists, scale, lse=lse, pingpong=pingpong)
-                out8 = block_sparse_attention_gluon(q, k, v, lists, scale, fp8=x, pingpong=pingpong)
-                rows.append({
-                    "B": B, "H": H, "S": S, "D": D, "layout": layout, "dtype": str(dtype).removeprefix("torch."),
-                    "density": density, "pingpong": pingpong,
-                    "out_err": rel_err(out, ref_out), "tl_out_err": rel_err(tl_out, ref_out),
-                    "lse_err": (lse[kept] - ref_lse[kept]).abs().max().item(),
-                    "tl_lse_err": (tl_lse[kept] - ref_lse[kept]).abs().max().item(),
-                    "empty_row_ok": bool(torch.isneginf(lse[~kept]).all() and (out[:, 0, :128] == 0).all()),
-                    "fp8_vs_emulation": rel_err(out8, emulated), "tl_fp8_vs_emulation": rel_err(tl_fp8, emulated),
-                    "fp8_err": rel_err(out8, ref_out), "tl_fp8_err": rel_err(tl_fp8, ref_out)})
+            lse = torch.full((B, H, S), float("nan"), device="cuda")
+            out = block_sparse_attention_gluon(q, k, v, lists, scale, lse=lse)
+            out8 = block_sparse_attention_gluon(q, k, v, lists, scale, fp8=x)
+            rows.append({
+                "B": B, "H": H, "S": S, "D": D, "layout": layout, "dtype": str(dtype).removeprefix("torch."),
+                "density": density,
+                "out_err": rel_err(out, ref_out), "tl_out_err": rel_err(tl_out, ref_out),
+                "lse_err": (lse[kept] - ref_lse[kept]).abs().max().item(),
+                "tl_lse_err": (tl_lse[kept] - ref_lse[kept]).abs().max().item(),
+                "empty_row_ok": bool(torch.isneginf(lse[~kept]).all() and (out[:, 0, :128] == 0).all()),
+                "fp8_vs_emulation": rel_err(out8, emulated), "tl_fp8_vs_emulation": rel_err(tl_fp8, emulated),
+                "fp8_err": rel_err(out8, ref_out), "tl_fp8_err": rel_err(tl_fp8, ref_out)})
     return rows
 
 
@@ -139,7 +138,6 @@ def timing_rows() -> list[dict[str, Any]]:
             "tl": bench(lambda: block_sparse_attention(q, k, v, words, scale, dict(BENCH_CONFIG), block_lists=lists)),
             "ours": bench(lambda: ours(q, k, v, lists, scale)),
             "ours_lse": bench(lambda: ours(q, k, v, lists, scale, lse=lse)),
-            "ours_pingpong": bench(lambda: ours(q, k, v, lists, scale, pingpong=True)),
             "flex": bench(lambda: flex(q, k, v, block_mask=block_mask, scale=scale)),
             "tl_fp8_op": bench(lambda: block_sparse_attention_fp8(q, k, v, words, scale)),
             "ours_fp8_kernel": bench(lambda: ours(q, k, v, lists, scale, fp8=x)),

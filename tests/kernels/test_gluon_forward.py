@@ -20,6 +20,7 @@ from scaling_compiler.kernels.bitmask import num_blocks, pack_block_mask
 from scaling_compiler.kernels.gluon import block_sparse_attention as gluon_fwd
 from scaling_compiler.kernels.reference import (blockwise_attention_fp8, masked_attention_reference,
                                                 quantize_fp8)
+from scaling_compiler.kernels.triton.block_sparse_attention_fp8 import quantize
 from scaling_compiler.kernels.triton.mask_decode import prepare_block_lists
 
 from .test_block_sparse_fp8 import EMULATION_TOL, FP8_REL_TOL, FP8_ROW_TOL, _fake
@@ -105,6 +106,28 @@ def test_16bit_path_matches_reference(dtype, D):
     bound = 2 * _rel_err(_naive_lowp(q, k, v, mask, D ** -0.5)[~empty], ref[~empty]) + 1e-5
     assert _rel_err(out[~empty], ref[~empty]) <= bound
     assert (lse[~empty].double() - ref_lse[~empty]).abs().max() <= 2e-3
+
+
+@hopper_only
+@pytest.mark.parametrize("programs", [1, 5])
+def test_programs_walking_many_items_give_the_same_output(programs):
+    """The kernel is persistent: with a few programs, each walks many work items (its K/V ring and q
+    buffers wrap around across items, some of them with no kept block). Outputs and lse must equal, bit
+    for bit, those of one program per item (what the shapes above get: fewer items than SMs)."""
+    B, H, Sq, Sk, D = 2, 3, 1000, 777, 128
+    q, k, v = _qkv(B, H, Sq, Sk, D, torch.bfloat16, seed=5, layout="bhsd")
+    mask = _random_mask((H, ), num_blocks(Sq), num_blocks(Sk), 0.4, seed=6)
+    mask[0, 2, :] = False
+    mask[1, :3, :] = False
+    lists = prepare_block_lists(pack_block_mask(mask).cuda(), Sk)
+    one_each = B * H * num_blocks(Sq)
+    for fp8 in (None, quantize(q, k, v, permute_value_keys=True)):
+        lse = [torch.full((B, H, Sq), float("nan"), device="cuda") if fp8 is None else None for _ in range(2)]
+        want = gluon_fwd.forward(q, k, v, lists, D ** -0.5, fp8=fp8, lse=lse[0], programs=one_each)
+        got = gluon_fwd.forward(q, k, v, lists, D ** -0.5, fp8=fp8, lse=lse[1], programs=programs)
+        assert torch.equal(got, want)
+        if fp8 is None:
+            assert torch.equal(lse[1], lse[0])
 
 
 def test_refuses_plain_key_order():

@@ -14,7 +14,12 @@ session 11). This kernel has FlashAttention-3's levers:
   mask block per tile) into a ``num_buf``-deep shared-memory ring; two consumer partitions of one
   warpgroup each (64 query rows) release a slot with an mbarrier arrive, so no CTA-wide barrier
   sits in the loop;
-- **ping-pong** (optional; for FP8 no gain in session 17's sweep): the consumers take turns issuing their products.
+- **persistent programs**: one program per SM takes work items (128-row query blocks, heaviest first
+  within a head) round-robin; the producer loads the next item's q (into a second q buffer for FP8)
+  and first K/V tiles while the consumers finish the last one. The outputs are bit-identical to one
+  program per item, and the FP8 kernel is ~2% faster at density 0.1 (the 16-bit one, with a single q
+  buffer, 1-5% slower; NOTES, session 18). Session 14's ping-pong option (the consumers taking turns
+  to issue their products) is gone: it never beat noise.
 
 For FP8 (e4m3 q, k and v^T from the ``tl`` FP8 kernel's ``quantize``, padded to whole blocks) three more
 things matter, each read in the SASS (NOTES, session 17):
@@ -35,12 +40,14 @@ per-batch masks, ``out`` in q's layout, natural-log ``lse`` for 16-bit inputs, e
 TMA-describable 2-D views (contiguous or transposed ``(B, S, H, D)``); the package runs the ``tl`` 16-bit
 forward (as fast at density 0.1, and it takes every layout), and this kernel for FP8
 (``block_sparse_attention_fp8``; ``kernels/dispatch.py``). Timed by ``benchmarks/kernels/gluon_forward.py``
-(H200, Wan2.1-1.3B shape, random masks; NOTES, session 17): the FP8 kernel 0.90-0.92 ms at density 0.1
-(727 TFLOP/s on the kept blocks; 833 at density 1.0), the FP8 op with its prep 1.14 ms against the ``tl``
-16-bit kernel's 1.19 (1.04x; 1.29-1.34x at 0.25, 1.42-1.46x at 1.0).
+(H200, Wan2.1-1.3B shape, random masks; NOTES, session 18): the FP8 kernel 0.88-0.89 ms at density 0.1
+(739-746 TFLOP/s on the kept blocks; 836 at density 1.0), the FP8 op with its prep 1.12 ms against the
+``tl`` 16-bit kernel's 1.24 in the same run (1.11x; 1.26x at 0.25, 1.48x at 1.0). That kernel ran 1.19 ms
+in session 17's run, so call it 1.05-1.11x at 0.1.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -115,46 +122,80 @@ def _tile_scale(k_scales, kb, q_scale, IS_FP8: gl.constexpr):
 
 
 @gluon.jit
-def _producer(rings, bars, descs, ptrs, tile, epilogue, qk_scale, ROW_OFF: gl.constexpr, HEAD_DIM: gl.constexpr,
-              IS_FP8: gl.constexpr, WRITE_LSE: gl.constexpr, PINGPONG: gl.constexpr):
-    """The TMA partition: both halves of the q tile, then the list's K/V tiles as slots free up.
-    (Every partition takes the same arguments: Gluon's worker partitions must.)"""
-    q_smem, k_ring, v_ring = rings
-    q_bar, ready, empty = bars[2], bars[0], bars[1]
-    q_desc, k_desc, v_desc = descs
-    kv_list = ptrs[5]
-    n_kept, start_m, q_row0, q_col0, k_row0, k_col0, v_row0, v_col0 = tile
-    NUM_BUF: gl.constexpr = k_ring.type.shape[0]
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row0 + start_m, q_col0], q_bar, q_smem.index(0))
-    tma.async_copy_global_to_shared(q_desc, [q_row0 + start_m + 64, q_col0], q_bar, q_smem.index(1))
-    for j in range(n_kept):
-        slot = j % NUM_BUF
-        mbarrier.wait(empty.index(slot), ((j // NUM_BUF) & 1) ^ 1)  # a fresh barrier passes phase 1
-        kb = gl.load(kv_list + j)
-        bar = ready.index(slot)
-        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [k_row0 + kb * 128, k_col0], bar, k_ring.index(slot))
-        if IS_FP8:
-            tma.async_copy_global_to_shared(v_desc, [v_row0, v_col0 + kb * 128], bar, v_ring.index(slot))
-        else:
-            tma.async_copy_global_to_shared(v_desc, [v_row0 + kb * 128, v_col0], bar, v_ring.index(slot))
+def _work_item(item, ptrs, sizes, strides):
+    """Work item ``item`` (a 128-row query block of one (batch, head), heaviest rows first within a head):
+    its (batch * head, batch, head), first query row, list of kept key blocks and their count."""
+    Order, KvIdx, KvCnt = ptrs[5], ptrs[6], ptrs[7]
+    H, N_Q, N_K, N_Q_BLOCKS, N_K_BLOCKS, N_ITEMS = sizes
+    stride_rz, stride_rh = strides[0]
+    off_hz = item // N_Q_BLOCKS
+    off_z = off_hz // H
+    off_h = off_hz % H
+    mask_hz = off_z * stride_rz + off_h * stride_rh
+    row = mask_hz * N_Q_BLOCKS + gl.load(Order + mask_hz * N_Q_BLOCKS + item % N_Q_BLOCKS)
+    start_m = (row - mask_hz * N_Q_BLOCKS) * 128
+    return off_hz, off_z, off_h, start_m, KvIdx + row.to(gl.int64) * N_K_BLOCKS, gl.load(KvCnt + row)
 
 
 @gluon.jit
-def _consumer(rings, bars, descs, ptrs, tile, epilogue, qk_scale, ROW_OFF: gl.constexpr, HEAD_DIM: gl.constexpr,
-              IS_FP8: gl.constexpr, WRITE_LSE: gl.constexpr, PINGPONG: gl.constexpr):
-    """One warpgroup: query rows ``start_m + ROW_OFF ..+64`` against the list's tiles, then its epilogue."""
+def _producer(rings, bars, descs, ptrs, sizes, strides, qk_scale, ROW_OFF: gl.constexpr, HEAD_DIM: gl.constexpr,
+              IS_FP8: gl.constexpr, WRITE_LSE: gl.constexpr):
+    """The TMA partition: for each work item, both halves of its q tile into a free q buffer (two for FP8),
+    then its list's K/V tiles as ring slots free up (so the next item's loads run under this one's last
+    products and epilogue). (Every partition takes the same arguments: Gluon's worker partitions must.)"""
     q_smem, k_ring, v_ring = rings
-    ready, empty, q_bar, turn = bars
-    q_desc = descs[0]
-    QScale, KScale, VScale, Out, Lse, kv_list = ptrs
-    n_kept, start_m = tile[0], tile[1]
-    N_Q, N_K, o_base, lse_base, stride_om, stride_ok, q_scale_idx, k_scale_base, v_scale_base = epilogue
+    ready, empty, q_ready, q_empty = bars
+    q_desc, k_desc, v_desc = descs
+    N_ITEMS = sizes[5]
+    stride_qz, stride_qh, ld_q = strides[1]
+    stride_kz, stride_kh, ld_k = strides[2]
+    stride_vz, stride_vh, ld_v = strides[3]
     NUM_BUF: gl.constexpr = k_ring.type.shape[0]
+    Q_BUFS: gl.constexpr = q_smem.type.shape[0] // 2
+    tiles_done = 0
+    items_done = 0
+    for item in range(gl.program_id(0), N_ITEMS, gl.num_programs(0)):
+        off_hz, off_z, off_h, start_m, kv_list, n_kept = _work_item(item, ptrs, sizes, strides)
+        q_row0, q_col0 = head_origin(off_z, off_h, stride_qz, stride_qh, ld_q)
+        k_row0, k_col0 = head_origin(off_z, off_h, stride_kz, stride_kh, ld_k)
+        v_row0, v_col0 = head_origin(off_z, off_h, stride_vz, stride_vh, ld_v)
+        qb = items_done % Q_BUFS
+        mbarrier.wait(q_empty.index(qb), ((items_done // Q_BUFS) & 1) ^ 1)  # a fresh barrier passes phase 1
+        mbarrier.expect(q_ready.index(qb), 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row0 + start_m, q_col0], q_ready.index(qb), q_smem.index(2 * qb))
+        tma.async_copy_global_to_shared(q_desc, [q_row0 + start_m + 64, q_col0], q_ready.index(qb),
+                                        q_smem.index(2 * qb + 1))
+        for j in range(n_kept):
+            t = tiles_done + j
+            slot = t % NUM_BUF
+            mbarrier.wait(empty.index(slot), ((t // NUM_BUF) & 1) ^ 1)
+            kb = gl.load(kv_list + j)
+            bar = ready.index(slot)
+            mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [k_row0 + kb * 128, k_col0], bar, k_ring.index(slot))
+            if IS_FP8:
+                tma.async_copy_global_to_shared(v_desc, [v_row0, v_col0 + kb * 128], bar, v_ring.index(slot))
+            else:
+                tma.async_copy_global_to_shared(v_desc, [v_row0 + kb * 128, v_col0], bar, v_ring.index(slot))
+        tiles_done += n_kept
+        items_done += 1
+
+
+@gluon.jit
+def _consumer(rings, bars, descs, ptrs, sizes, strides, qk_scale, ROW_OFF: gl.constexpr, HEAD_DIM: gl.constexpr,
+              IS_FP8: gl.constexpr, WRITE_LSE: gl.constexpr):
+    """One warpgroup: for each work item, query rows ``start_m + ROW_OFF ..+64`` against its list's tiles,
+    then its epilogue."""
+    q_smem, k_ring, v_ring = rings
+    ready, empty, q_ready, q_empty = bars
+    q_desc = descs[0]
+    QScale, KScale, VScale, Out, Lse = ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4]
+    H, N_Q, N_K, N_Q_BLOCKS, N_K_BLOCKS, N_ITEMS = sizes
+    stride_oz, stride_oh, stride_om, stride_ok = strides[4]
+    NUM_BUF: gl.constexpr = k_ring.type.shape[0]
+    Q_BUFS: gl.constexpr = q_smem.type.shape[0] // 2
     P_LOG2: gl.constexpr = 8.807354922057604 if IS_FP8 else 0.0  # log2(448)
     ME: gl.constexpr = ROW_OFF // 64
-    OTHER: gl.constexpr = 1 - ROW_OFF // 64
     dtype: gl.constexpr = q_desc.dtype
     K_WIDTH: gl.constexpr = 256 // dtype.primitive_bitwidth
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -166,70 +207,78 @@ def _consumer(rings, bars, descs, ptrs, tile, epilogue, qk_scale, ROW_OFF: gl.co
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
-
-    if IS_FP8:
-        q_scale = gl.load(QScale + q_scale_idx) * qk_scale
-    else:
-        q_scale = qk_scale
-    k_scales = KScale + k_scale_base
-    m_i = gl.full([64], float("-inf"), gl.float32, row_s)
-    l_i = gl.full([64], 0.0, gl.float32, row_s)
-    acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([64, 128], gl.float32, s_layout)
     cols = gl.arange(0, 128, gl.SliceLayout(0, s_layout))
-    q_half = q_smem.index(ME)
-    if PINGPONG and ME == 0:  # warpgroup 0 issues first
-        mbarrier.arrive(turn.index(0), count=1)
-    mbarrier.wait(q_bar, 0)
-    if n_kept > 0:
-        mbarrier.wait(ready.index(0), 0)
-        s = warpgroup_mma(q_half, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False)
-        kb = gl.load(kv_list)
-        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, _tile_scale(k_scales, kb, q_scale, IS_FP8), kb, N_K, cols, P_LOG2)
-        if not IS_FP8:  # 16-bit: the operand (packed pairs) crosses iterations
-            p_op = _p_operand(p, p_layout, dtype, IS_FP8)
-        for i in range(n_kept - 1):
-            slot = i % NUM_BUF
-            nxt = (i + 1) % NUM_BUF
-            mbarrier.wait(ready.index(nxt), ((i + 1) // NUM_BUF) & 1)
-            if PINGPONG:
-                mbarrier.wait(turn.index(ME), i & 1)
-            s_tok = warpgroup_mma(q_half, k_ring.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]  # under QK(i+1)
-            if IS_FP8:  # P crosses in float32: a loop-carried e4m3 operand is 64 byte registers, unpacked
-                p_op = _p_operand(p, p_layout, dtype, IS_FP8)  # and repacked at every step
-            pv_tok = warpgroup_mma(p_op, _v_operand(v_ring, slot, IS_FP8), acc, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn.index(OTHER), count=1)
-            s = warpgroup_mma_wait(1, deps=(s_tok, ))  # QK(i+1) done, P.V(i) still in flight
-            kb = gl.load(kv_list + i + 1)
+    offs_d = gl.arange(0, HEAD_DIM, col_o)
+
+    tiles_done = 0
+    items_done = 0
+    for item in range(gl.program_id(0), N_ITEMS, gl.num_programs(0)):
+        off_hz, off_z, off_h, start_m, kv_list, n_kept = _work_item(item, ptrs, sizes, strides)
+        if IS_FP8:
+            q_scale = gl.load(QScale + off_hz * N_Q_BLOCKS + start_m // 128) * qk_scale
+        else:
+            q_scale = qk_scale
+        k_scales = KScale + off_hz * N_K_BLOCKS
+        m_i = gl.full([64], float("-inf"), gl.float32, row_s)
+        l_i = gl.full([64], 0.0, gl.float32, row_s)
+        acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
+        qb = items_done % Q_BUFS
+        q_half = q_smem.index(2 * qb + ME)
+        mbarrier.wait(q_ready.index(qb), (items_done // Q_BUFS) & 1)
+        if n_kept > 0:
+            first = tiles_done % NUM_BUF
+            mbarrier.wait(ready.index(first), (tiles_done // NUM_BUF) & 1)
+            s = warpgroup_mma(q_half, k_ring.index(first).permute((1, 0)), s_zero, use_acc=False)
+            kb = gl.load(kv_list)
             p, alpha, m_i, l_i = _softmax(s, m_i, l_i, _tile_scale(k_scales, kb, q_scale, IS_FP8), kb, N_K, cols,
                                           P_LOG2)
-            acc = warpgroup_mma_wait(0, deps=(pv_tok, ))
-            mbarrier.arrive(empty.index(slot), count=1)
-            if not IS_FP8:
+            if not IS_FP8:  # 16-bit: the operand (packed pairs) crosses iterations
                 p_op = _p_operand(p, p_layout, dtype, IS_FP8)
-        last = (n_kept - 1) % NUM_BUF
-        if IS_FP8:
-            p_op = _p_operand(p, p_layout, dtype, IS_FP8)
-        acc = warpgroup_mma(p_op, _v_operand(v_ring, last, IS_FP8), acc * gl.convert_layout(alpha, row_o)[:, None])
-        mbarrier.arrive(empty.index(last), count=1)
+            for i in range(n_kept - 1):
+                t = tiles_done + i
+                slot = t % NUM_BUF
+                nxt = (t + 1) % NUM_BUF
+                mbarrier.wait(ready.index(nxt), ((t + 1) // NUM_BUF) & 1)
+                s_tok = warpgroup_mma(q_half, k_ring.index(nxt).permute((1, 0)), s_zero, use_acc=False,
+                                      is_async=True)
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]  # under QK(i+1)
+                if IS_FP8:  # P crosses in float32: a loop-carried e4m3 operand is 64 byte registers, unpacked
+                    p_op = _p_operand(p, p_layout, dtype, IS_FP8)  # and repacked at every step
+                pv_tok = warpgroup_mma(p_op, _v_operand(v_ring, slot, IS_FP8), acc, is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s_tok, ))  # QK(i+1) done, P.V(i) still in flight
+                kb = gl.load(kv_list + i + 1)
+                p, alpha, m_i, l_i = _softmax(s, m_i, l_i, _tile_scale(k_scales, kb, q_scale, IS_FP8), kb, N_K,
+                                              cols, P_LOG2)
+                acc = warpgroup_mma_wait(0, deps=(pv_tok, ))
+                mbarrier.arrive(empty.index(slot), count=1)
+                if not IS_FP8:
+                    p_op = _p_operand(p, p_layout, dtype, IS_FP8)
+            last = (tiles_done + n_kept - 1) % NUM_BUF
+            if IS_FP8:
+                p_op = _p_operand(p, p_layout, dtype, IS_FP8)
+            acc = warpgroup_mma(p_op, _v_operand(v_ring, last, IS_FP8),
+                                acc * gl.convert_layout(alpha, row_o)[:, None])
+            mbarrier.arrive(empty.index(last), count=1)
+        mbarrier.arrive(q_empty.index(qb), count=1)  # every product that reads this q buffer has completed
 
-    empty_row = l_i == 0.0
-    l_safe = gl.where(empty_row, 1.0, l_i)
-    offs_d = gl.arange(0, HEAD_DIM, col_o)
-    offs_m = start_m + ROW_OFF + gl.arange(0, 64, row_o)
-    if IS_FP8:
-        v_scale = gl.load(VScale + v_scale_base + offs_d)
-        out = acc / gl.convert_layout(l_safe, row_o)[:, None] * v_scale[None, :]
-    else:
-        out = acc / gl.convert_layout(l_safe, row_o)[:, None]
-    o_ptrs = Out + o_base + offs_m[:, None].to(gl.int64) * stride_om + offs_d[None, :] * stride_ok
-    gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < N_Q)
-    if WRITE_LSE:
-        lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe) - P_LOG2) * 0.6931471805599453)
-        offs_ms = start_m + ROW_OFF + gl.arange(0, 64, row_s)
-        gl.store(Lse + lse_base + offs_ms, lse, mask=offs_ms < N_Q)
+        empty_row = l_i == 0.0
+        l_safe = gl.where(empty_row, 1.0, l_i)
+        offs_m = start_m + ROW_OFF + gl.arange(0, 64, row_o)
+        if IS_FP8:
+            v_scale = gl.load(VScale + off_hz * HEAD_DIM + offs_d)
+            out = acc / gl.convert_layout(l_safe, row_o)[:, None] * v_scale[None, :]
+        else:
+            out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+        o_ptrs = Out + off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh \
+            + offs_m[:, None].to(gl.int64) * stride_om + offs_d[None, :] * stride_ok
+        gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < N_Q)
+        if WRITE_LSE:
+            lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe) - P_LOG2) * 0.6931471805599453)
+            offs_ms = start_m + ROW_OFF + gl.arange(0, 64, row_s)
+            gl.store(Lse + off_hz.to(gl.int64) * N_Q + offs_ms, lse, mask=offs_ms < N_Q)
+        tiles_done += n_kept
+        items_done += 1
 
 
 @gluon.jit
@@ -238,54 +287,47 @@ def _attn_fwd(q_desc, k_desc, v_desc, QScale, KScale, VScale, Out, Lse,  #
               stride_qz, stride_qh, ld_q, stride_kz, stride_kh, ld_k, stride_vz, stride_vh, ld_v,  #
               stride_oz, stride_oh, stride_om, stride_ok,  #
               stride_rz, stride_rh,  #
-              H, N_Q, N_K, N_Q_BLOCKS, N_K_BLOCKS,  #
+              H, N_Q, N_K, N_Q_BLOCKS, N_K_BLOCKS, N_ITEMS,  #
               HEAD_DIM: gl.constexpr, IS_FP8: gl.constexpr, WRITE_LSE: gl.constexpr,  #
-              NUM_BUF: gl.constexpr, CONSUMER_REGS: gl.constexpr,  #
-              PINGPONG: gl.constexpr, num_warps: gl.constexpr):
+              NUM_BUF: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """Persistent: program p takes work items p, p + programs, ... (one 128-row query block each)."""
     gl.static_assert(num_warps == 4)  # the default partition is consumer 0; the workers add 4 + 1 warps
     dtype: gl.constexpr = q_desc.dtype
-    pid = gl.program_id(0)
-    off_hz = pid // N_Q_BLOCKS
-    off_z = off_hz // H
-    off_h = off_hz % H
-    mask_hz = off_z * stride_rz + off_h * stride_rh
-    row = mask_hz * N_Q_BLOCKS + gl.load(Order + mask_hz * N_Q_BLOCKS + pid % N_Q_BLOCKS)
-    start_m = (row - mask_hz * N_Q_BLOCKS) * 128
-    kv_list = KvIdx + row.to(gl.int64) * N_K_BLOCKS
-    n_kept = gl.load(KvCnt + row)
-    q_row0, q_col0 = head_origin(off_z, off_h, stride_qz, stride_qh, ld_q)
-    k_row0, k_col0 = head_origin(off_z, off_h, stride_kz, stride_kh, ld_k)
-    v_row0, v_col0 = head_origin(off_z, off_h, stride_vz, stride_vh, ld_v)
-
-    q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_desc.layout)
+    # q: two items' halves for FP8, so the next item's q loads under this one; one item's for 16 bits (two
+    # would pass the 227 KB of shared memory with a ring of 3)
+    Q_BUFS: gl.constexpr = 2 if IS_FP8 else 1
+    q_smem = gl.allocate_shared_memory(dtype, [2 * Q_BUFS, 64, HEAD_DIM], q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [NUM_BUF, 128, HEAD_DIM], k_desc.layout)
     v_ring = gl.allocate_shared_memory(dtype, _v_ring_shape(NUM_BUF, HEAD_DIM, IS_FP8), v_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [Q_BUFS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [Q_BUFS, 1], mbarrier.MBarrierLayout())
     for j in gl.static_range(NUM_BUF):
         mbarrier.init(ready.index(j), count=1)
         mbarrier.init(empty.index(j), count=2)  # both consumers release a slot
-    mbarrier.init(q_bar, count=1)
-    mbarrier.init(turn.index(0), count=1)
-    mbarrier.init(turn.index(1), count=1)
+    for j in gl.static_range(Q_BUFS):
+        mbarrier.init(q_ready.index(j), count=1)
+        mbarrier.init(q_empty.index(j), count=2)
 
-    tile = (n_kept, start_m, q_row0, q_col0, k_row0, k_col0, v_row0, v_col0)
-    epilogue = (N_Q, N_K, off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh, off_hz.to(gl.int64) * N_Q,
-                stride_om, stride_ok, off_hz * N_Q_BLOCKS + start_m // 128, off_hz * N_K_BLOCKS, off_hz * HEAD_DIM)
     rings = (q_smem, k_ring, v_ring)
-    bars = (ready, empty, q_bar, turn)
+    bars = (ready, empty, q_ready, q_empty)
     descs = (q_desc, k_desc, v_desc)
-    ptrs = (QScale, KScale, VScale, Out, Lse, kv_list)
+    ptrs = (QScale, KScale, VScale, Out, Lse, Order, KvIdx, KvCnt)
+    sizes = (H, N_Q, N_K, N_Q_BLOCKS, N_K_BLOCKS, N_ITEMS)
+    strides = ((stride_rz, stride_rh), (stride_qz, stride_qh, ld_q), (stride_kz, stride_kh, ld_k),
+               (stride_vz, stride_vh, ld_v), (stride_oz, stride_oh, stride_om, stride_ok))
     gl.warp_specialize([
-        (_consumer, (rings, bars, descs, ptrs, tile, epilogue, qk_scale, 0,
-                     HEAD_DIM, IS_FP8, WRITE_LSE, PINGPONG)),
-        (_consumer, (rings, bars, descs, ptrs, tile, epilogue, qk_scale, 64,
-                     HEAD_DIM, IS_FP8, WRITE_LSE, PINGPONG)),
-        (_producer, (rings, bars, descs, ptrs, tile, epilogue, qk_scale, 64,
-                     HEAD_DIM, IS_FP8, WRITE_LSE, PINGPONG)),
+        (_consumer, (rings, bars, descs, ptrs, sizes, strides, qk_scale, 0, HEAD_DIM, IS_FP8, WRITE_LSE)),
+        (_consumer, (rings, bars, descs, ptrs, sizes, strides, qk_scale, 64, HEAD_DIM, IS_FP8, WRITE_LSE)),
+        (_producer, (rings, bars, descs, ptrs, sizes, strides, qk_scale, 64, HEAD_DIM, IS_FP8, WRITE_LSE)),
     ], [4, 1], [CONSUMER_REGS, 24])
+
+
+@functools.lru_cache
+def _multiprocessors(device: torch.device) -> int:
+    """The persistent grid: one program per SM (a program's 12 warps at 168 registers fill an SM's file)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _tma_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -297,13 +339,14 @@ def _tma_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: BlockLists, scale: float | None = None, *,
             mask_batch_stride: int = 0, fp8: Fp8Inputs | None = None, lse: torch.Tensor | None = None,
-            num_buf: int = 3, consumer_regs: int = 232, pingpong: bool = False) -> torch.Tensor:
+            num_buf: int = 3, consumer_regs: int = 232, programs: int | None = None) -> torch.Tensor:
     """``out`` like q; ``lse`` (float32 ``(B, H, Sq)``, optional) filled in place. ``lists``:
     ``prepare_block_lists(mask_words, Sk)``; ``mask_batch_stride``: mask rows per batch entry (0 for a
     per-head ``(H, Nq, W)`` mask, H for ``(B, H, Nq, W)``). ``fp8``: ``quantize(q, k, v,
     permute_value_keys=True)``, to run the FP8 forward (q, k, v then only give shapes and out's layout).
     ``consumer_regs``: registers per thread of the two consumer warpgroups (the producer gets 24; 168 per
-    thread are launched: 12 warps, 64 K registers)."""
+    thread are launched: 12 warps, 64 K registers). ``programs``: how many persistent programs (default one
+    per SM; never more than work items); the tests take a few, so that each walks many items."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     nq, nk = num_blocks(Sq), num_blocks(Sk)
@@ -323,11 +366,15 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: BlockLists
         descs = tuple(descriptor(view, [rows, D]) for (view, _), rows in zip(views, (HALF, BLOCK_SIZE, BLOCK_SIZE)))
         strides = tuple(s for _, triple in views for s in triple)
         scales = (out, out, out)  # unused
-    _attn_fwd[(B * H * nq, )](
+    n_items = B * H * nq
+    if programs is None:
+        programs = _multiprocessors(q.device) if q.is_cuda else n_items  # (a dry run's compile: no GPU)
+    programs = min(programs, n_items)
+    _attn_fwd[(programs, )](
         *descs, *scales, out, out if lse is None else lse, lists.kv_idx, lists.kv_cnt, lists.order, scale * LOG2E,
-        *strides, *out.stride(), mask_batch_stride, 1, H, Sq, Sk, nq, nk,
+        *strides, *out.stride(), mask_batch_stride, 1, H, Sq, Sk, nq, nk, n_items,
         HEAD_DIM=D, IS_FP8=fp8 is not None, WRITE_LSE=lse is not None, NUM_BUF=num_buf,
-        CONSUMER_REGS=consumer_regs, PINGPONG=pingpong, num_warps=4, maxnreg=168)
+        CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=168)
     return out
 
 
