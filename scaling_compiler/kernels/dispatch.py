@@ -217,7 +217,7 @@ def block_sparse_attention_fp8(
     reason = fp8_unsupported_reason(q, k, v, key_padding)
     if reason is not None:
         raise ValueError(f"FP8 block-sparse attention cannot take these inputs: {reason}")
-    if q.device.type == "cuda" and gluon_fp8_reason(q, k, v, key_padding) is None:
+    if gluon_fp8_reason(q, k, v, key_padding) is None:  # (it names any device but CUDA)
         return gluon_forward.block_sparse_attention_fp8(q, k, v, mask_words, scale)
     if q.device.type == "cuda":
         return triton_fp8.block_sparse_attention_fp8(q, k, v, mask_words, scale, key_padding)
