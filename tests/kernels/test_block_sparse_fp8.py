@@ -40,7 +40,7 @@ from scaling_compiler.kernels.reference import (FP8_DTYPE, blockwise_attention_f
                                                 masked_attention_reference, permute_value_keys, quantize_fp8,
                                                 value_scales)
 from scaling_compiler.kernels.triton.block_sparse_attention import block_sparse_attention
-from scaling_compiler.kernels.triton.block_sparse_attention_fp8 import (_key_value_statistics,
+from scaling_compiler.kernels.triton.block_sparse_attention_fp8 import (STATS_ROWS, _key_value_statistics,
                                                                          block_sparse_attention_fp8,
                                                                          fp8_unsupported_reason, quantize)
 from tests.kernels.test_block_sparse_kernel import (DEVICE, _qkv, _random_mask, _rel_err, _structured_mask,
@@ -183,7 +183,8 @@ def test_quantize_matches_reference(layout, dtype, sq, sk, permute):
     assert ours.v_t.is_contiguous() and ours.v_t.shape == (2, 3, 64, num_blocks(sk) * 128)
 
 
-@pytest.mark.parametrize("length", [130, 2100], ids=str)  # 2 blocks; 17 (past the reduction's 16-block chunk)
+# one program of the first pass (STATS_ROWS tokens each), 3, and 18 (past the second pass's 16-row chunk)
+@pytest.mark.parametrize("length", [130, 2 * STATS_ROWS + 52, 17 * STATS_ROWS + 92], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_key_value_statistics_equal_reference(length, dtype):
     """k's means and v's scales from the prep's two launches equal the torch reference's bit for bit,

@@ -33,6 +33,9 @@ things matter, each read in the SASS (NOTES, session 17):
   and crosses loop iterations in float32 (an e4m3 tensor carried by the loop lives in 64 byte registers).
 - P's scaling into e4m3's range (x 448) is folded into the exponent, and P.V accumulates into the
   running accumulator (the ``tl`` FP8 kernel's two-level accumulation would spill here).
+- The output tile goes through shared memory into a row-major layout and out 16 bytes at a time (the
+  accumulator's layout stores 4; the worker partition, whose arguments lose the launch's divisibility,
+  stored 2). That took ~3 µs off each 128-row block's fixed cost (NOTES, session 19).
 
 Semantics as the ``tl`` forwards (lists from ``prepare_block_lists``, heaviest rows first, per-head or
 per-batch masks, ``out`` in q's layout, natural-log ``lse`` for 16-bit inputs, empty rows give 0 and
@@ -40,10 +43,9 @@ per-batch masks, ``out`` in q's layout, natural-log ``lse`` for 16-bit inputs, e
 TMA-describable 2-D views (contiguous or transposed ``(B, S, H, D)``); the package runs the ``tl`` 16-bit
 forward (as fast at density 0.1, and it takes every layout), and this kernel for FP8
 (``block_sparse_attention_fp8``; ``kernels/dispatch.py``). Timed by ``benchmarks/kernels/gluon_forward.py``
-(H200, Wan2.1-1.3B shape, random masks; NOTES, session 18): the FP8 kernel 0.88-0.89 ms at density 0.1
-(739-746 TFLOP/s on the kept blocks; 836 at density 1.0), the FP8 op with its prep 1.12 ms against the
-``tl`` 16-bit kernel's 1.24 in the same run (1.11x; 1.26x at 0.25, 1.48x at 1.0). That kernel ran 1.19 ms
-in session 17's run, so call it 1.05-1.11x at 0.1.
+(H200, Wan2.1-1.3B shape, random masks; NOTES, session 19): the FP8 kernel 0.825 ms at density 0.1
+(796 TFLOP/s on the kept blocks; 852 at density 1.0), the FP8 op with its prep 1.02 ms against the
+``tl`` 16-bit kernel's 1.24 in the same run (1.22x; 1.30x at 0.25, 1.46x at 1.0).
 """
 from __future__ import annotations
 
@@ -139,7 +141,7 @@ def _work_item(item, ptrs, sizes, strides):
 
 @gluon.jit
 def _producer(rings, bars, descs, ptrs, sizes, strides, qk_scale, ROW_OFF: gl.constexpr, HEAD_DIM: gl.constexpr,
-              IS_FP8: gl.constexpr, WRITE_LSE: gl.constexpr):
+              IS_FP8: gl.constexpr, WRITE_LSE: gl.constexpr, OUT_ROWS_CONTIGUOUS: gl.constexpr):
     """The TMA partition: for each work item, both halves of its q tile into a free q buffer (two for FP8),
     then its list's K/V tiles as ring slots free up (so the next item's loads run under this one's last
     products and epilogue). (Every partition takes the same arguments: Gluon's worker partitions must.)"""
@@ -183,7 +185,7 @@ def _producer(rings, bars, descs, ptrs, sizes, strides, qk_scale, ROW_OFF: gl.co
 
 @gluon.jit
 def _consumer(rings, bars, descs, ptrs, sizes, strides, qk_scale, ROW_OFF: gl.constexpr, HEAD_DIM: gl.constexpr,
-              IS_FP8: gl.constexpr, WRITE_LSE: gl.constexpr):
+              IS_FP8: gl.constexpr, WRITE_LSE: gl.constexpr, OUT_ROWS_CONTIGUOUS: gl.constexpr):
     """One warpgroup: for each work item, query rows ``start_m + ROW_OFF ..+64`` against its list's tiles,
     then its epilogue."""
     q_smem, k_ring, v_ring = rings
@@ -210,6 +212,9 @@ def _consumer(rings, bars, descs, ptrs, sizes, strides, qk_scale, ROW_OFF: gl.co
     s_zero = gl.zeros([64, 128], gl.float32, s_layout)
     cols = gl.arange(0, 128, gl.SliceLayout(0, s_layout))
     offs_d = gl.arange(0, HEAD_DIM, col_o)
+    out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
+    offs_d_out = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, out_layout))
+    rows_out = gl.arange(0, 64, gl.SliceLayout(1, out_layout))
 
     tiles_done = 0
     items_done = 0
@@ -264,15 +269,28 @@ def _consumer(rings, bars, descs, ptrs, sizes, strides, qk_scale, ROW_OFF: gl.co
 
         empty_row = l_i == 0.0
         l_safe = gl.where(empty_row, 1.0, l_i)
-        offs_m = start_m + ROW_OFF + gl.arange(0, 64, row_o)
+        inv_l = gl.convert_layout(1.0 / l_safe, row_o)
         if IS_FP8:
             v_scale = gl.load(VScale + off_hz * HEAD_DIM + offs_d)
-            out = acc / gl.convert_layout(l_safe, row_o)[:, None] * v_scale[None, :]
+            out = acc * inv_l[:, None] * v_scale[None, :]
         else:
-            out = acc / gl.convert_layout(l_safe, row_o)[:, None]
-        o_ptrs = Out + off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh \
-            + offs_m[:, None].to(gl.int64) * stride_om + offs_d[None, :] * stride_ok
-        gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < N_Q)
+            out = acc * inv_l[:, None]
+        out = out.to(Out.dtype.element_ty)
+        if IS_FP8:  # 16-byte stores through shared memory (the 16-bit kernel has no room left for that)
+            out = gl.convert_layout(out, out_layout)
+            o_rows, o_cols = rows_out, offs_d_out
+        else:  # 4 bytes at a time
+            o_rows, o_cols = gl.arange(0, 64, row_o), offs_d
+        o_tile = Out + (off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh
+                        + (start_m + ROW_OFF).to(gl.int64) * stride_om)
+        if OUT_ROWS_CONTIGUOUS:
+            # out's other strides are multiples of D, so its rows start 16-byte aligned. Said here (and the unit
+            # stride as a constexpr) because a worker partition's arguments lose what the launch knew of them:
+            # without it, the second consumer stored 2 bytes at a time
+            o_ptrs = gl.multiple_of(o_tile + o_rows[:, None] * stride_om + o_cols[None, :], [1, 16])
+        else:
+            o_ptrs = o_tile + o_rows[:, None] * stride_om + o_cols[None, :] * stride_ok
+        gl.store(o_ptrs, out, mask=(start_m + ROW_OFF + o_rows)[:, None] < N_Q)
         if WRITE_LSE:
             lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe) - P_LOG2) * 0.6931471805599453)
             offs_ms = start_m + ROW_OFF + gl.arange(0, 64, row_s)
@@ -289,6 +307,7 @@ def _attn_fwd(q_desc, k_desc, v_desc, QScale, KScale, VScale, Out, Lse,  #
               stride_rz, stride_rh,  #
               H, N_Q, N_K, N_Q_BLOCKS, N_K_BLOCKS, N_ITEMS,  #
               HEAD_DIM: gl.constexpr, IS_FP8: gl.constexpr, WRITE_LSE: gl.constexpr,  #
+              OUT_ROWS_CONTIGUOUS: gl.constexpr,  #
               NUM_BUF: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Persistent: program p takes work items p, p + programs, ... (one 128-row query block each)."""
     gl.static_assert(num_warps == 4)  # the default partition is consumer 0; the workers add 4 + 1 warps
@@ -318,9 +337,12 @@ def _attn_fwd(q_desc, k_desc, v_desc, QScale, KScale, VScale, Out, Lse,  #
     strides = ((stride_rz, stride_rh), (stride_qz, stride_qh, ld_q), (stride_kz, stride_kh, ld_k),
                (stride_vz, stride_vh, ld_v), (stride_oz, stride_oh, stride_om, stride_ok))
     gl.warp_specialize([
-        (_consumer, (rings, bars, descs, ptrs, sizes, strides, qk_scale, 0, HEAD_DIM, IS_FP8, WRITE_LSE)),
-        (_consumer, (rings, bars, descs, ptrs, sizes, strides, qk_scale, 64, HEAD_DIM, IS_FP8, WRITE_LSE)),
-        (_producer, (rings, bars, descs, ptrs, sizes, strides, qk_scale, 64, HEAD_DIM, IS_FP8, WRITE_LSE)),
+        (_consumer, (rings, bars, descs, ptrs, sizes, strides, qk_scale, 0,  #
+                     HEAD_DIM, IS_FP8, WRITE_LSE, OUT_ROWS_CONTIGUOUS)),
+        (_consumer, (rings, bars, descs, ptrs, sizes, strides, qk_scale, 64,  #
+                     HEAD_DIM, IS_FP8, WRITE_LSE, OUT_ROWS_CONTIGUOUS)),
+        (_producer, (rings, bars, descs, ptrs, sizes, strides, qk_scale, 64,  #
+                     HEAD_DIM, IS_FP8, WRITE_LSE, OUT_ROWS_CONTIGUOUS)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -373,8 +395,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: BlockLists
     _attn_fwd[(programs, )](
         *descs, *scales, out, out if lse is None else lse, lists.kv_idx, lists.kv_cnt, lists.order, scale * LOG2E,
         *strides, *out.stride(), mask_batch_stride, 1, H, Sq, Sk, nq, nk, n_items,
-        HEAD_DIM=D, IS_FP8=fp8 is not None, WRITE_LSE=lse is not None, NUM_BUF=num_buf,
-        CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=168)
+        HEAD_DIM=D, IS_FP8=fp8 is not None, WRITE_LSE=lse is not None, OUT_ROWS_CONTIGUOUS=out.stride(3) == 1,
+        NUM_BUF=num_buf, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=168)
     return out
 
 

@@ -139,53 +139,67 @@ def _quantize_qkv(Q, K, V, KMean, VScale, QScale, KScale, Q8, K8, Vt8,  #
 
 
 @triton.jit
-def _key_value_block_stats(K, V, KSum, VMax,  #
+def _key_value_part_stats(K, V, KSum, VMax,  #
                            stride_kz, stride_kh, stride_ks, stride_kd,  #
                            stride_vz, stride_vh, stride_vs, stride_vd,  #
-                           H, N, HEAD_DIM: tl.constexpr):
-    """One 128-token block of k and v: k's column sums in float64 (``reference.key_means`` says why)
-    and v's column absmax, into row ``(batch * head, block)`` of KSum / VMax ``(B*H, blocks, D)``."""
-    blk, off_hz, off_z, off_h, offs_s, offs_d = _block_program(H, HEAD_DIM)
-    k = _load_rows(K + _head_offset(off_z, off_h, stride_kz, stride_kh), offs_s, offs_d, stride_ks, stride_kd,
-                   N, HEAD_DIM)
-    v = _load_rows(V + _head_offset(off_z, off_h, stride_vz, stride_vh), offs_s, offs_d, stride_vs, stride_vd,
-                   N, HEAD_DIM)
-    row = (off_hz * tl.num_programs(0) + blk) * HEAD_DIM
-    tl.store(KSum + row + offs_d, tl.sum(k.to(tl.float64), 0))
-    tl.store(VMax + row + offs_d, tl.max(tl.abs(v.to(tl.float32)), 0))
+                           H, N, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    """Tokens ``program * ROWS ..+ROWS`` of k and v: k's column sums in float64 (``reference.key_means``
+    says why any order gives the same sum) and v's column absmax, into row ``(batch * head, program)``
+    of KSum / VMax ``(B*H, programs, D)``. ``CHUNK`` rows at a time into elementwise accumulators,
+    reduced across rows once at the end."""
+    part = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    off_z, off_h = off_hz // H, off_hz % H
+    offs_c = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_base = K + _head_offset(off_z, off_h, stride_kz, stride_kh)
+    v_base = V + _head_offset(off_z, off_h, stride_vz, stride_vh)
+    k_sum = tl.zeros([CHUNK, HEAD_DIM], dtype=tl.float64)
+    v_max = tl.zeros([CHUNK, HEAD_DIM], dtype=tl.float32)
+    for start in range(part * ROWS, part * ROWS + ROWS, CHUNK):
+        k_sum += _load_rows(k_base, start + offs_c, offs_d, stride_ks, stride_kd, N, HEAD_DIM).to(tl.float64)
+        v = _load_rows(v_base, start + offs_c, offs_d, stride_vs, stride_vd, N, HEAD_DIM)
+        v_max = tl.maximum(v_max, tl.abs(v.to(tl.float32)))
+    row = (off_hz * tl.num_programs(0) + part) * HEAD_DIM
+    tl.store(KSum + row + offs_d, tl.sum(k_sum, 0))
+    tl.store(VMax + row + offs_d, tl.max(v_max, 0))
 
 
 @triton.jit
-def _key_value_stats(KSum, VMax, Mean, VScale, N, N_BLOCKS, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
+def _key_value_stats(KSum, VMax, Mean, VScale, N, N_PARTS, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
     """Per (batch, head): k's mean over its N tokens (float64 sum / N, rounded to float32) and v's
-    per-channel scale (absmax / 448), from the block rows of ``_key_value_block_stats``."""
+    per-channel scale (absmax / 448), from the partial rows of ``_key_value_part_stats``."""
     off_hz = tl.program_id(0)
     offs_b = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, HEAD_DIM)
     total = tl.zeros([HEAD_DIM], dtype=tl.float64)
     vmax = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for start in range(0, N_BLOCKS, CHUNK):
+    for start in range(0, N_PARTS, CHUNK):
         rows = start + offs_b
-        ptrs = (off_hz * N_BLOCKS + rows)[:, None] * HEAD_DIM + offs_d[None, :]
-        total += tl.sum(tl.load(KSum + ptrs, mask=(rows < N_BLOCKS)[:, None], other=0.0), 0)
-        vmax = tl.maximum(vmax, tl.max(tl.load(VMax + ptrs, mask=(rows < N_BLOCKS)[:, None], other=0.0), 0))
+        ptrs = (off_hz * N_PARTS + rows)[:, None] * HEAD_DIM + offs_d[None, :]
+        total += tl.sum(tl.load(KSum + ptrs, mask=(rows < N_PARTS)[:, None], other=0.0), 0)
+        vmax = tl.maximum(vmax, tl.max(tl.load(VMax + ptrs, mask=(rows < N_PARTS)[:, None], other=0.0), 0))
     tl.store(Mean + off_hz * HEAD_DIM + offs_d, (total / N).to(tl.float32))
     tl.store(VScale + off_hz * HEAD_DIM + offs_d, tl.maximum(vmax, _SCALE_FLOOR) * (1.0 / _FP8_MAX))
+
+
+STATS_ROWS = 1024  # tokens per program of the first statistics pass
 
 
 def _key_value_statistics(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 ``(B, H, D)`` each: ``reference.key_means(k)`` and ``reference.value_scales(v)``, the
     same values, in two launches (in place of torch reductions over the token axis and their small
-    elementwise follow-ups)."""
+    elementwise follow-ups). The first pass takes ``STATS_ROWS`` tokens per program, so the second (one
+    program per head) reduces a few rows, not one per 128-token block (NOTES, session 19)."""
     B, H, S, D = k.shape
-    n = num_blocks(S)
-    k_sums = torch.empty((B * H, n, D), dtype=torch.float64, device=k.device)
-    v_maxes = torch.empty((B * H, n, D), dtype=torch.float32, device=k.device)
-    _key_value_block_stats[(n, B * H)](k, v, k_sums, v_maxes, *k.stride(), *v.stride(), H, S, HEAD_DIM=D,
-                                       num_warps=4)
+    parts = triton.cdiv(S, STATS_ROWS)
+    k_sums = torch.empty((B * H, parts, D), dtype=torch.float64, device=k.device)
+    v_maxes = torch.empty((B * H, parts, D), dtype=torch.float32, device=k.device)
+    _key_value_part_stats[(parts, B * H)](k, v, k_sums, v_maxes, *k.stride(), *v.stride(), H, S, HEAD_DIM=D,
+                                           ROWS=STATS_ROWS, CHUNK=32, num_warps=8)
     mean = torch.empty((B, H, D), dtype=torch.float32, device=k.device)
     v_scale = torch.empty_like(mean)
-    _key_value_stats[(B * H,)](k_sums, v_maxes, mean, v_scale, S, n, HEAD_DIM=D, CHUNK=16, num_warps=4)
+    _key_value_stats[(B * H,)](k_sums, v_maxes, mean, v_scale, S, parts, HEAD_DIM=D, CHUNK=16, num_warps=4)
     return mean, v_scale
 
 
