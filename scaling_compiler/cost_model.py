@@ -43,9 +43,9 @@ the same with or without the option: sparse or dense is decided on the 16-bit ke
 site then runs FP8 only where it is predicted at least `MIN_PREDICTED_GAIN` faster than the 16-bit op
 (FP8 costs accuracy, so it must buy time); without FP8 rows (the CPU, a GPU not timed) it runs FP8
 wherever the option asks. The H200's rows (the Wan2.1-1.3B and 14B shapes; the FP8 op there is the Gluon
-kernel with the three-launch prep, session 17): prep 0.26 ms at the 1.3B shape as fitted, kernel ratio
-0.66, so FP8 pays there (by 5%) from about density 0.08 up (predicted 1.04 ms against the 16-bit 1.19 at
-0.1; measured 1.14).
+kernel with the three-launch prep, session 19): prep 0.21 ms at the 1.3B shape as fitted, kernel ratio
+0.64, so FP8 pays there (by 5%) from about density 0.01 up (at 0.1 it predicts 1.17 ms against the 16-bit
+line's 1.50; measured 1.02 against 1.23).
 """
 from __future__ import annotations
 
