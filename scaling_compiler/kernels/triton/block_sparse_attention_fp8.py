@@ -156,7 +156,7 @@ def _key_value_part_stats(K, V, KSum, VMax,  #
     v_base = V + _head_offset(off_z, off_h, stride_vz, stride_vh)
     k_sum = tl.zeros([CHUNK, HEAD_DIM], dtype=tl.float64)
     v_max = tl.zeros([CHUNK, HEAD_DIM], dtype=tl.float32)
-    for start in range(part * ROWS, part * ROWS + ROWS, CHUNK):
+    for start in range(part * ROWS, tl.minimum(part * ROWS + ROWS, N), CHUNK):  # to N: the interpreter pays per step
         k_sum += _load_rows(k_base, start + offs_c, offs_d, stride_ks, stride_kd, N, HEAD_DIM).to(tl.float64)
         v = _load_rows(v_base, start + offs_c, offs_d, stride_vs, stride_vd, N, HEAD_DIM)
         v_max = tl.maximum(v_max, tl.abs(v.to(tl.float32)))
