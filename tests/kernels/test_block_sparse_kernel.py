@@ -57,6 +57,8 @@ def _qkv(B, H, Sq, Sk, D, dtype, seed, layout="bhsd"):
         ts = [torch.randn(B, s, H, D, generator=g).to(dtype).to(DEVICE).transpose(1, 2) for s in (Sq, Sk, Sk)]
     elif layout == "strided":  # last dim not contiguous: no TMA, pointer loads
         ts = [torch.randn(B, H, s, 2 * D, generator=g).to(dtype).to(DEVICE)[..., ::2] for s in (Sq, Sk, Sk)]
+    elif layout == "bhds":  # dense with tokens innermost: empty_like keeps that, so outputs are strided too
+        ts = [torch.randn(B, H, D, s, generator=g).to(dtype).to(DEVICE).transpose(2, 3) for s in (Sq, Sk, Sk)]
     else:
         ts = [torch.randn(B, H, s, D, generator=g).to(dtype).to(DEVICE) for s in (Sq, Sk, Sk)]
     return ts

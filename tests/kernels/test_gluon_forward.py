@@ -59,12 +59,15 @@ def _check_fp8(q, k, v, block_mask, scale):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("shape,layout", [((1, 2, 1000, 1000), "bhsd"), ((2, 3, 777, 1290), "bshd"),
-                                          ((1, 2, 1500, 300), "strided"), ((1, 1, 100, 70), "bhsd")],
-                         ids=["1000", "777x1290", "1500x300", "100x70"])
+                                          ((1, 2, 1500, 300), "strided"), ((1, 1, 100, 70), "bhsd"),
+                                          ((1, 2, 600, 450), "bhds")],
+                         ids=["1000", "777x1290", "1500x300", "100x70", "600x450-strided-out"])
 def test_fp8_matches_reference(dtype, D, shape, layout):
-    """Odd lengths (partial last query and key blocks), Sq != Sk, one block, every layout, an empty row."""
+    """Odd lengths (partial last query and key blocks), Sq != Sk, one block, every layout, an empty row;
+    an output whose last dim is strided (the epilogue's other store path)."""
     B, H, Sq, Sk = shape
     q, k, v = _qkv(B, H, Sq, Sk, D, dtype, seed=D + Sq, layout=layout)
+    assert (torch.empty_like(q).stride(3) == 1) == (layout != "bhds")
     mask = _random_mask((H, ), num_blocks(Sq), num_blocks(Sk), 0.5, seed=Sk)
     mask[0, 0, :] = False
     mask[-1, -1, -1] = True
