@@ -270,16 +270,12 @@ def _consumer(rings, bars, descs, ptrs, sizes, strides, qk_scale, ROW_OFF: gl.co
         empty_row = l_i == 0.0
         l_safe = gl.where(empty_row, 1.0, l_i)
         inv_l = gl.convert_layout(1.0 / l_safe, row_o)
-        if IS_FP8:
-            v_scale = gl.load(VScale + off_hz * HEAD_DIM + offs_d)
-            out = acc * inv_l[:, None] * v_scale[None, :]
-        else:
-            out = acc * inv_l[:, None]
-        out = out.to(Out.dtype.element_ty)
         if IS_FP8:  # 16-byte stores through shared memory (the 16-bit kernel has no room left for that)
-            out = gl.convert_layout(out, out_layout)
+            v_scale = gl.load(VScale + off_hz * HEAD_DIM + offs_d)
+            out = gl.convert_layout((acc * inv_l[:, None] * v_scale[None, :]).to(Out.dtype.element_ty), out_layout)
             o_rows, o_cols = rows_out, offs_d_out
         else:  # 4 bytes at a time
+            out = (acc * inv_l[:, None]).to(Out.dtype.element_ty)
             o_rows, o_cols = gl.arange(0, 64, row_o), offs_d
         o_tile = Out + (off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh
                         + (start_m + ROW_OFF).to(gl.int64) * stride_om)
